@@ -1,0 +1,389 @@
+"""Command-line interface: flags -> config -> one library call -> output.
+
+stdout carries data only (generated text, eval results, --json); progress, samples
+during training, warnings and the resolved setup go to stderr. Exit codes: 0 ok,
+1 a domain error, 2 a usage error, 130 interrupted (Ctrl-C). The only module that
+prints or exits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from charrnn import __version__
+from charrnn.config import ModelConfig, TrainConfig
+from charrnn.errors import CharRNNError, UsageError
+
+app = typer.Typer(
+    name="charrnn",
+    help="Learn to write like any text, one character at a time: train, sample, eval.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+_debug = bool(os.environ.get("CHARRNN_DEBUG"))
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _errors_to_exit_codes():
+    """Map library errors to one line on stderr and an exit code (traceback with --debug)."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except CharRNNError as err:
+        if _debug:
+            raise
+        _err(f"error: {err}")
+        raise typer.Exit(err.exit_code) from None
+    except KeyboardInterrupt:
+        if _debug:
+            raise
+        _err("interrupted")
+        raise typer.Exit(130) from None
+    except BrokenPipeError:
+        _silence_stdout()
+        raise typer.Exit(0) from None
+    except Exception as err:  # an unexpected failure: still one line unless --debug
+        if _debug:
+            raise
+        _err(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)")
+        raise typer.Exit(1) from None
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe (`| head`), point stdout at /dev/null so exit is quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"charrnn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (also accepted after any command)."),
+):
+    """charrnn: character-level LSTM / GRU / RNN language models."""
+    global _debug
+    _debug = _debug or debug
+
+
+class Unknown(str, Enum):
+    error = "error"
+    skip = "skip"
+
+
+# -- train -------------------------------------------------------------------------------
+
+M, T = ModelConfig, TrainConfig  # their class attributes are the defaults shown in --help
+PANEL_MODEL = "Model (stored in the checkpoint)"
+PANEL_TRAIN = "Training"
+PANEL_RUN = "Run and output"
+
+
+@app.command()
+def train(
+    corpus: Optional[List[str]] = typer.Argument(None, help="Text files, directories or - (stdin). None: the embedded Python docs.", show_default=False),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file with model and train tables (see configs/).", rich_help_panel=PANEL_RUN),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory.", show_default="runs/<corpus name>, never reusing one", rich_help_panel=PANEL_RUN),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory exactly where its last.pt left off.", rich_help_panel=PANEL_RUN),
+    encoding: str = typer.Option("utf-8", help="Text encoding of the corpus files.", rich_help_panel=PANEL_RUN),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or samples on stderr.", rich_help_panel=PANEL_RUN),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout at the end.", rich_help_panel=PANEL_RUN),
+    cell: Optional[str] = typer.Option(None, help="Recurrent cell: lstm, gru or rnn.", show_default=str(M.cell), rich_help_panel=PANEL_MODEL),
+    hidden_size: Optional[int] = typer.Option(None, help="Units per layer.", show_default=str(M.hidden_size), rich_help_panel=PANEL_MODEL),
+    num_layers: Optional[int] = typer.Option(None, help="Stacked recurrent layers.", show_default=str(M.num_layers), rich_help_panel=PANEL_MODEL),
+    embedding_size: Optional[int] = typer.Option(None, help="Character embedding width.", show_default=str(M.embedding_size), rich_help_panel=PANEL_MODEL),
+    dropout: Optional[float] = typer.Option(None, help="Dropout between layers and before the head.", show_default=str(M.dropout), rich_help_panel=PANEL_MODEL),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Sequences (streams) per step.", show_default=str(T.batch_size), rich_help_panel=PANEL_TRAIN),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", "-t", help="BPTT length in characters.", show_default=str(T.seq_len), rich_help_panel=PANEL_TRAIN),
+    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Peak AdamW learning rate.", show_default=str(T.learning_rate), rich_help_panel=PANEL_TRAIN),
+    min_lr_ratio: Optional[float] = typer.Option(None, help="Final learning rate as a fraction of the peak (cosine decay).", show_default=str(T.min_lr_ratio), rich_help_panel=PANEL_TRAIN),
+    warmup_steps: Optional[int] = typer.Option(None, help="Linear warmup steps.", show_default=str(T.warmup_steps), rich_help_panel=PANEL_TRAIN),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay on weight matrices.", show_default=str(T.weight_decay), rich_help_panel=PANEL_TRAIN),
+    grad_clip: Optional[float] = typer.Option(None, help="Clip the global gradient norm (0 = off).", show_default=str(T.grad_clip), rich_help_panel=PANEL_TRAIN),
+    steps: Optional[int] = typer.Option(None, help="Stop after this many steps.", show_default="no limit", rich_help_panel=PANEL_TRAIN),
+    epochs: Optional[float] = typer.Option(None, help="Stop after this many epochs.", show_default="10 when no --steps/--time", rich_help_panel=PANEL_TRAIN),
+    time: Optional[str] = typer.Option(None, "--time", help="Stop after this wall-clock time: 90s, 10m, 1h30m.", show_default="no limit", rich_help_panel=PANEL_TRAIN),
+    eval_every: Optional[int] = typer.Option(None, help="Validate (and save last.pt) every N steps.", show_default=str(T.eval_every), rich_help_panel=PANEL_TRAIN),
+    val_frac: Optional[float] = typer.Option(None, help="Fraction of the corpus (its end) held out for validation.", show_default=str(T.val_frac), rich_help_panel=PANEL_TRAIN),
+    seed: Optional[int] = typer.Option(None, help="Random seed.", show_default=str(T.seed), rich_help_panel=PANEL_TRAIN),
+    stateless: Optional[bool] = typer.Option(None, "--stateless/--stateful", help="Random windows from zero state, or streams with state carried across batches.", show_default="stateful", rich_help_panel=PANEL_TRAIN),
+    dtype: Optional[str] = typer.Option(None, help="Precision: auto, fp32, bf16 or fp16.", show_default=str(T.dtype), rich_help_panel=PANEL_TRAIN),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps.", show_default=str(T.device), rich_help_panel=PANEL_TRAIN),
+    sample_length: Optional[int] = typer.Option(None, help="Characters sampled to stderr at each validation (0 = none).", show_default=str(T.sample_length), rich_help_panel=PANEL_TRAIN),
+):
+    """Train a model on a corpus (or continue one with --resume)."""
+    with _errors_to_exit_codes():
+        from charrnn import checkpoint
+        from charrnn.config import ModelConfig, TrainConfig, build, load_toml
+        from charrnn.data import read_corpus
+        from charrnn.train import Trainer, choose_run_dir, resume_configs
+
+        model_flags = dict(cell=cell, hidden_size=hidden_size, num_layers=num_layers,
+                           embedding_size=embedding_size, dropout=dropout)
+        train_flags = dict(batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate,
+                           min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, weight_decay=weight_decay,
+                           grad_clip=grad_clip, steps=steps, epochs=epochs, time=time, eval_every=eval_every,
+                           val_frac=val_frac, seed=seed, stateless=stateless, dtype=dtype, device=device,
+                           sample_length=sample_length)
+        file_model, file_train = load_toml(config) if config else ({}, {})
+        payload = None
+        if resume is not None:
+            payload = checkpoint.load(resume / "last.pt" if resume.is_dir() else resume)
+            changed = [k for k, v in {**file_model, **model_flags}.items()
+                       if v is not None and payload["model_config"].get(k) != v]
+            if changed:
+                raise UsageError(f"the model cannot change when resuming ({', '.join(changed)}); drop those flags")
+            model_config, train_config = resume_configs(payload, {**file_train, **train_flags})
+            run_dir = Path(payload["path"]).parent
+            sources = corpus or [s for s in payload["corpus"]["sources"] if not s.startswith("<embedded")]
+            if sources == ["-"]:
+                raise UsageError("this run was trained on stdin; pipe the same text again with: charrnn train - --resume DIR")
+            corpus_data = read_corpus(sources, encoding)
+            where = "resumed"
+        else:
+            model_config = build(ModelConfig, file_model, model_flags)
+            train_config = build(TrainConfig, file_train, train_flags)
+            corpus_data = read_corpus(corpus or [], encoding)
+            run_dir, where = choose_run_dir(out, corpus_data.name)
+        if not corpus:
+            _err(f"corpus: {corpus_data.sources[0]} ({len(corpus_data.data):,} bytes); pass files to train on your own text")
+        for skipped in corpus_data.skipped:
+            _err(f"warning: skipped {skipped}: not a UTF-8 text file")
+        view = _TrainView(quiet)
+        trainer = Trainer(corpus_data, model_config, train_config, run_dir, on_event=view, resume=payload)
+        try:
+            summary = trainer.run()
+        finally:
+            view.close()
+        _err(f"done: {summary['steps']} steps in {summary['elapsed_s']:.0f}s, best val loss "
+             f"{summary['best_val_loss']:.4f} nats/char; run directory {summary['run_dir']} ({where})")
+        _err(f"sample it with: charrnn sample --checkpoint {summary['run_dir']}")
+        if json_out:
+            print(json.dumps(summary))
+
+
+class _TrainView:
+    """Renders training events on stderr: a tqdm bar, eval lines and samples."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+
+    def __call__(self, kind: str, info: dict) -> None:
+        if kind == "setup":
+            self._setup(info)
+        elif self.quiet:
+            return
+        elif kind == "step":
+            if sys.stderr.isatty():  # a log file gets the eval lines, not bar redraws
+                self._bar(info)
+        elif kind == "eval":
+            self._write(f"step {info['step']}: train loss {info['train_loss']:.4f}, val loss {info['val_loss']:.4f} "
+                        f"({info['val_bpc']:.3f} bpc), best {info['best_val_loss']:.4f}, "
+                        f"{info['chars_per_s']:,.0f} chars/s")
+        elif kind == "sample":
+            self._write("  | " + info["text"].replace("\n", "\n  | "))
+
+    def _setup(self, info: dict) -> None:
+        model = info["model_config"]
+        config = info["config"]
+        lines = [
+            f"run directory: {info['run_dir']}" + (f" (resuming at step {info['resumed_step']})" if info["resumed_step"] else ""),
+            f"device: {info['device']} ({info['device_reason']}); autocast: {info['dtype']} ({info['dtype_reason']})",
+            f"model: {model['num_layers']}x{model['hidden_size']} {model['cell']}, {info['parameters']:,} parameters, "
+            f"vocabulary {info['vocab_size']}",
+            f"data: {info['train_chars']:,} train / {info['val_chars']:,} validation characters; "
+            f"{'stateless' if config['stateless'] else 'stateful'} batches of {config['batch_size']}x{config['seq_len']}, "
+            f"{info['steps_per_epoch']:,} steps per epoch",
+            "stop: " + ", ".join(p for p in (f"{config['steps']} steps" if config["steps"] else "",
+                                              f"{config['epochs']:g} epochs" if config["epochs"] else "",
+                                              f"{config['time']}" if config["time"] else "") if p),
+        ]
+        for line in lines:
+            _err(line)
+
+    def _bar(self, info: dict) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=1000, file=sys.stderr, unit="‰", dynamic_ncols=True, mininterval=0.5,
+                            bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+        self.bar.n = min(1000, int(info["fraction"] * 1000))
+        self.bar.set_postfix_str(
+            f"step {info['step']} ep {info['epoch']:.2f} loss {info['loss']:.3f} lr {info['lr']:.1e} "
+            f"{info['chars_per_s']:,.0f} ch/s", refresh=False)
+        self.bar.refresh()
+
+    def _write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            _err(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -- sample ------------------------------------------------------------------------------
+
+def _load_for_inference(checkpoint_path: Optional[Path], device_spec: str):
+    from charrnn import checkpoint
+    from charrnn.device import resolve_device
+
+    if checkpoint_path is None:
+        checkpoint_path = checkpoint.latest_run()
+        _err(f"checkpoint: {checkpoint.resolve(checkpoint_path)} (most recent run; pass --checkpoint to choose)")
+    payload = checkpoint.load(checkpoint_path)
+    model, vocab = checkpoint.restore_model(payload)
+    device, _ = resolve_device(device_spec)
+    return payload, model.to(device), vocab, device
+
+
+@app.command()
+def sample(
+    checkpoint_path: Optional[Path] = typer.Option(None, "--checkpoint", "-m", help="A .pt file or a run directory (its best.pt).", show_default="the most recent run under runs/"),
+    prime: str = typer.Option("", "--prime", "-p", help="Text to start from, echoed before the continuation; - reads it from stdin."),
+    length: int = typer.Option(500, "--length", "-n", help="New characters per sample."),
+    temperature: float = typer.Option(0.8, "--temperature", "-T", help="Below 1 safer, above 1 wilder; 0 = greedy (argmax)."),
+    top_k: int = typer.Option(0, help="Sample only from the k likeliest characters (0 = off)."),
+    top_p: float = typer.Option(1.0, help="Sample from the smallest set of characters with this total probability (1 = off)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed: same seed, same text.", show_default="random, printed on stderr"),
+    num_samples: int = typer.Option(1, "--num-samples", "-s", help="Samples generated together as one batch."),
+    stop: str = typer.Option("", help="End a sample once it has written this string (included)."),
+    unknown: Unknown = typer.Option(Unknown.error, help="Characters of --prime the model does not know: error or skip."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per sample instead of raw text."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+):
+    """Generate text from a trained model, streamed to stdout."""
+    with _errors_to_exit_codes():
+        import torch
+
+        from charrnn.sample import SampleSettings, generate
+
+        settings = SampleSettings(length=length, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  stop=_unescape(stop))
+        settings.validate()
+        if num_samples < 1:
+            raise UsageError(f"--num-samples must be >= 1, not {num_samples}")
+        if prime == "-":
+            prime = sys.stdin.read()
+        _, model, vocab, device_ = _load_for_inference(checkpoint_path, device)
+        prime_ids, dropped = vocab.encode(prime, unknown.value)
+        if dropped:
+            _err(f"warning: dropped {dropped} unknown character(s) from --prime")
+        echo = vocab.decode(prime_ids)
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            _err(f"seed: {seed}")
+        generator = torch.Generator(device_).manual_seed(seed)
+        texts = [""] * num_samples
+        stream = sys.stdout
+        if not json_out:
+            stream.write(echo)
+            stream.flush()
+        for chars in generate(model, vocab, prime_ids, settings, num_samples, generator, device_):
+            for n, char in enumerate(chars):
+                texts[n] += char
+            if not json_out and chars[0]:
+                stream.write(chars[0])
+                stream.flush()
+        if json_out:
+            for n, text in enumerate(texts):
+                stream.write(json.dumps({"sample": n, "seed": seed, "prime": echo, "text": text,
+                                         "chars": len(text), "temperature": temperature}) + "\n")
+        else:
+            for text in texts[1:]:
+                stream.write("\n\n" + echo + text)
+        stream.flush()
+
+
+def _unescape(text: str) -> str:
+    """Let --stop '\\n\\n' mean two newlines (shells make real newlines awkward to type)."""
+    return re.sub(r"\\(n|t|\\)", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
+# -- eval --------------------------------------------------------------------------------
+
+@app.command("eval")
+def eval_(
+    files: List[str] = typer.Argument(..., help="Text files (or - for stdin) to score, as one text.", show_default=False),
+    checkpoint_path: Optional[Path] = typer.Option(None, "--checkpoint", "-m", help="A .pt file or a run directory (its best.pt).", show_default="the most recent run under runs/"),
+    unknown: Unknown = typer.Option(Unknown.error, help="Characters the model does not know: error, or skip (and count them)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a line of text."),
+    encoding: str = typer.Option("utf-8", help="Text encoding of the files."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("auto", help="Precision: auto (as training picks), fp32, bf16 or fp16."),
+):
+    """Score text: loss (nats/char), bits per character, perplexity."""
+    with _errors_to_exit_codes():
+        from charrnn.data import read_corpus
+        from charrnn.device import resolve_dtype
+        from charrnn.evaluate import evaluate
+
+        payload, model, vocab, device_ = _load_for_inference(checkpoint_path, device)
+        dtype_, _ = resolve_dtype(dtype, device_)
+        text = read_corpus(files, encoding).data.decode("utf-8")
+        ids, dropped = vocab.encode(text, unknown.value)
+        if len(ids) < 2:
+            raise UsageError("eval needs at least 2 known characters to score")
+        result = evaluate(model, ids, device_, dtype_, dropped)
+        if json_out:
+            print(json.dumps({**result.as_dict(), "files": files, "checkpoint": payload["path"]}))
+        else:
+            extra = f", {dropped} unknown dropped" if dropped else ""
+            print(f"chars {result.chars}  loss {result.loss:.4f} nats/char  bpc {result.bpc:.4f}  "
+                  f"perplexity {result.perplexity:.3f}{extra}")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Entry point: runs the app, turning usage errors into one line and exit 2."""
+    global _debug
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in args[1:]:  # accepted after the command name too
+        args = [a for a in args if a != "--debug"]
+        _debug = True
+    try:
+        code = app(args=args, prog_name="charrnn", standalone_mode=False)
+    except Exception as err:
+        # Typer's (vendored or external) click exceptions: duck-typed, as their home moved.
+        if not (hasattr(err, "format_message") and hasattr(err, "exit_code")):
+            raise
+        ctx = getattr(err, "ctx", None)
+        if type(err).__name__ == "NoArgsIsHelpError":
+            code = 2  # Typer has printed the help already
+        else:
+            where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            _err(f"error: {err.format_message()}{where}")
+            code = err.exit_code
+    except BaseException as err:
+        if type(err).__name__ != "Abort":
+            raise
+        _err("interrupted")
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)

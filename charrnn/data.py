@@ -1,0 +1,274 @@
+"""Corpora, the character vocabulary, and the batch layouts of training.
+
+A corpus is read as UTF-8 bytes, checked, and encoded chunk by chunk into a compact
+integer tensor (uint8 when the vocabulary has at most 256 symbols), so a 100 MB file
+never becomes a Python list or an int64 tensor.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import torch
+
+from charrnn.errors import DataError, UsageError
+
+CHUNK_BYTES = 1 << 20
+EMBEDDED_SOURCE = "<embedded: Python reference docs from pydoc_data.topics>"
+EMBEDDED_NAME = "pydoc-topics"
+
+
+@dataclass
+class Corpus:
+    """Training text as validated UTF-8 bytes, with where it came from."""
+
+    name: str  # short name for the run directory
+    sources: list[str]  # paths as given (or "-" / the embedded marker)
+    data: bytes  # UTF-8
+    skipped: list[str] = field(default_factory=list)  # files of a directory that were not text
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+def embedded_corpus() -> Corpus:
+    """The default corpus every Python has: the reference docs behind `help('topics')`."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key].strip("\n") for key in sorted(topics)) + "\n"
+    return Corpus(EMBEDDED_NAME, [EMBEDDED_SOURCE], text.encode("utf-8"))
+
+
+def read_corpus(paths: list[str], encoding: str = "utf-8", stdin: BinaryIO | None = None) -> Corpus:
+    """Read files, directories (their text files, sorted) or '-' (stdin) as one corpus."""
+    if not paths:
+        return embedded_corpus()
+    parts, skipped = [], []
+    for given in paths:
+        if given == "-":
+            raw = (stdin or sys.stdin.buffer).read()
+            parts.append(to_utf8(raw, "standard input", encoding))
+            continue
+        path = Path(given)
+        if path.is_dir():
+            files = [p for p in sorted(path.rglob("*")) if p.is_file() and not _hidden(p, path)]
+            found = 0
+            for file in files:
+                try:
+                    parts.append(to_utf8(_read(file), str(file), encoding))
+                    found += 1
+                except DataError:
+                    skipped.append(str(file))
+            if not found:
+                raise DataError(f"directory {given} holds no non-empty text files")
+        else:
+            parts.append(to_utf8(_read(path), given, encoding))
+    name = "stdin" if paths[0] == "-" else (Path(paths[0]).stem or Path(paths[0]).name or "corpus")
+    return Corpus(name, list(paths), b"".join(parts), skipped)
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a directory") from None
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror}") from None
+
+
+def to_utf8(raw: bytes, source: str, encoding: str = "utf-8") -> bytes:
+    """Check that raw bytes are non-empty text in `encoding`; return them as UTF-8."""
+    if not raw:
+        raise DataError(f"{source} is empty; give a text file with some content")
+    if b"\x00" in raw[: 1 << 16] and encoding.lower().replace("-", "") in ("utf8", "ascii", "latin1"):
+        raise DataError(f"{source} looks like a binary file (it contains NUL bytes), not text")
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise UsageError(f"--encoding {encoding!r} is not a known text encoding") from None
+    if codecs.lookup(encoding).name != "utf-8":
+        try:
+            return raw.decode(encoding).encode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{source} is not valid {encoding}: bad byte at offset {err.start}") from None
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    for start in range(0, len(raw), CHUNK_BYTES):
+        pending = len(decoder.getstate()[0])  # bytes of a character cut by the last chunk
+        try:
+            decoder.decode(raw[start : start + CHUNK_BYTES], final=start + CHUNK_BYTES >= len(raw))
+        except UnicodeDecodeError as err:
+            offset = start - pending + err.start
+            raise DataError(
+                f"{source} is not valid UTF-8: first bad byte at offset {offset}"
+                " (pass --encoding if it is in another encoding)"
+            ) from None
+    return raw
+
+
+def iter_text(data: bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+    """Decode UTF-8 bytes a chunk at a time (a character never straddles two chunks)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    for start in range(0, len(data), chunk_bytes):
+        piece = decoder.decode(data[start : start + chunk_bytes], final=start + chunk_bytes >= len(data))
+        if piece:
+            yield piece
+
+
+def code_points(text: str) -> torch.Tensor:
+    """The Unicode code points of text as an int32 tensor, without a Python loop."""
+    if not text:
+        return torch.zeros(0, dtype=torch.int32)
+    return torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
+
+
+class Vocab:
+    """The sorted distinct code points of the training text; a character's id is its rank."""
+
+    def __init__(self, chars: str):
+        if not chars:
+            raise DataError("the vocabulary is empty")
+        self.chars = chars
+        codes = code_points(chars).long()
+        if not bool((codes[1:] > codes[:-1]).all()):
+            raise DataError("vocabulary characters must be distinct and sorted")
+        # Lookup table code point -> id, with -1 for characters the model does not know;
+        # the last slot catches every code point above the largest known one.
+        self._table = torch.full((int(codes[-1]) + 2,), -1, dtype=torch.int32)
+        self._table[codes] = torch.arange(len(chars), dtype=torch.int32)
+        self.dtype = torch.uint8 if len(chars) <= 256 else torch.int16 if len(chars) <= 32767 else torch.int32
+
+    @classmethod
+    def from_data(cls, data: bytes) -> "Vocab":
+        seen = torch.zeros(0, dtype=torch.int32)
+        for piece in iter_text(data):
+            seen = torch.unique(torch.cat([seen, torch.unique(code_points(piece))]))
+        return cls("".join(map(chr, seen.tolist())))
+
+    @classmethod
+    def from_text(cls, text: str) -> "Vocab":
+        return cls("".join(sorted(set(text))))
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def __contains__(self, char: str) -> bool:
+        return char in self.chars
+
+    def _lookup(self, text: str) -> torch.Tensor:
+        codes = code_points(text)
+        return self._table[codes.clamp(max=len(self._table) - 1).long()]
+
+    def encode(self, text: str, unknown: str = "error") -> tuple[torch.Tensor, int]:
+        """Ids of text (dtype self.dtype) and how many unknown characters were dropped.
+
+        unknown="error" raises DataError naming the characters; "skip" drops them.
+        """
+        ids = self._lookup(text)
+        missing = ids < 0
+        dropped = int(missing.sum())
+        if dropped:
+            if unknown != "skip":
+                bad = sorted({text[i] for i in missing.nonzero().flatten()[:1000].tolist()})
+                shown = ", ".join(repr(c) for c in bad[:10]) + (" ..." if len(bad) > 10 else "")
+                raise DataError(
+                    f"{dropped} character(s) unknown to the model: {shown}; "
+                    "use --unknown skip to drop them"
+                )
+            ids = ids[~missing]
+        return ids.to(self.dtype), dropped
+
+    def encode_data(self, data: bytes) -> torch.Tensor:
+        """Ids of a whole UTF-8 corpus, chunk by chunk into one preallocated tensor."""
+        out = torch.empty(len(data), dtype=self.dtype)  # chars <= bytes
+        filled = 0
+        for piece in iter_text(data):
+            ids, _ = self.encode(piece)
+            out[filled : filled + len(ids)] = ids
+            filled += len(ids)
+        return out[:filled]
+
+    def decode(self, ids) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        chars = self.chars
+        return "".join(chars[i] for i in ids)
+
+
+def split(ids: torch.Tensor, val_frac: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """First (1 - val_frac) of the characters train, the rest validate."""
+    cut = int(len(ids) * (1.0 - val_frac))
+    return ids[:cut], ids[cut:]
+
+
+class StatefulBatches:
+    """Truncated-BPTT batches over B contiguous streams, as in char-rnn.
+
+    The training split is cut into B equal streams, one per batch row. Step k takes the
+    next T characters of every stream, so row b of step k+1 continues row b of step k
+    and the hidden state can be carried (detached) from one step to the next::
+
+        corpus:  |---- stream 0 ----|---- stream 1 ----| ... |-- stream B-1 --|
+                 step:  0    1    2   ...                     (S // T steps per epoch)
+        x[k] = [[s0[kT : kT+T]],        y[k] = x[k] shifted left by one character
+                [s1[kT : kT+T]],
+                 ...
+                [sB-1[kT : kT+T]]]      # (B, T)
+
+    `rows` selects which streams this process owns (all of them in one process).
+    """
+
+    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, rows: slice = slice(None)):
+        stream_len = (len(ids) - 1) // batch_size
+        if stream_len < seq_len:
+            raise DataError(
+                f"the training text ({len(ids):,} characters) is shorter than one batch "
+                f"(batch size {batch_size} x sequence length {seq_len} + 1); "
+                "use a longer corpus or lower --batch-size / --seq-len"
+            )
+        used = batch_size * stream_len
+        self.x = ids[:used].view(batch_size, stream_len)[rows]  # (B, S)
+        self.y = ids[1 : used + 1].view(batch_size, stream_len)[rows]  # (B, S)
+        self.seq_len = seq_len
+        self.steps_per_epoch = stream_len // seq_len
+        self.chars_per_epoch = batch_size * self.steps_per_epoch * seq_len
+
+    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The index-th (x, y) of an epoch, each (B, T) int64."""
+        cols = slice(index * self.seq_len, (index + 1) * self.seq_len)
+        return self.x[:, cols].long(), self.y[:, cols].long()
+
+
+class RandomWindows:
+    """Stateless batches: B windows of T characters at random offsets, from a generator."""
+
+    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int):
+        if len(ids) < seq_len + 1 or len(ids) < batch_size * seq_len + 1:
+            raise DataError(
+                f"the training text ({len(ids):,} characters) is shorter than one batch "
+                f"(batch size {batch_size} x sequence length {seq_len} + 1); "
+                "use a longer corpus or lower --batch-size / --seq-len"
+            )
+        self.ids = ids
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        # An "epoch" is as many windows as cover the split once, so epochs mean the same in both modes.
+        self.steps_per_epoch = max(1, (len(ids) - 1) // (batch_size * seq_len))
+        self.chars_per_epoch = batch_size * self.steps_per_epoch * seq_len
+        self._offsets = torch.arange(seq_len + 1)
+
+    def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, len(self.ids) - self.seq_len, (self.batch_size, 1), generator=generator)
+        window = self.ids[starts + self._offsets].long()  # (B, T + 1)
+        return window[:, :-1], window[:, 1:]

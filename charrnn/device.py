@@ -1,0 +1,73 @@
+"""Device and precision, chosen once at the edge and reported with the reason."""
+
+from __future__ import annotations
+
+import torch
+
+from charrnn.errors import UsageError
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(spec: str = "auto") -> tuple[torch.device, str]:
+    """'auto' -> CUDA when present, else MPS, else CPU; explicit names are checked."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda"), f"auto: CUDA is available ({torch.cuda.get_device_name(0)})"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps"), "auto: Apple MPS is available"
+        return torch.device("cpu"), "auto: no CUDA or MPS device found"
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"--device {spec!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for but this torch sees no CUDA GPU; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise UsageError("--device mps was asked for but MPS is not available; use --device cpu")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {spec!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return device, "asked for"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with bf16 matrix instructions (AVX512_BF16 or AMX), where bf16 beats fp32."""
+    cpu = torch.cpu
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(cpu, probe, None)
+        if check is not None and check():
+            return True
+    return False
+
+
+def resolve_dtype(spec: str, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype (None = plain fp32) for a --dtype value on a device."""
+    if spec == "auto":
+        if device.type == "cuda":
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16, "auto: this CUDA GPU supports bf16"
+            return None, "auto: this CUDA GPU lacks bf16"
+        if device.type == "cpu":
+            if cpu_has_fast_bf16():
+                return torch.bfloat16, "auto: this CPU has AVX512_BF16/AMX"
+            return None, "auto: this CPU lacks AVX512_BF16/AMX, so bf16 would be slower"
+        return None, f"auto: fp32 on {device.type}"
+    if spec not in DTYPES:
+        raise UsageError(f"--dtype {spec!r} is not one of auto, fp32, bf16, fp16")
+    if spec == "fp16" and device.type == "cpu":
+        raise UsageError("--dtype fp16 is for GPUs; on a CPU use bf16 or fp32")
+    return DTYPES[spec], "asked for"
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """A mixed-precision context for the forward pass (a no-op for fp32)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

@@ -1,0 +1,353 @@
+"""The one training loop: truncated BPTT with AdamW, clipping, warmup + cosine decay.
+
+Progress reaches the caller through `on_event(kind, info)`; the library never prints.
+Kinds: "setup" (once), "step" (every LOG_EVERY steps), "eval" (each validation, with
+the record appended to metrics.jsonl), "sample" (text drawn at each validation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from charrnn import checkpoint
+from charrnn.config import ModelConfig, TrainConfig, build, to_toml
+from charrnn.data import Corpus, RandomWindows, StatefulBatches, Vocab, split
+from charrnn.device import autocast, dtype_name, resolve_device, resolve_dtype
+from charrnn.errors import CharRNNError, DataError, TrainingInterrupted, UsageError
+from charrnn.evaluate import evaluate
+from charrnn.model import CharRNN, count_parameters, detach
+from charrnn.sample import SampleSettings, generate
+
+LOG_EVERY = 10
+Event = Callable[[str, dict], None]
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # completed passes over the training split
+    batch: int = 0  # next batch within the epoch
+    elapsed_s: float = 0.0  # wall-clock seconds of training so far, across resumes
+    chars_seen: int = 0
+    best_val_loss: float = math.inf
+    val_loss: float = math.nan
+    window_loss_sum: float = 0.0  # train loss summed since the last validation
+    window_steps: int = 0
+
+
+def lr_at(config: TrainConfig, step: int, fraction: float) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to min_lr_ratio by fraction = 1."""
+    warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, fraction)))
+    return config.learning_rate * warm * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+
+
+def fraction_done(config: TrainConfig, progress: Progress, steps_per_epoch: int) -> float:
+    """How far training is, 0..1, by whichever stop condition is nearest."""
+    parts = []
+    if config.steps:
+        parts.append(progress.step / config.steps)
+    if config.epochs:
+        parts.append((progress.epoch + progress.batch / steps_per_epoch) / config.epochs)
+    if config.time:
+        parts.append(progress.elapsed_s / config.time_budget_s)
+    return max(parts)
+
+
+def choose_run_dir(out: str | None, corpus_name: str, root: str | Path = "runs") -> tuple[Path, str]:
+    """--out as given (it must not hold a run), else runs/<corpus name>[-N], never reused."""
+    if out:
+        path = Path(out)
+        if any((path / name).exists() for name in ("last.pt", "best.pt", "metrics.jsonl")):
+            raise UsageError(f"{path} already holds a run; continue it with --resume {path} or pick another --out")
+        return path, "asked for"
+    base = Path(root) / corpus_name
+    path, n = base, 1
+    while path.exists() and any(path.iterdir()):
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path, "new" if n == 1 else f"{base} is taken"
+
+
+class Trainer:
+    """One run: set up from a corpus (or a checkpoint to resume), then `run()`."""
+
+    def __init__(self, corpus: Corpus, model_config: ModelConfig, train_config: TrainConfig, run_dir: Path,
+                 on_event: Event | None = None, resume: dict[str, Any] | None = None):
+        self.on_event = on_event or (lambda kind, info: None)
+        self.config = train_config.with_default_stop()
+        self.model_config = model_config
+        self.run_dir = Path(run_dir)
+        self.corpus = corpus
+        self._stop = threading.Event()
+
+        self.device, device_reason = resolve_device(self.config.device)
+        self.dtype, dtype_reason = resolve_dtype(self.config.dtype, self.device)
+        if resume is not None:
+            self.vocab = Vocab(resume["vocab"])
+            if resume.get("corpus", {}).get("sha256") not in (None, corpus.sha256):
+                raise DataError(
+                    "this corpus differs from the one the run was trained on; give the same files to --resume"
+                )
+        else:
+            self.vocab = Vocab.from_data(corpus.data)
+        ids = self.vocab.encode_data(corpus.data)
+        self.train_ids, self.val_ids = split(ids, self.config.val_frac)
+        if self.config.stateless:
+            self.batches = RandomWindows(self.train_ids, self.config.batch_size, self.config.seq_len)
+        else:
+            self.batches = StatefulBatches(self.train_ids, self.config.batch_size, self.config.seq_len)
+        if len(self.val_ids) < 2:
+            raise DataError(f"the validation split has {len(self.val_ids)} character(s); use a longer corpus or a larger --val-frac")
+
+        torch.manual_seed(self.config.seed)
+        self.windows_rng = torch.Generator().manual_seed(self.config.seed + 1)
+        self.model = CharRNN(model_config, len(self.vocab)).to(self.device)
+        self.optimizer = self._make_optimizer()
+        self.progress = Progress()
+        self.state = None  # carried recurrent state (stateful mode)
+        if resume is not None:
+            self._restore(resume)
+
+        self.on_event("setup", {
+            "device": str(self.device), "device_reason": device_reason,
+            "dtype": dtype_name(self.dtype), "dtype_reason": dtype_reason,
+            "parameters": count_parameters(self.model), "vocab_size": len(self.vocab),
+            "train_chars": len(self.train_ids), "val_chars": len(self.val_ids),
+            "steps_per_epoch": self.batches.steps_per_epoch, "run_dir": str(self.run_dir),
+            "resumed_step": self.progress.step if resume is not None else None,
+            "config": asdict(self.config), "model_config": asdict(model_config),
+        })
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW with weight decay on matrices only; fused kernels on CUDA, foreach elsewhere."""
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.config.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        fast = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=self.config.learning_rate, betas=(0.9, 0.99), **fast)
+
+    def _restore(self, payload: dict[str, Any]) -> None:
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        saved = payload["progress"]
+        self.progress = Progress(**{k: saved[k] for k in Progress.__dataclass_fields__})
+        carried = payload.get("carried_state") or []
+        self.state = tuple(s.to(self.device) for s in carried) or None
+        if self.state is not None and self.state[0].shape[1] != self.config.batch_size:
+            raise UsageError("--batch-size cannot change when resuming a stateful run")
+        rng = payload["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.windows_rng.set_state(rng["windows"])
+        if self.device.type == "cuda" and rng.get("cuda"):
+            torch.cuda.set_rng_state_all(list(rng["cuda"]))
+
+    # -- saving -------------------------------------------------------------------------
+
+    def payload(self) -> dict[str, Any]:
+        loss_sum = getattr(self, "_loss_sum", None)
+        if loss_sum is not None:
+            self.progress.window_loss_sum = loss_sum.item()
+            self.progress.window_steps = self._loss_steps
+        rng = {"torch": torch.get_rng_state(), "windows": self.windows_rng.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "model_config": asdict(self.model_config),
+            "vocab": self.vocab.chars,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "train_config": asdict(self.config),
+            "progress": asdict(self.progress),
+            "carried_state": [s.detach().cpu() for s in self.state] if self.state is not None else [],
+            "rng": rng,
+            "corpus": {"name": self.corpus.name, "sources": [str(s) for s in self.corpus.sources],
+                       "sha256": self.corpus.sha256, "chars": len(self.train_ids) + len(self.val_ids)},
+        }
+
+    def save(self, best: bool = False) -> None:
+        payload = self.payload()
+        checkpoint.save(self.run_dir / "last.pt", payload)
+        if best:
+            checkpoint.save(self.run_dir / "best.pt", payload)
+
+    def _prepare_run_dir(self, resuming: bool) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.run_dir.glob(".*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
+        _atomic_write_text(self.run_dir / "config.toml", to_toml(self.model_config, self.config))
+        metrics = self.run_dir / "metrics.jsonl"
+        if resuming and metrics.exists():
+            # Drop records written after the checkpoint we resume from (a killed run's last eval).
+            kept = [line for line in metrics.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.progress.step]
+            _atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop after the current step and save last.pt (what Ctrl-C does)."""
+        self._stop.set()
+
+    def run(self) -> dict[str, Any]:
+        config, progress = self.config, self.progress
+        self._prepare_run_dir(resuming=progress.step > 0)
+        self.model.train()
+        steps_per_epoch = self.batches.steps_per_epoch
+        # Since the last validation: summed train loss (on device: no per-step sync), steps,
+        # characters and seconds spent in steps. The loss window survives a resume.
+        self._loss_sum = torch.tensor(progress.window_loss_sum, device=self.device)
+        self._loss_steps = progress.window_steps
+        self._chars, self._train_time = 0, 0.0
+        log_loss, log_steps = torch.zeros((), device=self.device), 0
+        last_eval_step = progress.step
+        clock, start_elapsed = time.perf_counter(), progress.elapsed_s
+        with _sigint_requests_stop(self):
+            while fraction_done(config, progress, steps_per_epoch) < 1.0:
+                if self._stop.is_set():
+                    self.save()
+                    raise TrainingInterrupted(
+                        f"interrupted at step {progress.step}; last.pt saved. "
+                        f"Resume with: charrnn train --resume {self.run_dir}"
+                    )
+                if progress.batch >= steps_per_epoch:
+                    progress.epoch, progress.batch = progress.epoch + 1, 0
+                    self.state = None  # stateful mode starts each epoch from zero state
+                step_start = time.perf_counter()
+                lr = lr_at(config, progress.step, fraction_done(config, progress, steps_per_epoch))
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss, grad_norm = self._step()
+                progress.step += 1
+                progress.batch += 1
+                progress.chars_seen += config.batch_size * config.seq_len
+                self._loss_sum += loss
+                self._loss_steps += 1
+                log_loss += loss
+                log_steps += 1
+                self._chars += config.batch_size * config.seq_len
+                now = time.perf_counter()
+                self._train_time += now - step_start
+                progress.elapsed_s = start_elapsed + now - clock
+                if progress.step % LOG_EVERY == 0:
+                    self.on_event("step", {
+                        "step": progress.step, "loss": (log_loss / log_steps).item(), "lr": lr,
+                        "chars_per_s": self._chars / max(self._train_time, 1e-9),
+                        "fraction": fraction_done(config, progress, steps_per_epoch),
+                        "epoch": progress.epoch + progress.batch / steps_per_epoch,
+                    })
+                    log_loss.zero_()
+                    log_steps = 0
+                done = fraction_done(config, progress, steps_per_epoch) >= 1.0
+                if progress.step % config.eval_every == 0 or done:
+                    self._validate(lr, float(grad_norm))
+                    last_eval_step = progress.step
+            if last_eval_step != progress.step or progress.step == 0:
+                self._validate(0.0, math.nan)
+        return {"run_dir": str(self.run_dir), "steps": progress.step, "best_val_loss": progress.best_val_loss,
+                "val_loss": progress.val_loss, "elapsed_s": progress.elapsed_s}
+
+    def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on the next batch; returns the loss and pre-clip gradient norm."""
+        config = self.config
+        if config.stateless:
+            x, y = self.batches.batch(self.windows_rng)
+            state = None
+        else:
+            x, y = self.batches.batch(self.progress.batch)
+            state = self.state
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        with autocast(self.device, self.dtype):
+            logits, new_state = self.model(x, state)  # (B, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        if not config.stateless:
+            self.state = detach(new_state)
+        return loss.detach(), grad_norm.detach()
+
+    def _validate(self, lr: float, grad_norm: float) -> None:
+        progress = self.progress
+        result = evaluate(self.model, self.val_ids, self.device, self.dtype)
+        if not math.isfinite(result.loss):
+            raise CharRNNError(f"validation loss became {result.loss} at step {progress.step}; "
+                               "lower --learning-rate or keep --grad-clip on")
+        progress.val_loss = result.loss
+        improved = result.loss < progress.best_val_loss
+        if improved:
+            progress.best_val_loss = result.loss
+        steps = self._loss_steps
+        record = {
+            "step": progress.step, "epoch": round(progress.epoch + progress.batch / self.batches.steps_per_epoch, 4),
+            "train_loss": self._loss_sum.item() / steps if steps else math.nan,
+            "val_loss": result.loss, "val_bpc": result.bpc,
+            "best_val_loss": progress.best_val_loss, "lr": lr, "grad_norm": grad_norm,
+            "chars_per_s": self._chars / self._train_time if self._train_time else math.nan,
+            "elapsed_s": round(progress.elapsed_s, 3),
+        }
+        self._loss_sum.zero_()
+        self._loss_steps = self._chars = 0
+        self._train_time = 0.0
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self.save(best=improved)
+        self.on_event("eval", record)
+        if self.config.sample_length:
+            self.on_event("sample", {"step": progress.step, "text": self._sample_text()})
+
+    def _sample_text(self) -> str:
+        generator = torch.Generator(self.device).manual_seed(self.config.seed + self.progress.step)
+        settings = SampleSettings(length=self.config.sample_length, temperature=0.8)
+        empty = torch.zeros(0, dtype=torch.long)
+        text = "".join(chars[0] for chars in generate(self.model, self.vocab, empty, settings,
+                                                      generator=generator, device=self.device))
+        self.model.train()
+        return text
+
+
+@contextmanager
+def _sigint_requests_stop(trainer: Trainer):
+    """First Ctrl-C: finish the step, save, stop. A second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if trainer._stop.is_set():
+            raise KeyboardInterrupt
+        trainer.request_stop()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def resume_configs(payload: dict[str, Any], overrides: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
+    """The configs of a run to resume: as saved, with the train flags given now on top."""
+    model_config = build(ModelConfig, payload["model_config"])
+    train_config = build(TrainConfig, payload["train_config"], overrides)
+    return model_config, train_config

@@ -1,0 +1,58 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from charrnn.config import ModelConfig, TrainConfig
+from charrnn.data import Corpus
+from charrnn.train import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+# A small corpus with accents, CJK, an emoji, tabs and a form feed.
+VERSE = (
+    "The quick brown fox jumps over the lazy dog.\n"
+    "Voilà l'été: café, naïve, façade.\tTabs\tand\f form feeds.\n"
+    "春眠不覚暁, 処処聞啼鳥 🙂\n"
+)
+
+TINY_MODEL = dict(hidden_size=32, num_layers=2, embedding_size=16, dropout=0.0)
+TINY_TRAIN = dict(batch_size=4, seq_len=16, steps=30, eval_every=10, sample_length=20, warmup_steps=5,
+                  dtype="fp32", device="cpu", learning_rate=1e-2)
+
+
+def tiny_configs(model=None, train=None):
+    return ModelConfig(**{**TINY_MODEL, **(model or {})}), TrainConfig(**{**TINY_TRAIN, **(train or {})})
+
+
+def corpus_of(text: str, name: str = "tiny") -> Corpus:
+    return Corpus(name, [name], text.encode("utf-8"))
+
+
+@pytest.fixture(autouse=True)
+def _cpu_threads():
+    # Tests use tiny models where one thread is fastest and keeps runs deterministic.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A tiny model trained for 30 steps on VERSE * 20; its run directory."""
+    run_dir = tmp_path_factory.mktemp("run") / "runs" / "tiny"
+    model_config, train_config = tiny_configs()
+    Trainer(corpus_of(VERSE * 20), model_config, train_config, run_dir).run()
+    return run_dir
+
+
+def run_cli(*args, cwd=None, input=None, timeout=120, env=None):
+    """Run `python -m charrnn ARGS` in a subprocess (for exit codes, pipes and signals)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "charrnn", *map(str, args)], cwd=cwd, input=input,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)

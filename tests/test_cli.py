@@ -1,0 +1,175 @@
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from charrnn.cli import app
+from charrnn.config import ModelConfig, TrainConfig
+
+from conftest import ROOT, VERSE, run_cli
+
+
+def invoke(*args, input=None):
+    try:
+        runner = CliRunner(mix_stderr=False)  # click < 8.2
+    except TypeError:
+        runner = CliRunner()
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["sample"], ["eval"]])
+def test_every_command_has_help(command):
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0 and "Usage" in result.stdout
+
+
+def test_train_help_lists_every_flag_with_its_default():
+    text = invoke("train", "--help").stdout
+    for flag in ("--hidden-size", "--num-layers", "--dropout", "--batch-size", "--seq-len", "--time", "--resume",
+                 "--stateless", "--dtype", "--device", "--quiet", "--config"):
+        assert flag in text
+    flat = re.sub(r"[\s│]+", " ", text)  # undo rich's wrapping inside its boxes
+    for flag, default in (("hidden-size", ModelConfig.hidden_size), ("seq-len", TrainConfig.seq_len),
+                          ("dropout", ModelConfig.dropout), ("learning-rate", TrainConfig.learning_rate)):
+        assert re.search(rf"--{flag}\b.*?\[default: \(?{re.escape(str(default))}\)?\]", flat), flag
+
+
+def test_sample_prints_exactly_length_characters_after_the_prime(trained_run):
+    result = invoke("sample", "--checkpoint", trained_run, "--prime", "The ", "--length", 500,
+                    "--temperature", 0.7, "--seed", 1)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith("The ") and len(result.stdout) == 4 + 500
+    again = invoke("sample", "--checkpoint", trained_run, "--prime", "The ", "--length", 500,
+                   "--temperature", 0.7, "--seed", 1)
+    assert again.stdout == result.stdout
+    assert "checkpoint" not in result.stdout and result.stderr == ""
+
+
+def test_sample_uses_most_recent_run_and_says_so(trained_run, monkeypatch):
+    monkeypatch.chdir(trained_run.parent.parent)
+    result = invoke("sample", "--length", 20, "--seed", 3)
+    assert result.exit_code == 0 and len(result.stdout) == 20
+    assert "most recent run" in result.stderr and str(trained_run.name) in result.stderr
+
+
+def test_sample_json_and_batches(trained_run):
+    result = invoke("sample", "-m", trained_run, "--length", 30, "--num-samples", 3, "--seed", 2, "--json")
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["sample"] for r in records] == [0, 1, 2]
+    assert all(len(r["text"]) == 30 for r in records)
+    assert len({r["text"] for r in records}) == 3
+
+
+def test_sample_prime_from_stdin(trained_run):
+    result = invoke("sample", "-m", trained_run, "--prime", "-", "--length", 10, "--seed", 2, input="Voilà ")
+    assert result.exit_code == 0 and result.stdout.startswith("Voilà ") and len(result.stdout) == 16
+
+
+def test_eval_json_fields(trained_run, tmp_path):
+    held_out = tmp_path / "held.txt"
+    held_out.write_text(VERSE)
+    result = invoke("eval", held_out, "-m", trained_run, "--json")
+    record = json.loads(result.stdout)
+    assert record["chars"] == len(VERSE) - 1
+    assert record["bpc"] == pytest.approx(record["loss"] / 0.6931471805599453)
+    assert record["perplexity"] > 1 and record["unknown_dropped"] == 0
+    line = invoke("eval", held_out, "-m", trained_run)
+    assert line.stdout.startswith("chars ") and len(line.stdout.splitlines()) == 1
+
+
+def test_eval_skips_unknown_characters_and_counts_them(trained_run, tmp_path):
+    held_out = tmp_path / "held.txt"
+    held_out.write_text(VERSE + "§§§")
+    assert invoke("eval", held_out, "-m", trained_run).exit_code == 1
+    record = json.loads(invoke("eval", held_out, "-m", trained_run, "--unknown", "skip", "--json").stdout)
+    assert record["unknown_dropped"] == 3
+
+
+def test_train_writes_run_directory_and_nothing_on_stdout(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "poem.txt"
+    corpus.write_text(VERSE * 10)
+    args = ["train", corpus, "--hidden-size", 16, "--batch-size", 2, "--seq-len", 8, "--steps", 4,
+            "--eval-every", 2, "--device", "cpu", "--dtype", "fp32"]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.stderr
+    assert first.stdout == ""
+    run = tmp_path / "runs" / "poem"
+    assert {p.name for p in run.iterdir()} == {"config.toml", "metrics.jsonl", "last.pt", "best.pt"}
+    second = invoke(*args, "--json")  # never overwrites the first run
+    assert json.loads(second.stdout)["run_dir"] == str(Path("runs") / "poem-2")
+    assert invoke(*args, "--out", run).exit_code == 2  # --out holding a run is refused
+
+
+def _one_line_error(result, code):
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_bad_corpus_inputs(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00")
+    (tmp_path / "latin1.txt").write_bytes("café crème".encode("latin-1"))
+    (tmp_path / "short.txt").write_text("too short\n")
+    cases = {
+        str(tmp_path / "missing.txt"): "does not exist",
+        str(tmp_path / "empty.txt"): "is empty",
+        str(tmp_path / "image.png"): "binary",
+        str(tmp_path / "latin1.txt"): "not valid UTF-8: first bad byte at offset 3",
+        str(tmp_path / "short.txt"): "shorter than one batch",
+    }
+    for path, message in cases.items():
+        result = invoke("train", path, "--out", tmp_path / "run", "--device", "cpu")
+        _one_line_error(result, 1)
+        assert message in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_sample_inputs(trained_run, tmp_path):
+    _one_line_error(invoke("sample", "-m", trained_run, "--prime", "Zebra§"), 1)
+    _one_line_error(invoke("sample", "-m", trained_run, "--temperature", -1), 2)
+    _one_line_error(invoke("sample", "-m", trained_run, "--top-p", 2), 2)
+    _one_line_error(invoke("sample", "-m", trained_run, "--length", -5), 2)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes((trained_run / "last.pt").read_bytes()[:5000])
+    _one_line_error(invoke("sample", "-m", cut), 1)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint\n")
+    _one_line_error(invoke("sample", "-m", notes), 1)
+    _one_line_error(invoke("eval", notes, "-m", notes), 1)
+    _one_line_error(invoke("sample", "-m", tmp_path / "nowhere.pt"), 1)
+
+
+def test_bad_config_values_are_usage_errors(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(VERSE * 10)
+    _one_line_error(invoke("train", corpus, "--batch-size", 0), 2)
+    _one_line_error(invoke("train", corpus, "--time", "ten minutes"), 2)
+    config = tmp_path / "x.toml"
+    config.write_text("[model]\nhiden_size = 3\n")
+    result = invoke("train", corpus, "--config", config)
+    _one_line_error(result, 2)
+    assert "hidden_size" in result.stderr  # lists the valid keys
+
+
+def test_usage_errors_from_the_parser_are_one_line_exit_2():
+    result = run_cli("sample", "--length", "many")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+
+
+def test_python_m_charrnn_and_broken_pipe(trained_run):
+    proc = subprocess.run(f"'{sys.executable}' -m charrnn sample -m '{trained_run}' --length 100000 --seed 1 | head -c 100",
+                          shell=True, capture_output=True, timeout=120, cwd=ROOT)
+    assert len(proc.stdout) == 100  # bytes
+    assert proc.stderr == b""
+
+
+def test_version():
+    assert run_cli("--version").stdout.startswith("charrnn ")

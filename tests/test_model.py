@@ -1,0 +1,161 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from charrnn.config import ModelConfig
+from charrnn.data import Vocab
+from charrnn.evaluate import evaluate
+from charrnn.model import CharRNN
+from charrnn.sample import SampleSettings, generate, next_ids
+
+from conftest import VERSE
+
+
+def make_model(cell="lstm", vocab_size=20, seed=0):
+    torch.manual_seed(seed)
+    return CharRNN(ModelConfig(cell=cell, hidden_size=24, num_layers=2, embedding_size=8, dropout=0.0), vocab_size).eval()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_chunked_forward_with_carried_state_equals_whole(cell):
+    model = make_model(cell)
+    x = torch.randint(0, 20, (3, 40))
+    whole, whole_state = model(x)
+    state, pieces = None, []
+    for start in range(0, 40, 7):
+        logits, state = model(x[:, start : start + 7], state)
+        pieces.append(logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=0, atol=1e-5)
+    for a, b in zip(state, whole_state):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_forget_gate_bias_starts_at_one():
+    model = make_model("lstm")
+    hidden = 24
+    for layer in range(2):
+        total = getattr(model.rnn, f"bias_ih_l{layer}") + getattr(model.rnn, f"bias_hh_l{layer}")
+        assert torch.all(total[hidden : 2 * hidden] == 1.0)
+        assert not torch.all(total[:hidden] == 1.0)
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(5, 30)
+    assert torch.equal(next_ids(logits, SampleSettings(temperature=0), None), logits.argmax(-1))
+
+
+def test_top_k_and_top_p_restrict_the_choice():
+    logits = torch.tensor([[5.0, 4.0, 0.0, -1.0, -2.0]]).repeat(200, 1)
+    gen = torch.Generator().manual_seed(0)
+    top2 = next_ids(logits, SampleSettings(temperature=1.0, top_k=2), gen)
+    assert set(top2.tolist()) == {0, 1}
+    # p(0) ~ 0.72, p(1) ~ 0.27: top_p 0.5 keeps only the first.
+    assert set(next_ids(logits, SampleSettings(temperature=1.0, top_p=0.5), gen).tolist()) == {0}
+    assert set(next_ids(logits, SampleSettings(temperature=1.0, top_p=0.9), gen).tolist()) == {0, 1}
+
+
+def _sample(model, vocab, seed, **kw):
+    gen = torch.Generator().manual_seed(seed)
+    settings = SampleSettings(**{"length": 60, "temperature": 1.0, **kw})
+    prime, _ = vocab.encode("The ")
+    return ["".join(c) for c in zip(*generate(model, vocab, prime, settings, num_samples=2, generator=gen))]
+
+
+def test_seeded_sampling_is_reproducible():
+    vocab = Vocab.from_text(VERSE)
+    model = make_model(vocab_size=len(vocab))
+    assert _sample(model, vocab, 7) == _sample(model, vocab, 7)
+    assert _sample(model, vocab, 7) != _sample(model, vocab, 8)
+
+
+def test_sampling_follows_model_distribution_step_by_step():
+    """The generated ids equal a hand-run loop over model.forward with the same generator."""
+    vocab = Vocab.from_text(VERSE)
+    model = make_model(vocab_size=len(vocab))
+    text = _sample(model, vocab, 3, length=30)[0]
+    gen = torch.Generator().manual_seed(3)
+    prime, _ = vocab.encode("The ")
+    logits, state = model(prime.long()[None].expand(2, -1))
+    out = []
+    for _ in range(30):
+        probs = torch.softmax(logits[:, -1].float(), dim=-1)
+        ids = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        out.append(vocab.chars[ids[0]])
+        logits, state = model(ids[:, None], state)
+    assert text == "".join(out)
+
+
+def test_stop_string_ends_a_sample():
+    vocab = Vocab.from_text(VERSE)
+    model = make_model(vocab_size=len(vocab))
+    full = _sample(model, vocab, 1, length=200, temperature=0.0)[0]
+    stop = full[10:12]
+    first = full.index(stop)
+    stopped = _sample(model, vocab, 1, length=200, temperature=0.0, stop=stop)[0]
+    assert stopped == full[: first + len(stop)]
+
+
+def test_evaluate_equals_one_pass_cross_entropy():
+    model = make_model(vocab_size=20)
+    ids = torch.randint(0, 20, (300,))
+    logits, _ = model(ids[None, :-1])
+    expected = F.cross_entropy(logits[0], ids[1:]).item()
+    result = evaluate(model, ids, torch.device("cpu"))
+    assert result.chars == 299
+    assert math.isclose(result.loss, expected, rel_tol=1e-5)
+    assert math.isclose(result.bpc, expected / math.log(2), rel_tol=1e-5)
+    assert math.isclose(result.perplexity, math.exp(expected), rel_tol=1e-5)
+
+
+def test_evaluate_streams_and_tail_score_every_character_once():
+    """Several streams plus a tail: equals a manual computation with the same layout."""
+    model = make_model(vocab_size=20)
+    ids = torch.randint(0, 20, (2 * 1024 + 38,))  # 2085 predictions: 2 streams of 1042 + a tail of 1
+    count = len(ids) - 1
+    stream_len = count // 2
+    total = 0.0
+    for s in range(2):
+        x = ids[s * stream_len : (s + 1) * stream_len]
+        y = ids[s * stream_len + 1 : (s + 1) * stream_len + 1]
+        logits, state = model(x[None])
+        total += F.cross_entropy(logits[0], y, reduction="sum").item()
+    logits, _ = model(ids[2 * stream_len : count][None], state)  # tail continues stream 1
+    total += F.cross_entropy(logits[0], ids[2 * stream_len + 1 :], reduction="sum").item()
+    result = evaluate(model, ids, torch.device("cpu"))
+    assert result.chars == count
+    assert math.isclose(result.loss, total / count, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.2, top_p=0.9), dict(temperature=0.0),
+])
+@pytest.mark.parametrize("layers", [1, 3])
+def test_fast_decoder_samples_the_same_text_as_the_reference_path(settings, layers):
+    vocab = Vocab.from_text(VERSE)
+    torch.manual_seed(5)
+    model = CharRNN(ModelConfig(hidden_size=32, num_layers=layers, embedding_size=8, dropout=0.0), len(vocab)).eval()
+    prime, _ = vocab.encode("Voilà ")
+
+    def run(fast):
+        gen = torch.Generator().manual_seed(11)
+        steps = generate(model, vocab, prime, SampleSettings(length=300, **settings), num_samples=3,
+                         generator=gen, fast=fast)
+        return ["".join(c) for c in zip(*steps)]
+
+    assert run(fast=True) == run(fast=False)
+
+
+def test_fast_decoder_logits_match_forward():
+    from charrnn.decode import LSTMDecoder
+
+    model = make_model(vocab_size=20)
+    ids = torch.randint(0, 20, (4, 12))
+    expected, _ = model(ids)
+    _, state = model(ids[:, :1])
+    decoder = LSTMDecoder(model, 4)
+    decoder.load_state(state)
+    for t in range(1, 12):
+        logits = decoder.step(ids[:, t])
+        torch.testing.assert_close(logits, expected[:, t], rtol=1e-5, atol=1e-5)

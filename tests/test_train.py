@@ -1,0 +1,126 @@
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from charrnn import checkpoint
+from charrnn.config import TrainConfig
+from charrnn.data import Vocab, split
+from charrnn.evaluate import evaluate
+from charrnn.train import Trainer, lr_at
+
+from conftest import ROOT, SHAKESPEARE, VERSE, corpus_of, tiny_configs
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_model_overfits_a_short_text(tmp_path):
+    text = "the cat sat on the mat. " * 60
+    model_config, train_config = tiny_configs(train={"steps": 150, "eval_every": 50, "val_frac": 0.2})
+    summary = Trainer(corpus_of(text), model_config, train_config, tmp_path / "run").run()
+    first = _metrics(tmp_path / "run")[0]
+    assert summary["best_val_loss"] < 0.3 < first["val_loss"]
+
+
+def test_learning_rate_warms_up_then_decays():
+    config = TrainConfig(learning_rate=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(config, 0, 0.0) == pytest.approx(0.1)
+    assert lr_at(config, 9, 0.0) == pytest.approx(1.0)
+    assert lr_at(config, 100, 0.5) == pytest.approx(0.55)
+    assert lr_at(config, 100, 1.0) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("stateless", [False, True])
+def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path, stateless):
+    """N steps straight == N/2 steps, interrupted, then --resume for the rest (CPU, fixed seed)."""
+    corpus = corpus_of(VERSE * 20)
+    model_config, train_config = tiny_configs(model={"dropout": 0.1},
+                                              train={"steps": 24, "eval_every": 4, "stateless": stateless})
+    straight = Trainer(corpus, model_config, train_config, tmp_path / "a")
+    straight.run()
+
+    def stop_at_half(kind, info):
+        if kind == "step" and info["step"] >= 10:
+            first.request_stop()
+
+    first = Trainer(corpus, model_config, train_config, tmp_path / "b", on_event=stop_at_half)
+    with pytest.raises(Exception, match="interrupted at step 10"):
+        first.run()
+    payload = checkpoint.load(tmp_path / "b" / "last.pt")
+    assert payload["progress"]["step"] == 10
+    Trainer(corpus, model_config, train_config, tmp_path / "b", resume=payload).run()
+
+    losses = lambda run: [(m["step"], m["train_loss"], m["val_loss"]) for m in _metrics(run)]
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    a = checkpoint.load(tmp_path / "a" / "last.pt")["model"]
+    b = checkpoint.load(tmp_path / "b" / "last.pt")["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_eval_of_validation_split_matches_reported_loss(trained_run):
+    payload = checkpoint.load(trained_run / "last.pt")
+    model, vocab = checkpoint.restore_model(payload)
+    ids, _ = vocab.encode(VERSE * 20)
+    _, val = split(ids, payload["train_config"]["val_frac"])
+    reported = _metrics(trained_run)[-1]["val_loss"]
+    assert evaluate(model, val, torch.device("cpu")).loss == pytest.approx(reported, abs=1e-9)
+
+
+def test_metrics_records_every_evaluation(trained_run):
+    records = _metrics(trained_run)
+    assert [r["step"] for r in records] == [10, 20, 30]
+    for key in ("step", "epoch", "train_loss", "val_loss", "lr", "chars_per_s", "elapsed_s", "grad_norm"):
+        assert all(key in r for r in records)
+    assert records[-1]["val_loss"] < records[0]["val_loss"]
+
+
+def test_best_checkpoint_has_the_lowest_validation_loss(trained_run):
+    best = checkpoint.load(trained_run / "best.pt")["progress"]
+    assert best["val_loss"] == min(r["val_loss"] for r in _metrics(trained_run))
+
+
+def test_bf16_autocast_training_step_is_finite(tmp_path):
+    model_config, train_config = tiny_configs(train={"dtype": "bf16", "steps": 5, "eval_every": 5})
+    summary = Trainer(corpus_of(VERSE * 10), model_config, train_config, tmp_path / "run").run()
+    assert math.isfinite(summary["val_loss"])
+
+
+def test_ctrl_c_saves_and_exits_130(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(VERSE * 40)
+    proc = subprocess.Popen([sys.executable, "-m", "charrnn", "train", str(corpus), "--out", str(tmp_path / "run"),
+                             "--hidden-size", "32", "--batch-size", "4", "--seq-len", "16", "--steps", "1000000",
+                             "--device", "cpu", "--quiet"],
+                            cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "run" / "config.toml").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and f"charrnn train --resume {tmp_path / 'run'}" in err
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["progress"]["step"] > 0
+    assert out == ""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="needs ../shared/data/tinyshakespeare.txt")
+def test_shakespeare_defaults_learn_words(tmp_path):
+    """A quality floor on real text: 300 steps (~2.5 epochs) of the defaults get below 1.8 nats/char."""
+    from charrnn.config import ModelConfig
+    from charrnn.data import read_corpus
+
+    torch.set_num_threads(2)
+    summary = Trainer(read_corpus([str(SHAKESPEARE)]), ModelConfig(), TrainConfig(steps=300, eval_every=300, sample_length=0),
+                      tmp_path / "run").run()
+    assert summary["best_val_loss"] < 1.8
