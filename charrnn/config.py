@@ -30,8 +30,9 @@ class ModelConfig:
     hidden_size: int = 512
     # Stacked recurrent layers; 2 is char-rnn's default and the sweet spot for ~1 MB.
     num_layers: int = 2
-    # Dropout between layers and before the output head; 0.2 curbs overfitting on ~1 MB.
-    dropout: float = 0.2
+    # Dropout between layers and before the output head; 0.35 measured best against
+    # overfitting of 2x512 on ~1 MB in 10 minutes (0.2 left a wider train/val gap).
+    dropout: float = 0.35
 
     def validate(self) -> None:
         _check(self.cell in CELLS, "cell", f"must be one of {', '.join(CELLS)}, not {self.cell!r}")
@@ -47,8 +48,9 @@ class TrainConfig:
     batch_size: int = 64
     # Characters per sequence: how far back-propagation through time is truncated.
     seq_len: int = 128
-    # Peak AdamW learning rate, reached after warmup; 2e-3 is stable with clipping.
-    learning_rate: float = 2e-3
+    # Peak AdamW learning rate, reached after warmup; 3e-3 learned faster than 2e-3 on
+    # tinyshakespeare and is stable with clipping.
+    learning_rate: float = 3e-3
     # The learning rate decays (cosine) to learning_rate * min_lr_ratio at the end.
     min_lr_ratio: float = 0.05
     # Linear warmup steps: keeps the first updates of a fresh model from overshooting.

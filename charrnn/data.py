@@ -266,9 +266,9 @@ class RandomWindows:
         # An "epoch" is as many windows as cover the split once, so epochs mean the same in both modes.
         self.steps_per_epoch = max(1, (len(ids) - 1) // (batch_size * seq_len))
         self.chars_per_epoch = batch_size * self.steps_per_epoch * seq_len
-        self._offsets = torch.arange(seq_len + 1)
+        self._offsets = torch.arange(seq_len + 1, device=ids.device)
 
     def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(0, len(self.ids) - self.seq_len, (self.batch_size, 1), generator=generator)
-        window = self.ids[starts + self._offsets].long()  # (B, T + 1)
+        window = self.ids[starts.to(self.ids.device) + self._offsets].long()  # (B, T + 1)
         return window[:, :-1], window[:, 1:]

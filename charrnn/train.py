@@ -103,7 +103,9 @@ class Trainer:
                 )
         else:
             self.vocab = Vocab.from_data(corpus.data)
-        ids = self.vocab.encode_data(corpus.data)
+        # The encoded corpus is small (1 byte a character): on a GPU it lives there whole,
+        # so a step copies nothing from the host.
+        ids = self.vocab.encode_data(corpus.data).to(self.device)
         self.train_ids, self.val_ids = split(ids, self.config.val_frac)
         if self.config.stateless:
             self.batches = RandomWindows(self.train_ids, self.config.batch_size, self.config.seq_len)
@@ -230,7 +232,7 @@ class Trainer:
                 lr = lr_at(config, progress.step, fraction_done(config, progress, steps_per_epoch))
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                loss, grad_norm = self._step()
+                loss, grad_norm = self.train_step()
                 progress.step += 1
                 progress.batch += 1
                 progress.chars_seen += config.batch_size * config.seq_len
@@ -260,7 +262,7 @@ class Trainer:
         return {"run_dir": str(self.run_dir), "steps": progress.step, "best_val_loss": progress.best_val_loss,
                 "val_loss": progress.val_loss, "elapsed_s": progress.elapsed_s}
 
-    def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on the next batch; returns the loss and pre-clip gradient norm."""
         config = self.config
         if config.stateless:
@@ -269,7 +271,6 @@ class Trainer:
         else:
             x, y = self.batches.batch(self.progress.batch)
             state = self.state
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         with autocast(self.device, self.dtype):
             logits, new_state = self.model(x, state)  # (B, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Every GPU check in one go, for a machine with an NVIDIA GPU (under 8 minutes on an H100):
+# the CUDA-marked tests, then the full benchmark on the GPU (training chars/s with
+# cuDNN + bf16, sampling with 1 and 1024 streams through the CUDA-graph decoder).
+#   bash scripts/gpu_check.sh [OUT_DIR]
+# Writes gpu_tests.log and gpu_bench.log (the bench's last line is JSON) to OUT_DIR.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-.}}
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu_info.txt"
+$py -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/gpu_tests.log"
+tests=${PIPESTATUS[0]}
+timeout 420 $py scripts/bench.py --device cuda --sample-streams 1,1024 --skip encode 2>&1 | tee "$out/gpu_bench.log"
+bench=${PIPESTATUS[0]}
+echo "gpu_check: tests exit $tests, bench exit $bench"
+exit $(( tests || bench ))

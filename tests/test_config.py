@@ -1,0 +1,67 @@
+import dataclasses
+
+import pytest
+
+from charrnn.config import ModelConfig, TrainConfig, build, load_toml, parse_duration, to_toml
+from charrnn.errors import UsageError
+
+from conftest import ROOT
+
+PRESETS = sorted((ROOT / "configs").glob("*.toml"))
+
+
+def test_presets_exist():
+    assert {p.stem for p in PRESETS} >= {"tiny", "shakespeare", "char-rnn", "large"}
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_every_preset_loads_and_has_a_header_comment(path):
+    model, train = load_toml(path)
+    build(ModelConfig, model)
+    build(TrainConfig, train)
+    assert path.read_text().startswith("# ")
+
+
+def test_layers_override_in_order():
+    config = build(TrainConfig, {"batch_size": 8, "seq_len": 20}, {"batch_size": 16, "seq_len": None})
+    assert (config.batch_size, config.seq_len) == (16, 20)
+
+
+def test_unknown_key_lists_valid_ones():
+    with pytest.raises(UsageError, match="valid keys: .*hidden_size"):
+        build(ModelConfig, {"hiden_size": 3})
+
+
+def test_wrong_type_and_range():
+    with pytest.raises(UsageError, match="hidden_size must be int"):
+        build(ModelConfig, {"hidden_size": "big"})
+    with pytest.raises(UsageError, match="--dropout"):
+        build(ModelConfig, {"dropout": 1.5})
+    assert build(TrainConfig, {"learning_rate": 1}).learning_rate == 1.0
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    model = ModelConfig(cell="gru", hidden_size=77)
+    train = TrainConfig(time="1h30m", stateless=True, learning_rate=3e-4)
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(model, train))
+    m, t = load_toml(path)
+    assert build(ModelConfig, m) == model and build(TrainConfig, t) == train
+
+
+@pytest.mark.parametrize("text, seconds", [("", 0), ("90", 90), ("90s", 90), ("10m", 600), ("1h30m", 5400),
+                                           ("1.5h", 5400)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["ten", "10x", "m10", "10m5"])
+def test_bad_durations(text):
+    with pytest.raises(UsageError, match="duration"):
+        parse_duration(text)
+
+
+def test_default_stop_is_ten_epochs_only_without_another_limit():
+    assert TrainConfig().with_default_stop().epochs == 10
+    assert TrainConfig(time="5m").with_default_stop().epochs == 0
+    assert dataclasses.replace(TrainConfig(), steps=5).with_default_stop().epochs == 0

@@ -1,0 +1,58 @@
+"""GPU checks (cuDNN LSTM, CUDA graphs, bf16 autocast); skipped where no CUDA GPU is present.
+
+Run on a GPU machine with: bash scripts/gpu_check.sh
+"""
+
+import pytest
+import torch
+
+from charrnn import checkpoint
+from charrnn.config import ModelConfig
+from charrnn.data import Vocab
+from charrnn.device import resolve_device, resolve_dtype
+from charrnn.evaluate import evaluate
+from charrnn.model import CharRNN
+from charrnn.sample import SampleSettings, generate
+from charrnn.train import Trainer
+
+from conftest import VERSE, corpus_of, tiny_configs
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA")]
+
+
+def test_auto_picks_cuda_and_bf16():
+    device, _ = resolve_device("auto")
+    assert device.type == "cuda"
+    dtype, _ = resolve_dtype("auto", device)
+    assert dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else None)
+
+
+def test_cuda_training_checkpoint_loads_on_cpu(tmp_path):
+    model_config, train_config = tiny_configs(train={"device": "cuda", "dtype": "auto"})
+    summary = Trainer(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "run").run()
+    assert summary["val_loss"] < 4.0
+    payload = checkpoint.load(tmp_path / "run" / "last.pt")
+    model, vocab = checkpoint.restore_model(payload)
+    assert next(model.parameters()).device.type == "cpu"
+    ids, _ = vocab.encode(VERSE)
+    cpu = evaluate(model, ids, torch.device("cpu")).loss
+    gpu = evaluate(model.cuda(), ids, torch.device("cuda")).loss
+    assert gpu == pytest.approx(cpu, abs=1e-3)
+
+
+@pytest.mark.parametrize("streams", [1, 16])
+def test_cuda_graph_decoder_equals_reference(streams):
+    vocab = Vocab.from_text(VERSE)
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(hidden_size=64, num_layers=2, dropout=0.0), len(vocab)).cuda().eval()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    prime, _ = vocab.encode("The ")
+
+    def run(fast):
+        gen = torch.Generator("cuda").manual_seed(3)
+        steps = generate(model, vocab, prime, SampleSettings(length=200, temperature=0.0), streams, gen, "cuda", fast=fast)
+        return ["".join(c) for c in zip(*steps)]
+
+    assert run(True) == run(False)
