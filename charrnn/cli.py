@@ -138,7 +138,7 @@ def train(
 ):
     """Train a model on a corpus (or continue one with --resume)."""
     with _errors_to_exit_codes():
-        from charrnn import checkpoint
+        from charrnn import checkpoint, distributed
         from charrnn.config import ModelConfig, TrainConfig, build, load_toml
         from charrnn.data import read_corpus
         from charrnn.train import Trainer, choose_run_dir, resume_configs
@@ -169,17 +169,23 @@ def train(
             model_config = build(ModelConfig, file_model, model_flags)
             train_config = build(TrainConfig, file_train, train_flags)
             corpus_data = read_corpus(corpus or [], encoding)
-            run_dir, where = choose_run_dir(out, corpus_data.name)
-        if not corpus:
+            run_dir = None
+        group = distributed.init_from_env(train_config.device)  # a group of one without torchrun
+        if run_dir is None:  # rank 0 picks the directory and tells the others
+            run_dir, where = distributed.broadcast_object(
+                choose_run_dir(out, corpus_data.name) if group.is_main else None)
+        if not corpus and group.is_main:
             _err(f"corpus: {corpus_data.sources[0]} ({len(corpus_data.data):,} bytes); pass files to train on your own text")
-        for skipped in corpus_data.skipped:
+        for skipped in corpus_data.skipped if group.is_main else []:
             _err(f"warning: skipped {skipped}: not a UTF-8 text file")
         view = _TrainView(quiet)
-        trainer = Trainer(corpus_data, model_config, train_config, run_dir, on_event=view, resume=payload)
         try:
-            summary = trainer.run()
+            summary = Trainer(corpus_data, model_config, train_config, run_dir, on_event=view, resume=payload).run()
         finally:
             view.close()
+            distributed.shutdown()
+        if not group.is_main:
+            return
         _err(f"done: {summary['steps']} steps in {summary['elapsed_s']:.0f}s, best val loss "
              f"{summary['best_val_loss']:.4f} nats/char; run directory {summary['run_dir']} ({where})")
         _err(f"sample it with: charrnn sample --checkpoint {summary['run_dir']}")

@@ -242,7 +242,6 @@ class StatefulBatches:
         self.y = ids[1 : used + 1].view(batch_size, stream_len)[rows]  # (B, S)
         self.seq_len = seq_len
         self.steps_per_epoch = stream_len // seq_len
-        self.chars_per_epoch = batch_size * self.steps_per_epoch * seq_len
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The index-th (x, y) of an epoch, each (B, T) int64."""
@@ -253,7 +252,7 @@ class StatefulBatches:
 class RandomWindows:
     """Stateless batches: B windows of T characters at random offsets, from a generator."""
 
-    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int):
+    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, per_rank: int | None = None):
         if len(ids) < seq_len + 1 or len(ids) < batch_size * seq_len + 1:
             raise DataError(
                 f"the training text ({len(ids):,} characters) is shorter than one batch "
@@ -261,11 +260,10 @@ class RandomWindows:
                 "use a longer corpus or lower --batch-size / --seq-len"
             )
         self.ids = ids
-        self.batch_size = batch_size
+        self.batch_size = batch_size if per_rank is None else per_rank  # windows drawn by this process
         self.seq_len = seq_len
         # An "epoch" is as many windows as cover the split once, so epochs mean the same in both modes.
         self.steps_per_epoch = max(1, (len(ids) - 1) // (batch_size * seq_len))
-        self.chars_per_epoch = batch_size * self.steps_per_epoch * seq_len
         self._offsets = torch.arange(seq_len + 1, device=ids.device)
 
     def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

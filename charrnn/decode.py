@@ -30,19 +30,20 @@ class LSTMDecoder:
         self.device = torch.device(device)
         hidden, layers = config.hidden_size, config.num_layers
         self.hidden, self.layers = hidden, layers
-        rnn = model.rnn
+        rnns = model.layers
         order = torch.cat([torch.arange(0, 2 * hidden), torch.arange(3 * hidden, 4 * hidden),
                            torch.arange(2 * hidden, 3 * hidden)])  # i, f, g, o -> i, f, o, g
         with torch.no_grad():
-            w_ih0 = rnn.weight_ih_l0[order].float()
-            bias0 = (rnn.bias_ih_l0 + rnn.bias_hh_l0)[order].float()
+            w_ih0 = rnns[0].weight_ih_l0[order].float()
+            bias0 = (rnns[0].bias_ih_l0 + rnns[0].bias_hh_l0)[order].float()
             self.table = (model.embedding.weight.float() @ w_ih0.T + bias0).to(self.device).contiguous()  # (V, 4H)
-            self.w_hh0 = rnn.weight_hh_l0[order].float().T.contiguous().to(self.device)  # (H, 4H)
+            self.w_hh0 = rnns[0].weight_hh_l0[order].float().T.contiguous().to(self.device)  # (H, 4H)
             self.w_cat, self.b_cat = [], []
             for layer in range(1, layers):
-                w = torch.cat([getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}")], dim=1)
+                rnn = rnns[layer]
+                w = torch.cat([rnn.weight_ih_l0, rnn.weight_hh_l0], dim=1)
                 self.w_cat.append(w[order].float().T.contiguous().to(self.device))  # (2H, 4H)
-                b = getattr(rnn, f"bias_ih_l{layer}") + getattr(rnn, f"bias_hh_l{layer}")
+                b = rnn.bias_ih_l0 + rnn.bias_hh_l0
                 self.b_cat.append(b[order].float().to(self.device))
             self.w_head = model.head.weight.float().T.contiguous().to(self.device)  # (H, V)
             self.b_head = model.head.bias.float().to(self.device)

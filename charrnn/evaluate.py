@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from charrnn import distributed
 from charrnn.device import autocast
 from charrnn.model import CharRNN, State
 
@@ -57,7 +58,11 @@ def _run(model: CharRNN, x: torch.Tensor, y: torch.Tensor, state: State | None, 
 
 @torch.no_grad()
 def evaluate(model: CharRNN, ids: torch.Tensor, device: torch.device, dtype=None, dropped: int = 0) -> EvalResult:
-    """Score ids (a 1-D tensor of character ids) under model; see the module docstring."""
+    """Score ids (a 1-D tensor of character ids) under model; see the module docstring.
+
+    Under torch.distributed each rank scores its share of the streams and the sums are
+    all-reduced, so every rank returns the one-process figure.
+    """
     count = len(ids) - 1
     if count < 1:
         return EvalResult(0, float("nan"), dropped)
@@ -69,10 +74,16 @@ def evaluate(model: CharRNN, ids: torch.Tensor, device: torch.device, dtype=None
     ids = ids.to(device)
     x = ids[:used].view(streams, stream_len).long()
     y = ids[1 : used + 1].view(streams, stream_len).long()
-    total, state = _run(model, x, y, None, dtype)
-    if used < count:  # the tail continues the last stream
-        last = tuple(s[:, -1:].contiguous() for s in state)
-        tail_total, _ = _run(model, ids[used:count].long()[None], ids[used + 1 :].long()[None], last, dtype)
-        total += tail_total
+    group = distributed.current()
+    per_rank = -(-streams // group.world_size)
+    mine = slice(group.rank * per_rank, min(streams, (group.rank + 1) * per_rank))
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    if mine.start < mine.stop:
+        total, state = _run(model, x[mine], y[mine], None, dtype)
+        if used < count and mine.stop == streams:  # the tail continues the last stream
+            last = tuple(s[:, -1:].contiguous() for s in state)
+            tail_total, _ = _run(model, ids[used:count].long()[None], ids[used + 1 :].long()[None], last, dtype)
+            total += tail_total
+    distributed.all_reduce(total)
     model.train(was_training)
     return EvalResult(count, total.item() / count, dropped)

@@ -9,6 +9,7 @@ tensors: (h, c) for an LSTM, (h,) for a GRU or vanilla RNN.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from charrnn.config import ModelConfig
@@ -24,14 +25,13 @@ class CharRNN(nn.Module):
         self.config = config
         self.vocab_size = vocab_size
         self.embedding = nn.Embedding(vocab_size, config.embedding_size)
-        self.rnn = _RECURRENT[config.cell](
-            config.embedding_size,
-            config.hidden_size,
-            config.num_layers,
-            batch_first=True,
-            dropout=config.dropout if config.num_layers > 1 else 0.0,
+        # One single-layer module per layer (each still one cuDNN / oneDNN call), so the
+        # dropout between layers is ours: nn.LSTM's own costs a quarter of a CPU step.
+        cls = _RECURRENT[config.cell]
+        self.layers = nn.ModuleList(
+            cls(config.embedding_size if layer == 0 else config.hidden_size, config.hidden_size, 1, batch_first=True)
+            for layer in range(config.num_layers)
         )
-        self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, vocab_size)
         self.reset_forget_bias()
 
@@ -45,9 +45,9 @@ class CharRNN(nn.Module):
             return
         hidden = self.config.hidden_size
         with torch.no_grad():
-            for layer in range(self.config.num_layers):
-                getattr(self.rnn, f"bias_ih_l{layer}")[hidden : 2 * hidden].fill_(value)
-                getattr(self.rnn, f"bias_hh_l{layer}")[hidden : 2 * hidden].zero_()
+            for rnn in self.layers:
+                rnn.bias_ih_l0[hidden : 2 * hidden].fill_(value)
+                rnn.bias_hh_l0[hidden : 2 * hidden].zero_()
 
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         """The all-zero state of a fresh sequence."""
@@ -59,12 +59,30 @@ class CharRNN(nn.Module):
         """x: (B, T) character ids -> logits (B, T, V) and the state after x."""
         if state is None:
             state = self.init_state(x.shape[0], x.device)
-        embedded = self.embedding(x)  # (B, T, E)
-        packed = state if self.config.cell == "lstm" else state[0]
-        output, new_state = self.rnn(embedded, packed)  # (B, T, H)
-        logits = self.head(self.dropout(output))  # (B, T, V)
-        new_state = tuple(new_state) if isinstance(new_state, tuple) else (new_state,)
+        p = self.config.dropout if self.training else 0.0
+        hidden = self.embedding(x)  # (B, T, E)
+        layer_states = []
+        for layer, rnn in enumerate(self.layers):
+            if layer:
+                hidden = dropout(hidden, p)
+            mine = tuple(s[layer : layer + 1] for s in state)  # (1, B, H) each
+            hidden, new = rnn(hidden, mine if self.config.cell == "lstm" else mine[0])  # (B, T, H)
+            layer_states.append(new if isinstance(new, tuple) else (new,))
+        logits = self.head(dropout(hidden, p))  # (B, T, V)
+        new_state = tuple(torch.cat(parts) for parts in zip(*layer_states))  # (L, B, H) each
         return logits, new_state
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout. On CPUs the mask comes from torch.rand, about 3.5x faster than the
+    bernoulli_ sampling inside F.dropout, which took a quarter of a training step."""
+    if p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)  # fused kernels on GPUs
+    keep = 1.0 - p
+    scale = (torch.rand(x.shape) < keep).to(x.dtype) * (1.0 / keep)
+    return x * scale
 
 
 def detach(state: State) -> State:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from charrnn import checkpoint
+from charrnn import checkpoint, distributed
 from charrnn.config import ModelConfig, TrainConfig, build, to_toml
 from charrnn.data import Corpus, RandomWindows, StatefulBatches, Vocab, split
 from charrnn.device import autocast, dtype_name, resolve_device, resolve_dtype
@@ -92,8 +92,12 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.corpus = corpus
         self._stop = threading.Event()
+        self.group = distributed.current()
+        if not self.group.is_main:  # rank 0 alone reports, writes metrics and checkpoints
+            self.on_event = lambda kind, info: None
 
         self.device, device_reason = resolve_device(self.config.device)
+        self.device = distributed.rank_device(self.device)
         self.dtype, dtype_reason = resolve_dtype(self.config.dtype, self.device)
         if resume is not None:
             self.vocab = Vocab(resume["vocab"])
@@ -107,16 +111,26 @@ class Trainer:
         # so a step copies nothing from the host.
         ids = self.vocab.encode_data(corpus.data).to(self.device)
         self.train_ids, self.val_ids = split(ids, self.config.val_frac)
+        self.rows = self.group.rows(self.config.batch_size)  # this rank's streams
         if self.config.stateless:
-            self.batches = RandomWindows(self.train_ids, self.config.batch_size, self.config.seq_len)
+            self.batches = RandomWindows(self.train_ids, self.config.batch_size, self.config.seq_len,
+                                         per_rank=self.rows.stop - self.rows.start)
         else:
-            self.batches = StatefulBatches(self.train_ids, self.config.batch_size, self.config.seq_len)
+            self.batches = StatefulBatches(self.train_ids, self.config.batch_size, self.config.seq_len, self.rows)
         if len(self.val_ids) < 2:
             raise DataError(f"the validation split has {len(self.val_ids)} character(s); use a longer corpus or a larger --val-frac")
 
         torch.manual_seed(self.config.seed)
-        self.windows_rng = torch.Generator().manual_seed(self.config.seed + 1)
+        self.windows_rng = torch.Generator().manual_seed(self.config.seed + 1 + 1000 * self.group.rank)
         self.model = CharRNN(model_config, len(self.vocab)).to(self.device)
+        self.forward = self.model
+        if self.group.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # DDP averages the gradients across ranks during backward; clipping then sees the
+            # all-reduced gradient, as in one process.
+            ids_arg = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(self.model, device_ids=ids_arg)
         self.optimizer = self._make_optimizer()
         self.progress = Progress()
         self.state = None  # carried recurrent state (stateful mode)
@@ -148,14 +162,16 @@ class Trainer:
         saved = payload["progress"]
         self.progress = Progress(**{k: saved[k] for k in Progress.__dataclass_fields__})
         carried = payload.get("carried_state") or []
-        self.state = tuple(s.to(self.device) for s in carried) or None
-        if self.state is not None and self.state[0].shape[1] != self.config.batch_size:
+        if carried and carried[0].shape[1] != self.config.batch_size:
             raise UsageError("--batch-size cannot change when resuming a stateful run")
+        # The checkpoint holds the state of all B streams; this rank takes its rows.
+        self.state = tuple(s[:, self.rows].to(self.device) for s in carried) or None
         rng = payload["rng"]
-        torch.set_rng_state(rng["torch"])
-        self.windows_rng.set_state(rng["windows"])
-        if self.device.type == "cuda" and rng.get("cuda"):
-            torch.cuda.set_rng_state_all(list(rng["cuda"]))
+        if self.group.is_main:  # other ranks keep their own dropout and window streams
+            torch.set_rng_state(rng["torch"])
+            self.windows_rng.set_state(rng["windows"])
+            if self.device.type == "cuda" and rng.get("cuda"):
+                torch.cuda.set_rng_state(rng["cuda"][0], self.device)
 
     # -- saving -------------------------------------------------------------------------
 
@@ -166,7 +182,8 @@ class Trainer:
             self.progress.window_steps = self._loss_steps
         rng = {"torch": torch.get_rng_state(), "windows": self.windows_rng.get_state()}
         if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+            rng["cuda"] = [torch.cuda.get_rng_state(self.device)]
+        carried = [distributed.gather_rows(s.detach()).cpu() for s in self.state] if self.state is not None else []
         return {
             "model_config": asdict(self.model_config),
             "vocab": self.vocab.chars,
@@ -174,19 +191,23 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "train_config": asdict(self.config),
             "progress": asdict(self.progress),
-            "carried_state": [s.detach().cpu() for s in self.state] if self.state is not None else [],
+            "carried_state": carried,
             "rng": rng,
             "corpus": {"name": self.corpus.name, "sources": [str(s) for s in self.corpus.sources],
                        "sha256": self.corpus.sha256, "chars": len(self.train_ids) + len(self.val_ids)},
         }
 
     def save(self, best: bool = False) -> None:
-        payload = self.payload()
+        payload = self.payload()  # collective under DDP: every rank gathers the state
+        if not self.group.is_main:
+            return
         checkpoint.save(self.run_dir / "last.pt", payload)
         if best:
             checkpoint.save(self.run_dir / "best.pt", payload)
 
     def _prepare_run_dir(self, resuming: bool) -> None:
+        if not self.group.is_main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.run_dir.glob(".*.tmp"):  # left by a process killed mid-write
             stale.unlink(missing_ok=True)
@@ -217,9 +238,10 @@ class Trainer:
         log_loss, log_steps = torch.zeros((), device=self.device), 0
         last_eval_step = progress.step
         clock, start_elapsed = time.perf_counter(), progress.elapsed_s
+        stop_now = False
         with _sigint_requests_stop(self):
             while fraction_done(config, progress, steps_per_epoch) < 1.0:
-                if self._stop.is_set():
+                if stop_now:
                     self.save()
                     raise TrainingInterrupted(
                         f"interrupted at step {progress.step}; last.pt saved. "
@@ -244,6 +266,7 @@ class Trainer:
                 now = time.perf_counter()
                 self._train_time += now - step_start
                 progress.elapsed_s = start_elapsed + now - clock
+                stop_now = self._agree_on_stop()
                 if progress.step % LOG_EVERY == 0:
                     self.on_event("step", {
                         "step": progress.step, "loss": (log_loss / log_steps).item(), "lr": lr,
@@ -272,7 +295,7 @@ class Trainer:
             x, y = self.batches.batch(self.progress.batch)
             state = self.state
         with autocast(self.device, self.dtype):
-            logits, new_state = self.model(x, state)  # (B, T, V)
+            logits, new_state = self.forward(x, state)  # (B, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -282,6 +305,17 @@ class Trainer:
         if not config.stateless:
             self.state = detach(new_state)
         return loss.detach(), grad_norm.detach()
+
+    def _agree_on_stop(self) -> bool:
+        """Whether to stop (Ctrl-C); under DDP every rank takes the same decision and the
+        same elapsed time (the largest), so they stop and validate at the same step."""
+        if self.group.world_size == 1:
+            return self._stop.is_set()
+        flags = torch.tensor([float(self._stop.is_set()), self.progress.elapsed_s], dtype=torch.float64,
+                             device=self.device)
+        distributed.all_reduce(flags, "max")
+        self.progress.elapsed_s = flags[1].item()
+        return bool(flags[0].item())
 
     def _validate(self, lr: float, grad_norm: float) -> None:
         progress = self.progress
@@ -294,6 +328,8 @@ class Trainer:
         if improved:
             progress.best_val_loss = result.loss
         steps = self._loss_steps
+        distributed.all_reduce(self._loss_sum)
+        self._loss_sum /= self.group.world_size
         record = {
             "step": progress.step, "epoch": round(progress.epoch + progress.batch / self.batches.steps_per_epoch, 4),
             "train_loss": self._loss_sum.item() / steps if steps else math.nan,
@@ -305,9 +341,11 @@ class Trainer:
         self._loss_sum.zero_()
         self._loss_steps = self._chars = 0
         self._train_time = 0.0
+        self.save(best=improved)
+        if not self.group.is_main:
+            return
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-        self.save(best=improved)
         self.on_event("eval", record)
         if self.config.sample_length:
             self.on_event("sample", {"step": progress.step, "text": self._sample_text()})

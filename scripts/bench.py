@@ -171,6 +171,7 @@ def bench_sampling(vocab_size, hidden, layers, device, seconds, streams_list):
     torch.manual_seed(0)
     vocab = Vocab("".join(chr(32 + i) for i in range(vocab_size)))
     model = CharRNN(ModelConfig(hidden_size=hidden, num_layers=layers, dropout=0.0), vocab_size).to(device).eval()
+    base_model = BaselineLM(vocab_size, hidden, layers).to(device).eval()
     gen = torch.Generator(device).manual_seed(0)
 
     @torch.no_grad()
@@ -178,8 +179,8 @@ def bench_sampling(vocab_size, hidden, layers, device, seconds, streams_list):
         x = torch.zeros(1, 1, dtype=torch.long, device=device)
         state = None
         for _ in range(n):
-            out, state = model.rnn(model.embedding(x), state)
-            probs = torch.softmax(model.head(out[:, -1]), dim=-1)
+            logits, state = base_model(x, state)
+            probs = torch.softmax(logits[:, -1], dim=-1)
             x = torch.multinomial(probs, 1, generator=gen)
             x.item()  # a streaming sampler needs each character on the host
 

@@ -36,7 +36,7 @@ def test_forget_gate_bias_starts_at_one():
     model = make_model("lstm")
     hidden = 24
     for layer in range(2):
-        total = getattr(model.rnn, f"bias_ih_l{layer}") + getattr(model.rnn, f"bias_hh_l{layer}")
+        total = model.layers[layer].bias_ih_l0 + model.layers[layer].bias_hh_l0
         assert torch.all(total[hidden : 2 * hidden] == 1.0)
         assert not torch.all(total[:hidden] == 1.0)
 
@@ -159,3 +159,26 @@ def test_fast_decoder_logits_match_forward():
     for t in range(1, 12):
         logits = decoder.step(ids[:, t])
         torch.testing.assert_close(logits, expected[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_keeps_the_expected_fraction_and_scales():
+    from charrnn.model import dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200, 500, requires_grad=True)
+    y = dropout(x, 0.3)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.01
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient passes through the same mask
+    assert dropout(x, 0.0) is x
+
+
+def test_dropout_is_off_in_eval_mode():
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(hidden_size=16, num_layers=2, embedding_size=8, dropout=0.5), 10).eval()
+    x = torch.randint(0, 10, (2, 7))
+    assert torch.equal(model(x)[0], model(x)[0])
+    model.train()
+    assert not torch.equal(model(x)[0], model(x)[0])

@@ -1,0 +1,106 @@
+"""Data-parallel training (DDP) on CPU with gloo: 2 ranks launched by torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from charrnn import checkpoint
+from charrnn.data import Vocab, split
+from charrnn.evaluate import evaluate
+
+from conftest import ROOT, VERSE
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+COMMON = ["--hidden-size", "32", "--num-layers", "2", "--embedding-size", "16", "--dropout", "0",
+          "--batch-size", "4", "--seq-len", "16", "--learning-rate", "0.01", "--min-lr-ratio", "1",
+          "--warmup-steps", "0", "--eval-every", "5", "--sample-length", "0", "--dtype", "fp32",
+          "--device", "cpu", "--quiet"]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def train(ranks, *args):
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "charrnn", "train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               "-m", "charrnn", "train", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ddp") / "verse.txt"
+    path.write_text(VERSE * 200)  # ~26k characters: 2 validation streams, one per rank
+    return path
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_parameters(a, b, atol=1e-5):
+    pa, pb = checkpoint.load(a)["model"], checkpoint.load(b)["model"]
+    for key in pa:
+        torch.testing.assert_close(pa[key], pb[key], rtol=0, atol=atol, msg=key)
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    train(1, corpus, "--out", root / "one", "--steps", "20", *COMMON)
+    train(2, corpus, "--out", root / "two", "--steps", "20", *COMMON)
+    train(2, corpus, "--out", root / "half", "--steps", "10", *COMMON)
+    train(1, "--resume", root / "half", "--steps", "20", "--device", "cpu", "--quiet")
+    return root
+
+
+def test_two_ranks_give_the_same_parameters_as_one(runs):
+    _assert_same_parameters(runs / "one" / "last.pt", runs / "two" / "last.pt")
+    one, two = _metrics(runs / "one"), _metrics(runs / "two")
+    assert [m["step"] for m in one] == [m["step"] for m in two] == [5, 10, 15, 20]
+    for a, b in zip(one, two):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-5)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-5)
+
+
+def test_two_rank_checkpoint_resumes_in_one_process(runs):
+    straight, resumed = _metrics(runs / "two"), _metrics(runs / "half")
+    assert [m["step"] for m in resumed] == [5, 10, 15, 20]
+    for a, b in zip(straight, resumed):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-5)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-5)
+    _assert_same_parameters(runs / "two" / "last.pt", runs / "half" / "last.pt")
+    # The carried state of all 4 streams was gathered from both ranks into the checkpoint.
+    assert checkpoint.load(runs / "half" / "last.pt")["carried_state"][0].shape == (2, 4, 32)
+
+
+def test_sharded_validation_equals_one_process(runs, corpus):
+    """The 2-rank run's reported val loss (sharded + all-reduced) == one process evaluating the checkpoint."""
+    payload = checkpoint.load(runs / "two" / "last.pt")
+    model, vocab = checkpoint.restore_model(payload)
+    ids, _ = vocab.encode(corpus.read_text())
+    _, val = split(ids, payload["train_config"]["val_frac"])
+    assert len(val) > 2 * 1024  # at least 2 streams, so each rank scored part of it
+    one_process = evaluate(model, val, torch.device("cpu")).loss
+    assert _metrics(runs / "two")[-1]["val_loss"] == pytest.approx(one_process, abs=1e-6)
+
+
+def test_batch_size_must_divide_among_ranks(corpus, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "charrnn", "train", str(corpus), "--out", str(tmp_path / "x"), "--steps", "2",
+           *[a for a in COMMON if a not in ("--batch-size", "4")], "--batch-size", "3"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    assert result.returncode != 0
+    assert "must be a multiple of the number of ranks" in result.stderr
+    assert not (tmp_path / "x" / "last.pt").exists()
