@@ -172,10 +172,10 @@ def train(
             run_dir = None
         group = distributed.init_from_env(train_config.device)  # a group of one without torchrun
         if run_dir is None:  # rank 0 picks the directory and tells the others
-            run_dir, where = distributed.broadcast_object(
-                choose_run_dir(out, corpus_data.name) if group.is_main else None)
+            run_dir, where = choose_run_dir(out, corpus_data.name) if group.is_main else (None, "")
+            run_dir = Path(distributed.broadcast_text(str(run_dir) if run_dir else None))
         if not corpus and group.is_main:
-            _err(f"corpus: {corpus_data.sources[0]} ({len(corpus_data.data):,} bytes); pass files to train on your own text")
+            _err(f"corpus: {corpus_data.sources[0]} ({corpus_data.size:,} bytes); pass files to train on your own text")
         for skipped in corpus_data.skipped if group.is_main else []:
             _err(f"warning: skipped {skipped}: not a UTF-8 text file")
         view = _TrainView(quiet)

@@ -12,7 +12,7 @@ import hashlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import torch
 
@@ -25,16 +25,46 @@ EMBEDDED_NAME = "pydoc-topics"
 
 @dataclass
 class Corpus:
-    """Training text as validated UTF-8 bytes, with where it came from."""
+    """Validated UTF-8 training text and where it came from.
+
+    `parts` are bytes in memory or paths of files already checked; files are streamed
+    in chunks when encoded, so a large corpus is never held as bytes and ids at once.
+    """
 
     name: str  # short name for the run directory
     sources: list[str]  # paths as given (or "-" / the embedded marker)
-    data: bytes  # UTF-8
+    parts: list[bytes | Path] | bytes  # UTF-8 bytes, or files of UTF-8 text
     skipped: list[str] = field(default_factory=list)  # files of a directory that were not text
+
+    def __post_init__(self):
+        if isinstance(self.parts, bytes):
+            self.parts = [self.parts]
+
+    def chunks(self, size: int | None = None) -> Iterator[bytes]:
+        size = size or CHUNK_BYTES
+        for part in self.parts:
+            if isinstance(part, bytes):
+                yield from (part[i : i + size] for i in range(0, len(part), size))
+            else:
+                with open(part, "rb") as handle:
+                    while block := handle.read(size):
+                        yield block
+
+    @property
+    def size(self) -> int:
+        """Bytes of UTF-8."""
+        return sum(len(p) if isinstance(p, bytes) else p.stat().st_size for p in self.parts)
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks())
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
+        digest = hashlib.sha256()
+        for chunk in self.chunks():
+            digest.update(chunk)
+        return digest.hexdigest()
 
 
 def embedded_corpus() -> Corpus:
@@ -61,69 +91,91 @@ def read_corpus(paths: list[str], encoding: str = "utf-8", stdin: BinaryIO | Non
             found = 0
             for file in files:
                 try:
-                    parts.append(to_utf8(_read(file), str(file), encoding))
+                    parts.append(_checked_file(file, str(file), encoding))
                     found += 1
                 except DataError:
                     skipped.append(str(file))
             if not found:
                 raise DataError(f"directory {given} holds no non-empty text files")
         else:
-            parts.append(to_utf8(_read(path), given, encoding))
+            parts.append(_checked_file(path, given, encoding))
     name = "stdin" if paths[0] == "-" else (Path(paths[0]).stem or Path(paths[0]).name or "corpus")
-    return Corpus(name, list(paths), b"".join(parts), skipped)
+    return Corpus(name, list(paths), parts, skipped)
 
 
 def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _read(path: Path) -> bytes:
+def _checked_file(path: Path, source: str, encoding: str) -> bytes | Path:
+    """A UTF-8 file checked by streaming it (kept as its path), or another encoding converted."""
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path} does not exist; check the path") from None
-    except IsADirectoryError:
-        raise DataError(f"{path} is a directory") from None
+        if not path.is_file():
+            raise DataError(f"{source} does not exist; check the path" if not path.exists() else f"{source} is not a file")
+        if _is_utf8(encoding):
+            with open(path, "rb") as handle:
+                _check_utf8(iter(lambda: handle.read(CHUNK_BYTES), b""), source)
+            return path
+        return to_utf8(path.read_bytes(), source, encoding)
     except OSError as err:
-        raise DataError(f"cannot read {path}: {err.strerror}") from None
+        raise DataError(f"cannot read {source}: {err.strerror}") from None
+
+
+def _is_utf8(encoding: str) -> bool:
+    try:
+        return codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        raise UsageError(f"--encoding {encoding!r} is not a known text encoding") from None
 
 
 def to_utf8(raw: bytes, source: str, encoding: str = "utf-8") -> bytes:
     """Check that raw bytes are non-empty text in `encoding`; return them as UTF-8."""
+    if _is_utf8(encoding):
+        _check_utf8((raw[i : i + CHUNK_BYTES] for i in range(0, len(raw), CHUNK_BYTES)), source)
+        return raw
     if not raw:
         raise DataError(f"{source} is empty; give a text file with some content")
-    if b"\x00" in raw[: 1 << 16] and encoding.lower().replace("-", "") in ("utf8", "ascii", "latin1"):
-        raise DataError(f"{source} looks like a binary file (it contains NUL bytes), not text")
     try:
-        codecs.lookup(encoding)
-    except LookupError:
-        raise UsageError(f"--encoding {encoding!r} is not a known text encoding") from None
-    if codecs.lookup(encoding).name != "utf-8":
-        try:
-            return raw.decode(encoding).encode("utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{source} is not valid {encoding}: bad byte at offset {err.start}") from None
+        return raw.decode(encoding).encode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{source} is not valid {encoding}: bad byte at offset {err.start}") from None
+
+
+def _check_utf8(chunks: Iterable[bytes], source: str) -> None:
+    """Non-empty, not binary (NUL bytes), valid UTF-8; errors name the first bad byte."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    for start in range(0, len(raw), CHUNK_BYTES):
+    offset = 0
+    for chunk in chunks:
+        if offset == 0 and b"\x00" in chunk[: 1 << 16]:
+            raise DataError(f"{source} looks like a binary file (it contains NUL bytes), not text")
         pending = len(decoder.getstate()[0])  # bytes of a character cut by the last chunk
         try:
-            decoder.decode(raw[start : start + CHUNK_BYTES], final=start + CHUNK_BYTES >= len(raw))
+            decoder.decode(chunk)
         except UnicodeDecodeError as err:
-            offset = start - pending + err.start
             raise DataError(
-                f"{source} is not valid UTF-8: first bad byte at offset {offset}"
+                f"{source} is not valid UTF-8: first bad byte at offset {offset - pending + err.start}"
                 " (pass --encoding if it is in another encoding)"
             ) from None
-    return raw
+        offset += len(chunk)
+    if offset == 0:
+        raise DataError(f"{source} is empty; give a text file with some content")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(f"{source} is not valid UTF-8: it ends inside a character") from None
 
 
-def iter_text(data: bytes, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
-    """Decode UTF-8 bytes a chunk at a time (a character never straddles two chunks)."""
+def iter_text(data: bytes | Corpus, chunk_bytes: int | None = None) -> Iterator[str]:
+    """Decode UTF-8 a chunk at a time (a character never straddles two chunks)."""
+    chunks = data.chunks(chunk_bytes) if isinstance(data, Corpus) else Corpus("", [], data).chunks(chunk_bytes)
     decoder = codecs.getincrementaldecoder("utf-8")()
-    for start in range(0, len(data), chunk_bytes):
-        piece = decoder.decode(data[start : start + chunk_bytes], final=start + chunk_bytes >= len(data))
+    for chunk in chunks:
+        piece = decoder.decode(chunk)
         if piece:
             yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
 
 
 def code_points(text: str) -> torch.Tensor:
@@ -150,7 +202,7 @@ class Vocab:
         self.dtype = torch.uint8 if len(chars) <= 256 else torch.int16 if len(chars) <= 32767 else torch.int32
 
     @classmethod
-    def from_data(cls, data: bytes) -> "Vocab":
+    def from_data(cls, data: bytes | Corpus) -> "Vocab":
         seen = torch.zeros(0, dtype=torch.int32)
         for piece in iter_text(data):
             seen = torch.unique(torch.cat([seen, torch.unique(code_points(piece))]))
@@ -189,9 +241,9 @@ class Vocab:
             ids = ids[~missing]
         return ids.to(self.dtype), dropped
 
-    def encode_data(self, data: bytes) -> torch.Tensor:
+    def encode_data(self, data: bytes | Corpus) -> torch.Tensor:
         """Ids of a whole UTF-8 corpus, chunk by chunk into one preallocated tensor."""
-        out = torch.empty(len(data), dtype=self.dtype)  # chars <= bytes
+        out = torch.empty(data.size if isinstance(data, Corpus) else len(data), dtype=self.dtype)  # chars <= bytes
         filled = 0
         for piece in iter_text(data):
             ids, _ = self.encode(piece)

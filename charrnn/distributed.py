@@ -92,10 +92,16 @@ def gather_rows(tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def broadcast_object(obj):
-    """Rank 0's value of obj, on every rank."""
+def broadcast_text(text: str | None) -> str:
+    """Rank 0's text, on every rank (without broadcast_object_list, which needs numpy)."""
     if current().world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return text
+    data = (text or "").encode("utf-8") if current().is_main else b""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    length = torch.tensor([len(data)], dtype=torch.long, device=device)
+    dist.broadcast(length, src=0)
+    buffer = torch.zeros(int(length), dtype=torch.uint8, device=device)
+    if current().is_main and data:
+        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buffer, src=0)
+    return bytes(buffer.cpu().tolist()).decode("utf-8")

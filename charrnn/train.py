@@ -106,10 +106,10 @@ class Trainer:
                     "this corpus differs from the one the run was trained on; give the same files to --resume"
                 )
         else:
-            self.vocab = Vocab.from_data(corpus.data)
+            self.vocab = Vocab.from_data(corpus)
         # The encoded corpus is small (1 byte a character): on a GPU it lives there whole,
         # so a step copies nothing from the host.
-        ids = self.vocab.encode_data(corpus.data).to(self.device)
+        ids = self.vocab.encode_data(corpus).to(self.device)
         self.train_ids, self.val_ids = split(ids, self.config.val_frac)
         self.rows = self.group.rows(self.config.batch_size)  # this rank's streams
         if self.config.stateless:
@@ -266,7 +266,6 @@ class Trainer:
                 now = time.perf_counter()
                 self._train_time += now - step_start
                 progress.elapsed_s = start_elapsed + now - clock
-                stop_now = self._agree_on_stop()
                 if progress.step % LOG_EVERY == 0:
                     self.on_event("step", {
                         "step": progress.step, "loss": (log_loss / log_steps).item(), "lr": lr,
@@ -276,6 +275,7 @@ class Trainer:
                     })
                     log_loss.zero_()
                     log_steps = 0
+                stop_now = self._agree_on_stop()
                 done = fraction_done(config, progress, steps_per_epoch) >= 1.0
                 if progress.step % config.eval_every == 0 or done:
                     self._validate(lr, float(grad_norm))

@@ -227,8 +227,8 @@ from charrnn.data import read_corpus, Vocab
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 corpus = read_corpus([sys.argv[1]])
-vocab = Vocab.from_data(corpus.data)
-ids = vocab.encode_data(corpus.data)
+vocab = Vocab.from_data(corpus)
+ids = vocab.encode_data(corpus)
 elapsed = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(len(ids), elapsed, base * 1024, peak * 1024, ids.dtype)
@@ -266,8 +266,8 @@ def main():
     skip = set(filter(None, args.skip.split(",")))
     seconds = 3.0 if args.quick else 12.0
     corpus = read_corpus([str(SHAKESPEARE)]) if SHAKESPEARE.exists() else embedded_corpus()
-    vocab = Vocab.from_data(corpus.data)
-    ids = vocab.encode_data(corpus.data)
+    vocab = Vocab.from_data(corpus)
+    ids = vocab.encode_data(corpus)
     train_ids, _ = split(ids, 0.1)
     info = {"date": date.today().isoformat(), "device": _device_name(device), "torch": torch.__version__,
             "charrnn": charrnn.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),

@@ -141,3 +141,26 @@ def test_random_windows_are_shifted_and_seeded():
     x, y = windows.batch(torch.Generator().manual_seed(0))
     x2, _ = windows.batch(torch.Generator().manual_seed(0))
     assert torch.equal(x, x2) and torch.equal(y, x + 1)
+
+
+def test_files_are_streamed_not_loaded(tmp_path, monkeypatch):
+    import charrnn.data as data
+
+    monkeypatch.setattr(data, "CHUNK_BYTES", 5)  # characters cut across chunk boundaries
+    text = "é春🙂 line\n" * 40
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "b.txt").write_text("tail ✓\n")
+    corpus = read_corpus([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")])
+    assert all(not isinstance(part, bytes) for part in corpus.parts)  # kept as paths
+    whole = text + "tail ✓\n"
+    assert corpus.size == len(whole.encode()) and corpus.data == whole.encode()
+    vocab = Vocab.from_data(corpus)
+    assert vocab.chars == Vocab.from_text(whole).chars
+    assert vocab.decode(vocab.encode_data(corpus)) == whole
+
+
+def test_utf8_ending_inside_a_character(tmp_path):
+    path = tmp_path / "cut.txt"
+    path.write_bytes("abc".encode() + "é".encode()[:1])
+    with pytest.raises(DataError, match="ends inside a character"):
+        read_corpus([str(path)])
