@@ -285,6 +285,7 @@ def sample(
     unknown: Unknown = typer.Option(Unknown.error, help="Characters of --prime the model does not know: error or skip."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per sample instead of raw text."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("auto", help="Matmul precision for many streams: auto (bf16 where fast), fp32 or bf16."),
 ):
     """Generate text from a trained model, streamed to stdout."""
     with _errors_to_exit_codes():
@@ -300,6 +301,9 @@ def sample(
         if prime == "-":
             prime = sys.stdin.read()
         _, model, vocab, device_ = _load_for_inference(checkpoint_path, device)
+        from charrnn.device import resolve_dtype
+
+        dtype_, _ = resolve_dtype(dtype, device_)
         prime_ids, dropped = vocab.encode(prime, unknown.value)
         if dropped:
             _err(f"warning: dropped {dropped} unknown character(s) from --prime")
@@ -313,7 +317,7 @@ def sample(
         if not json_out:
             stream.write(echo)
             stream.flush()
-        for chars in generate(model, vocab, prime_ids, settings, num_samples, generator, device_):
+        for chars in generate(model, vocab, prime_ids, settings, num_samples, generator, device_, dtype=dtype_):
             for n, char in enumerate(chars):
                 texts[n] += char
             if not json_out and chars[0]:

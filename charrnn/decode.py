@@ -10,8 +10,10 @@ character (batch 1, T = 1). This decoder packs the weights once and runs each st
     head:     logits = b + h_top @ W_head^T
 
 into buffers allocated once. On CUDA the step is captured as a CUDA graph and replayed.
-It computes what `CharRNN.forward` computes (a test checks the sampled text is the same
-for the same seed); GRU and vanilla-RNN models use the reference path.
+In fp32 it computes what `CharRNN.forward` computes (a test checks the sampled text is the
+same for the same seed); with dtype=bf16 (the autocast policy of `--dtype auto`) the
+matmuls run in bf16 with fp32 gates and cell state. GRU and vanilla-RNN models use the
+reference path.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from charrnn.model import CharRNN
 
 class LSTMDecoder:
     def __init__(self, model: CharRNN, num_streams: int, device: torch.device | str = "cpu",
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, dtype: torch.dtype | None = None):
         config = model.config
         if config.cell != "lstm":
             raise ValueError("LSTMDecoder packs nn.LSTM weights only")
         self.device = torch.device(device)
         hidden, layers = config.hidden_size, config.num_layers
         self.hidden, self.layers = hidden, layers
+        self.mm_dtype = matmul_dtype(dtype, num_streams, self.device)
         rnns = model.layers
         order = torch.cat([torch.arange(0, 2 * hidden), torch.arange(3 * hidden, 4 * hidden),
                            torch.arange(2 * hidden, 3 * hidden)])  # i, f, g, o -> i, f, o, g
@@ -37,15 +40,15 @@ class LSTMDecoder:
             w_ih0 = rnns[0].weight_ih_l0[order].float()
             bias0 = (rnns[0].bias_ih_l0 + rnns[0].bias_hh_l0)[order].float()
             self.table = (model.embedding.weight.float() @ w_ih0.T + bias0).to(self.device).contiguous()  # (V, 4H)
-            self.w_hh0 = rnns[0].weight_hh_l0[order].float().T.contiguous().to(self.device)  # (H, 4H)
+            self.w_hh0 = rnns[0].weight_hh_l0[order].T.contiguous().to(self.device, self.mm_dtype)  # (H, 4H)
             self.w_cat, self.b_cat = [], []
             for layer in range(1, layers):
                 rnn = rnns[layer]
                 w = torch.cat([rnn.weight_ih_l0, rnn.weight_hh_l0], dim=1)
-                self.w_cat.append(w[order].float().T.contiguous().to(self.device))  # (2H, 4H)
+                self.w_cat.append(w[order].T.contiguous().to(self.device, self.mm_dtype))  # (2H, 4H)
                 b = rnn.bias_ih_l0 + rnn.bias_hh_l0
                 self.b_cat.append(b[order].float().to(self.device))
-            self.w_head = model.head.weight.float().T.contiguous().to(self.device)  # (H, V)
+            self.w_head = model.head.weight.T.contiguous().to(self.device, self.mm_dtype)  # (H, V)
             self.b_head = model.head.bias.float().to(self.device)
         n = num_streams
         self.xh = [torch.zeros(n, 2 * hidden, device=self.device) for _ in range(layers)]  # [h_{l-1}, h_l]
@@ -55,6 +58,7 @@ class LSTMDecoder:
         self.tanh_c = torch.empty(n, hidden, device=self.device)
         self.logits = torch.empty(n, model.vocab_size, device=self.device)
         self.ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.exact = self.mm_dtype == torch.float32
         self.graph = None
         self.use_graph = cuda_graph and self.device.type == "cuda"
 
@@ -73,9 +77,14 @@ class LSTMDecoder:
             h = self.xh[layer][:, hidden:]
             if layer == 0:
                 torch.index_select(self.table, 0, self.ids, out=gates)
-                gates.addmm_(h, self.w_hh0)
-            else:
+                if self.exact:
+                    gates.addmm_(h, self.w_hh0)
+                else:
+                    gates.add_(h.to(self.mm_dtype).mm(self.w_hh0))
+            elif self.exact:
                 torch.addmm(self.b_cat[layer - 1], self.xh[layer], self.w_cat[layer - 1], out=gates)
+            else:
+                gates.copy_(self.xh[layer].to(self.mm_dtype).mm(self.w_cat[layer - 1])).add_(self.b_cat[layer - 1])
             torch.sigmoid(gates[:, : 3 * hidden], out=act[:, : 3 * hidden])
             torch.tanh(gates[:, 3 * hidden :], out=act[:, 3 * hidden :])
             c = self.c[layer]
@@ -84,7 +93,11 @@ class LSTMDecoder:
             torch.mul(act[:, 2 * hidden : 3 * hidden], self.tanh_c, out=h)  # new h_l, in place
             if layer + 1 < self.layers:
                 self.xh[layer + 1][:, :hidden].copy_(h)
-        torch.addmm(self.b_head, self.xh[-1][:, hidden:], self.w_head, out=self.logits)
+        top = self.xh[-1][:, hidden:]
+        if self.exact:
+            torch.addmm(self.b_head, top, self.w_head, out=self.logits)
+        else:
+            self.logits.copy_(top.to(self.mm_dtype).mm(self.w_head)).add_(self.b_head)
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor) -> torch.Tensor:
@@ -112,3 +125,12 @@ class LSTMDecoder:
         for x, s in zip(self.xh, saved[0]):  # undo the warm-up steps' effect on the state
             x.copy_(s)
         self.c.copy_(saved[1])
+
+
+def matmul_dtype(dtype: torch.dtype | None, num_streams: int, device: torch.device) -> torch.dtype:
+    """The precision of the decoder's matmuls: the run's autocast dtype (bf16 where fast),
+    except for fewer than 8 streams on a CPU, where fp32 is faster: bf16 matrix-vector
+    products measured 321 us a step against 148 us for fp32 at 2x512 (2-core EPYC)."""
+    if dtype is None or (device.type == "cpu" and num_streams < 8):
+        return torch.float32
+    return dtype

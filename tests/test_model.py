@@ -80,8 +80,8 @@ def test_sampling_follows_model_distribution_step_by_step():
     logits, state = model(prime.long()[None].expand(2, -1))
     out = []
     for _ in range(30):
-        probs = torch.softmax(logits[:, -1].float(), dim=-1)
-        ids = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        cdf = torch.softmax(logits[:, -1].float(), dim=-1).cumsum(-1)
+        ids = (cdf < torch.rand((2, 1), generator=gen) * cdf[:, -1:]).sum(-1)  # inverse-CDF draw
         out.append(vocab.chars[ids[0]])
         logits, state = model(ids[:, None], state)
     assert text == "".join(out)
@@ -182,3 +182,27 @@ def test_dropout_is_off_in_eval_mode():
     assert torch.equal(model(x)[0], model(x)[0])
     model.train()
     assert not torch.equal(model(x)[0], model(x)[0])
+
+
+def test_bf16_decoder_for_many_streams_stays_close_to_fp32():
+    from charrnn.decode import LSTMDecoder, matmul_dtype
+
+    assert matmul_dtype(torch.bfloat16, 1, torch.device("cpu")) == torch.float32  # GEMV: fp32 is faster
+    assert matmul_dtype(torch.bfloat16, 64, torch.device("cpu")) == torch.bfloat16
+    model = make_model(vocab_size=20)
+    ids = torch.randint(0, 20, (16, 10))
+    expected, _ = model(ids)
+    _, state = model(ids[:, :1])
+    decoder = LSTMDecoder(model, 16, dtype=torch.bfloat16)
+    assert decoder.w_hh0.dtype == torch.bfloat16
+    decoder.load_state(state)
+    for t in range(1, 10):
+        torch.testing.assert_close(decoder.step(ids[:, t]), expected[:, t], rtol=0, atol=0.05)
+
+
+def test_draws_follow_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    logits = probs.clamp_min(1e-30).log().expand(20000, -1)
+    ids = next_ids(logits, SampleSettings(temperature=1.0), torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=4).float() / 20000
+    torch.testing.assert_close(freq, probs, rtol=0, atol=0.015)
