@@ -121,23 +121,28 @@ def _generate(model, vocab, prime_ids, settings, num_samples, generator, device,
         decoder.load_state(state)
     tails = [""] * num_samples
     done = [False] * num_samples
+    alphabet = vocab.chars
     for _ in range(settings.length):
         ids = next_ids(logits, settings, generator)  # (N,)
-        chars = [vocab.chars[i] for i in ids.tolist()]
-        out = []
-        for n, char in enumerate(chars):
-            if done[n]:
-                out.append("")
-                continue
-            out.append(char)
-            if settings.stop:
-                tails[n] = (tails[n] + char)[-len(settings.stop) :]
-                done[n] = tails[n] == settings.stop
-        yield out
-        if all(done):
-            return
+        chars = [alphabet[i] for i in ids.tolist()]
+        if settings.stop:
+            chars = [_stop_check(n, char, tails, done, settings.stop) for n, char in enumerate(chars)]
+            yield chars
+            if all(done):
+                return
+        else:
+            yield chars
         if decoder is not None:
             logits = decoder.step(ids)
         else:
             logits, state = model(ids[:, None], state)
             logits = logits[:, -1]
+
+
+def _stop_check(n: int, char: str, tails: list[str], done: list[bool], stop: str) -> str:
+    """char if sample n is still going (and note whether it just wrote stop), else ""."""
+    if done[n]:
+        return ""
+    tails[n] = (tails[n] + char)[-len(stop) :]
+    done[n] = tails[n] == stop
+    return char
