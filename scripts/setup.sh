@@ -26,4 +26,4 @@ then
     "${pip[@]}" "${CHARRNN_TORCH:-torch==2.13.0}" ${CHARRNN_TORCH_INDEX:+--index-url "$CHARRNN_TORCH_INDEX"}
 fi
 "${pip[@]}" -e ".[test]"
-echo "setup: ready ($(.venv/bin/charrnn --version), torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'))" >&2
+echo "setup: ready ($(.venv/bin/charrnn --version), torch $(.venv/bin/python -W ignore -c 'import torch; print(torch.__version__)'))" >&2
