@@ -22,7 +22,7 @@ import typer
 
 from charrnn import __version__
 from charrnn.config import ModelConfig, TrainConfig
-from charrnn.errors import CharRNNError, UsageError
+from charrnn.errors import CharRNNError, TrainingInterrupted, UsageError
 
 app = typer.Typer(
     name="charrnn",
@@ -179,11 +179,16 @@ def train(
         for skipped in corpus_data.skipped if group.is_main else []:
             _err(f"warning: skipped {skipped}: not a UTF-8 text file")
         view = _TrainView(quiet)
+        clean = False
         try:
             summary = Trainer(corpus_data, model_config, train_config, run_dir, on_event=view, resume=payload).run()
+            clean = True
+        except TrainingInterrupted:
+            clean = True  # every rank agreed to stop at the same step
+            raise
         finally:
             view.close()
-            distributed.shutdown()
+            distributed.shutdown(clean)
         if not group.is_main:
             return
         _err(f"done: {summary['steps']} steps in {summary['elapsed_s']:.0f}s, best val loss "

@@ -70,8 +70,12 @@ def rank_device(device: torch.device) -> torch.device:
     return device
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Leave the group. After a clean run every rank first waits for the others: a rank
+    tearing gloo down while a peer still talks to it aborts the peer."""
     if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
