@@ -113,11 +113,12 @@ def train(
     encoding: str = typer.Option("utf-8", help="Text encoding of the corpus files.", rich_help_panel=PANEL_RUN),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or samples on stderr.", rich_help_panel=PANEL_RUN),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout at the end.", rich_help_panel=PANEL_RUN),
-    cell: Optional[str] = typer.Option(None, help="Recurrent cell: lstm, gru or rnn.", show_default=str(M.cell), rich_help_panel=PANEL_MODEL),
+    cell: Optional[str] = typer.Option(None, help="Recurrent cell: lstm, gru, rnn, peephole or layernorm.", show_default=str(M.cell), rich_help_panel=PANEL_MODEL),
     hidden_size: Optional[int] = typer.Option(None, help="Units per layer.", show_default=str(M.hidden_size), rich_help_panel=PANEL_MODEL),
     num_layers: Optional[int] = typer.Option(None, help="Stacked recurrent layers.", show_default=str(M.num_layers), rich_help_panel=PANEL_MODEL),
     embedding_size: Optional[int] = typer.Option(None, help="Character embedding width.", show_default=str(M.embedding_size), rich_help_panel=PANEL_MODEL),
     dropout: Optional[float] = typer.Option(None, help="Dropout between layers and before the head.", show_default=str(M.dropout), rich_help_panel=PANEL_MODEL),
+    recurrent_dropout: Optional[float] = typer.Option(None, help="Dropout on h_{t-1}, one mask per sequence (peephole/layernorm cells).", show_default=str(M.recurrent_dropout), rich_help_panel=PANEL_MODEL),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Sequences (streams) per step.", show_default=str(T.batch_size), rich_help_panel=PANEL_TRAIN),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", "-t", help="BPTT length in characters.", show_default=str(T.seq_len), rich_help_panel=PANEL_TRAIN),
     learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Peak AdamW learning rate.", show_default=str(T.learning_rate), rich_help_panel=PANEL_TRAIN),
@@ -144,7 +145,7 @@ def train(
         from charrnn.train import Trainer, choose_run_dir, resume_configs
 
         model_flags = dict(cell=cell, hidden_size=hidden_size, num_layers=num_layers,
-                           embedding_size=embedding_size, dropout=dropout)
+                           embedding_size=embedding_size, dropout=dropout, recurrent_dropout=recurrent_dropout)
         train_flags = dict(batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate,
                            min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, weight_decay=weight_decay,
                            grad_clip=grad_clip, steps=steps, epochs=epochs, time=time, eval_every=eval_every,

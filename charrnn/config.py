@@ -17,12 +17,13 @@ from typing import Any
 
 from charrnn.errors import UsageError
 
-CELLS = ("lstm", "gru", "rnn")
+CELLS = ("lstm", "gru", "rnn", "peephole", "layernorm")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # Recurrent cell: lstm (default, cuDNN on CUDA), gru or rnn (tanh) as baselines.
+    # Recurrent cell: lstm (default, cuDNN on CUDA), gru or rnn (tanh) as baselines,
+    # peephole or layernorm (hand-written LSTMs, charrnn.cells).
     cell: str = "lstm"
     # Width of the character embedding; 64 is plenty for a vocabulary of ~100 symbols.
     embedding_size: int = 64
@@ -33,6 +34,9 @@ class ModelConfig:
     # Dropout between layers and before the output head; 0.35 measured best against
     # overfitting of 2x512 on ~1 MB in 10 minutes (0.2 left a wider train/val gap).
     dropout: float = 0.35
+    # Dropout on h_{t-1} inside the recurrence, one mask per sequence (peephole and
+    # layernorm cells only); 0 = off.
+    recurrent_dropout: float = 0.0
 
     def validate(self) -> None:
         _check(self.cell in CELLS, "cell", f"must be one of {', '.join(CELLS)}, not {self.cell!r}")
@@ -40,6 +44,9 @@ class ModelConfig:
         _check(self.hidden_size >= 1, "hidden_size", "must be >= 1")
         _check(self.num_layers >= 1, "num_layers", "must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        _check(0.0 <= self.recurrent_dropout < 1.0, "recurrent_dropout", "must be in [0, 1)")
+        _check(self.recurrent_dropout == 0.0 or self.cell in ("peephole", "layernorm"), "recurrent_dropout",
+               "needs a hand-written cell (--cell peephole or layernorm)")
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from charrnn.cells import HandLSTM
 from charrnn.config import ModelConfig
 
 State = tuple[torch.Tensor, ...]
 
 _RECURRENT = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+LSTM_CELLS = ("lstm", "peephole", "layernorm")  # cells whose state is (h, c)
+
+
+def _layer(config: ModelConfig, input_size: int) -> nn.Module:
+    """One recurrent layer of the configured cell."""
+    if config.cell in ("peephole", "layernorm"):
+        return HandLSTM(input_size, config.hidden_size, peephole=config.cell == "peephole",
+                        layer_norm=config.cell == "layernorm", recurrent_dropout=config.recurrent_dropout)
+    return _RECURRENT[config.cell](input_size, config.hidden_size, 1, batch_first=True)
 
 
 class CharRNN(nn.Module):
@@ -27,9 +37,8 @@ class CharRNN(nn.Module):
         self.embedding = nn.Embedding(vocab_size, config.embedding_size)
         # One single-layer module per layer (each still one cuDNN / oneDNN call), so the
         # dropout between layers is ours: nn.LSTM's own costs a quarter of a CPU step.
-        cls = _RECURRENT[config.cell]
         self.layers = nn.ModuleList(
-            cls(config.embedding_size if layer == 0 else config.hidden_size, config.hidden_size, 1, batch_first=True)
+            _layer(config, config.embedding_size if layer == 0 else config.hidden_size)
             for layer in range(config.num_layers)
         )
         self.head = nn.Linear(config.hidden_size, vocab_size)
@@ -41,7 +50,7 @@ class CharRNN(nn.Module):
         nn.LSTM orders its gates i, f, g, o and adds two biases; the forget slice of
         bias_ih is set to `value` and that of bias_hh to 0.
         """
-        if self.config.cell != "lstm":
+        if self.config.cell not in LSTM_CELLS:
             return
         hidden = self.config.hidden_size
         with torch.no_grad():
@@ -52,7 +61,7 @@ class CharRNN(nn.Module):
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         """The all-zero state of a fresh sequence."""
         shape = (self.config.num_layers, batch_size, self.config.hidden_size)
-        count = 2 if self.config.cell == "lstm" else 1
+        count = 2 if self.config.cell in LSTM_CELLS else 1
         return tuple(torch.zeros(shape, device=device) for _ in range(count))
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
@@ -66,7 +75,7 @@ class CharRNN(nn.Module):
             if layer:
                 hidden = dropout(hidden, p)
             mine = tuple(s[layer : layer + 1] for s in state)  # (1, B, H) each
-            hidden, new = rnn(hidden, mine if self.config.cell == "lstm" else mine[0])  # (B, T, H)
+            hidden, new = rnn(hidden, mine if self.config.cell in LSTM_CELLS else mine[0])  # (B, T, H)
             layer_states.append(new if isinstance(new, tuple) else (new,))
         logits = self.head(dropout(hidden, p))  # (B, T, V)
         new_state = tuple(torch.cat(parts) for parts in zip(*layer_states))  # (L, B, H) each

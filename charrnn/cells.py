@@ -1,0 +1,90 @@
+"""Hand-written LSTM layers that nn.LSTM lacks: peephole connections and layer norm.
+
+Each is a drop-in for a single-layer `nn.LSTM(batch_first=True)`: the same parameter
+names (weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0, gate order i, f, g, o), the
+same call `layer(x, (h, c)) -> (output, (h, c))` with (1, B, H) states. The input
+projection of all T steps is one matmul before the time loop; the loop does the rest.
+
+Peephole LSTM (Gers & Schmidhuber 2000), diagonal peephole weights p_i, p_f, p_o:
+    f_t = sigma(W_f [h_{t-1}, x_t] + p_f * C_{t-1} + b_f)
+    i_t = sigma(W_i [h_{t-1}, x_t] + p_i * C_{t-1} + b_i)
+    C~_t = tanh(W_C [h_{t-1}, x_t] + b_C),   C_t = f_t * C_{t-1} + i_t * C~_t
+    o_t = sigma(W_o [h_{t-1}, x_t] + p_o * C_t + b_o),   h_t = o_t * tanh(C_t)
+With p = 0 it is exactly nn.LSTM.
+
+Layer-norm LSTM (Ba et al. 2016): the input and recurrent gate pre-activations are
+normalised separately, and so is the cell state before the output tanh:
+    gates = LN_x(W_ih x_t) + LN_h(W_hh h_{t-1}) + b,   h_t = o_t * tanh(LN_c(C_t))
+With normalisation disabled (`layer_norm=False`) it is exactly nn.LSTM.
+
+Recurrent dropout (Gal & Ghahramani 2016, Keras `recurrent_dropout`): one mask per
+sequence, drawn at its first step, multiplies h_{t-1} at every step; off in eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class HandLSTM(nn.Module):
+    def __init__(self, input_size: int, hidden_size: int, peephole: bool = False, layer_norm: bool = False,
+                 recurrent_dropout: float = 0.0):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.peephole = peephole
+        self.layer_norm = layer_norm
+        self.recurrent_dropout = recurrent_dropout
+        gates = 4 * hidden_size
+        self.weight_ih_l0 = nn.Parameter(torch.empty(gates, input_size))
+        self.weight_hh_l0 = nn.Parameter(torch.empty(gates, hidden_size))
+        self.bias_ih_l0 = nn.Parameter(torch.empty(gates))
+        self.bias_hh_l0 = nn.Parameter(torch.empty(gates))
+        bound = 1.0 / math.sqrt(hidden_size)  # nn.LSTM's own initialisation
+        for weight in (self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0):
+            nn.init.uniform_(weight, -bound, bound)
+        if peephole:
+            # Start at 0: the layer begins as a plain LSTM and learns how much to peek.
+            self.peephole_i = nn.Parameter(torch.zeros(hidden_size))
+            self.peephole_f = nn.Parameter(torch.zeros(hidden_size))
+            self.peephole_o = nn.Parameter(torch.zeros(hidden_size))
+        if layer_norm:
+            self.norm_x = nn.LayerNorm(gates)
+            self.norm_h = nn.LayerNorm(gates)
+            self.norm_c = nn.LayerNorm(hidden_size)
+        self.last_mask: torch.Tensor | None = None  # the recurrent dropout mask of the last call
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+        """x: (B, T, I), state: (h, c) each (1, B, H) -> output (B, T, H), (h, c)."""
+        h, c = state[0][0], state[1][0]  # (B, H)
+        hidden = self.hidden_size
+        projected = x @ self.weight_ih_l0.T  # (B, T, 4H): every step's input part at once
+        bias = self.bias_ih_l0 + self.bias_hh_l0
+        if self.layer_norm:
+            projected = self.norm_x(projected)
+        projected = projected + bias
+        mask = None
+        if self.training and self.recurrent_dropout > 0:
+            keep = 1.0 - self.recurrent_dropout
+            mask = (torch.rand(h.shape, device=h.device) < keep).to(h.dtype) / keep  # (B, H), one per sequence
+        self.last_mask = mask
+        outputs = []
+        for t in range(x.shape[1]):
+            h_in = h * mask if mask is not None else h
+            recurrent = h_in @ self.weight_hh_l0.T  # (B, 4H)
+            if self.layer_norm:
+                recurrent = self.norm_h(recurrent)
+            gates = projected[:, t] + recurrent
+            i, f, g, o = gates.split(hidden, dim=1)
+            if self.peephole:
+                i = i + self.peephole_i * c
+                f = f + self.peephole_f * c
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            if self.peephole:
+                o = o + self.peephole_o * c
+            h = torch.sigmoid(o) * torch.tanh(self.norm_c(c) if self.layer_norm else c)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1), (h[None], c[None])
