@@ -266,6 +266,14 @@ def split(ids: torch.Tensor, val_frac: float) -> tuple[torch.Tensor, torch.Tenso
     return ids[:cut], ids[cut:]
 
 
+def _too_short(chars: int, batch_size: int, seq_len: int) -> DataError:
+    return DataError(
+        f"the training text ({chars:,} characters) is shorter than one batch "
+        f"(batch size {batch_size} x sequence length {seq_len} + 1); "
+        "use a longer corpus or lower --batch-size / --seq-len"
+    )
+
+
 class StatefulBatches:
     """Truncated-BPTT batches over B contiguous streams, as in char-rnn.
 
@@ -286,11 +294,7 @@ class StatefulBatches:
     def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, rows: slice = slice(None)):
         stream_len = (len(ids) - 1) // batch_size
         if stream_len < seq_len:
-            raise DataError(
-                f"the training text ({len(ids):,} characters) is shorter than one batch "
-                f"(batch size {batch_size} x sequence length {seq_len} + 1); "
-                "use a longer corpus or lower --batch-size / --seq-len"
-            )
+            raise _too_short(len(ids), batch_size, seq_len)
         used = batch_size * stream_len
         self.x = ids[:used].view(batch_size, stream_len)[rows]  # (B, S)
         self.y = ids[1 : used + 1].view(batch_size, stream_len)[rows]  # (B, S)
@@ -308,11 +312,7 @@ class RandomWindows:
 
     def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, per_rank: int | None = None):
         if len(ids) < seq_len + 1 or len(ids) < batch_size * seq_len + 1:
-            raise DataError(
-                f"the training text ({len(ids):,} characters) is shorter than one batch "
-                f"(batch size {batch_size} x sequence length {seq_len} + 1); "
-                "use a longer corpus or lower --batch-size / --seq-len"
-            )
+            raise _too_short(len(ids), batch_size, seq_len)
         self.ids = ids
         self.batch_size = batch_size if per_rank is None else per_rank  # windows drawn by this process
         self.seq_len = seq_len

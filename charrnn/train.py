@@ -136,6 +136,11 @@ class Trainer:
         self.state = None  # carried recurrent state (stateful mode)
         if resume is not None:
             self._restore(resume)
+        # Since the last validation: summed train loss (on device: no per-step sync) and its
+        # steps, which survive a resume; characters and seconds spent in steps (for chars/s).
+        self._loss_sum = torch.tensor(self.progress.window_loss_sum, device=self.device)
+        self._loss_steps = self.progress.window_steps
+        self._chars, self._train_time = 0, 0.0
 
         self.on_event("setup", {
             "device": str(self.device), "device_reason": device_reason,
@@ -176,10 +181,8 @@ class Trainer:
     # -- saving -------------------------------------------------------------------------
 
     def payload(self) -> dict[str, Any]:
-        loss_sum = getattr(self, "_loss_sum", None)
-        if loss_sum is not None:
-            self.progress.window_loss_sum = loss_sum.item()
-            self.progress.window_steps = self._loss_steps
+        self.progress.window_loss_sum = self._loss_sum.item()
+        self.progress.window_steps = self._loss_steps
         rng = {"torch": torch.get_rng_state(), "windows": self.windows_rng.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = [torch.cuda.get_rng_state(self.device)]
@@ -230,10 +233,6 @@ class Trainer:
         self._prepare_run_dir(resuming=progress.step > 0)
         self.model.train()
         steps_per_epoch = self.batches.steps_per_epoch
-        # Since the last validation: summed train loss (on device: no per-step sync), steps,
-        # characters and seconds spent in steps. The loss window survives a resume.
-        self._loss_sum = torch.tensor(progress.window_loss_sum, device=self.device)
-        self._loss_steps = progress.window_steps
         self._chars, self._train_time = 0, 0.0
         log_loss, log_steps = torch.zeros((), device=self.device), 0
         last_eval_step = progress.step
