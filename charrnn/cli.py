@@ -126,6 +126,8 @@ def train(
     warmup_steps: Optional[int] = typer.Option(None, help="Linear warmup steps.", show_default=str(T.warmup_steps), rich_help_panel=PANEL_TRAIN),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay on weight matrices.", show_default=str(T.weight_decay), rich_help_panel=PANEL_TRAIN),
     grad_clip: Optional[float] = typer.Option(None, help="Clip the global gradient norm (0 = off).", show_default=str(T.grad_clip), rich_help_panel=PANEL_TRAIN),
+    clip_mode: Optional[str] = typer.Option(None, help="Clip the global norm (norm) or each element (value, as char-rnn).", show_default=str(T.clip_mode), rich_help_panel=PANEL_TRAIN),
+    burn_in: Optional[int] = typer.Option(None, help="Stateless mode: predictions left out of the loss at the start of each window.", show_default=str(T.burn_in), rich_help_panel=PANEL_TRAIN),
     steps: Optional[int] = typer.Option(None, help="Stop after this many steps.", show_default="no limit", rich_help_panel=PANEL_TRAIN),
     epochs: Optional[float] = typer.Option(None, help="Stop after this many epochs.", show_default="10 when no --steps/--time", rich_help_panel=PANEL_TRAIN),
     time: Optional[str] = typer.Option(None, "--time", help="Stop after this wall-clock time: 90s, 10m, 1h30m.", show_default="no limit", rich_help_panel=PANEL_TRAIN),
@@ -148,7 +150,7 @@ def train(
                            embedding_size=embedding_size, dropout=dropout, recurrent_dropout=recurrent_dropout)
         train_flags = dict(batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate,
                            min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                           grad_clip=grad_clip, steps=steps, epochs=epochs, time=time, eval_every=eval_every,
+                           grad_clip=grad_clip, clip_mode=clip_mode, burn_in=burn_in, steps=steps, epochs=epochs, time=time, eval_every=eval_every,
                            val_frac=val_frac, seed=seed, stateless=stateless, dtype=dtype, device=device,
                            sample_length=sample_length)
         file_model, file_train = load_toml(config) if config else ({}, {})

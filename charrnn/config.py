@@ -66,6 +66,12 @@ class TrainConfig:
     weight_decay: float = 0.01
     # Clip the global gradient norm to this (0 = off): the cure for exploding gradients.
     grad_clip: float = 1.0
+    # "norm" clips the global gradient norm; "value" clips each element to
+    # [-grad_clip, grad_clip], as char-rnn does.
+    clip_mode: str = "norm"
+    # Stateless mode: leave the first burn_in predictions of each window out of the loss
+    # (they were made from an all-zero state, with almost no context).
+    burn_in: int = 0
     # Stop after this many optimizer steps (0 = no step limit).
     steps: int = 0
     # Stop after this many passes over the training split (0 = no epoch limit).
@@ -96,6 +102,9 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        _check(self.clip_mode in ("norm", "value"), "clip_mode", "must be norm or value")
+        _check(0 <= self.burn_in < self.seq_len, "burn_in", "must be >= 0 and below seq_len")
+        _check(self.burn_in == 0 or self.stateless, "burn_in", "applies to --stateless training only")
         _check(self.steps >= 0, "steps", "must be >= 0")
         _check(self.epochs >= 0, "epochs", "must be >= 0")
         parse_duration(self.time)

@@ -295,11 +295,17 @@ class Trainer:
             state = self.state
         with autocast(self.device, self.dtype):
             logits, new_state = self.forward(x, state)  # (B, T, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        skip = config.burn_in  # predictions made from a (nearly) empty context
+        loss = F.cross_entropy(logits[:, skip:].float().flatten(0, 1), y[:, skip:].flatten())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        params = self.model.parameters()
+        if config.clip_mode == "norm" and config.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)  # returns the pre-clip norm
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, math.inf)  # measures only
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_value_(self.model.parameters(), config.grad_clip)
         self.optimizer.step()
         if not config.stateless:
             self.state = detach(new_state)

@@ -125,3 +125,39 @@ def test_shakespeare_defaults_learn_words(tmp_path):
     summary = Trainer(read_corpus([str(SHAKESPEARE)]), ModelConfig(), TrainConfig(steps=300, eval_every=300, sample_length=0),
                       tmp_path / "run").run()
     assert summary["best_val_loss"] < 2.0
+
+
+def test_burn_in_leaves_the_first_predictions_out_of_the_loss(tmp_path):
+    model_config, train_config = tiny_configs(train={"stateless": True, "burn_in": 6})
+    trainer = Trainer(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "run")
+    probe = torch.Generator().manual_seed(0)
+    probe.set_state(trainer.windows_rng.get_state())
+    x, y = trainer.batches.batch(probe)  # the batch train_step will draw
+    with torch.no_grad():
+        logits, _ = trainer.model(x)
+    expected = torch.nn.functional.cross_entropy(logits[:, 6:].flatten(0, 1), y[:, 6:].flatten())
+    loss, _ = trainer.train_step()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_burn_in_needs_stateless_mode():
+    from charrnn.config import build
+    from charrnn.errors import UsageError
+
+    with pytest.raises(UsageError, match="stateless"):
+        build(TrainConfig, {"burn_in": 4})
+
+
+@pytest.mark.parametrize("mode", ["norm", "value"])
+def test_gradient_clipping_modes(tmp_path, mode):
+    model_config, train_config = tiny_configs(train={"clip_mode": mode, "grad_clip": 1e-3, "learning_rate": 1e-9})
+    trainer = Trainer(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "run")
+    _, pre_clip = trainer.train_step()
+    grads = [p.grad for p in trainer.model.parameters()]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    assert pre_clip.item() > 1e-3  # the recorded norm is the one before clipping
+    if mode == "norm":
+        assert total.item() == pytest.approx(1e-3, rel=1e-3)
+    else:
+        assert max(g.abs().max().item() for g in grads) <= 1e-3 * (1 + 1e-6)  # float32 of 1e-3
+        assert total.item() > 1e-3
