@@ -379,6 +379,47 @@ def eval_(
                   f"perplexity {result.perplexity:.3f}{extra}")
 
 
+@app.command()
+def gradients(
+    checkpoints: List[Path] = typer.Argument(..., help="Checkpoints or run directories to compare.", show_default=False),
+    text: Path = typer.Option(..., "--text", help="Text to take the windows from (e.g. the training corpus)."),
+    span: int = typer.Option(100, help="How many steps back to measure (k = 1..span)."),
+    windows: int = typer.Option(32, help="Random windows averaged over."),
+    seed: int = typer.Option(0, help="Seed for the window positions."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG (needs matplotlib; a table is printed either way)."),
+    json_out: bool = typer.Option(False, "--json", help="Print {name: [norm for k = 1..span]} as JSON."),
+):
+    """Measure how far back gradients reach: ||d loss_T / d h_(T-k)|| for k = 1..span."""
+    with _errors_to_exit_codes():
+        import torch
+
+        from charrnn import checkpoint
+        from charrnn.data import read_corpus
+        from charrnn.gradients import gradient_reach, plot, table
+
+        if span < 1 or windows < 1:
+            raise UsageError("--span and --windows must be >= 1")
+        curves = {}
+        corpus_text = read_corpus([str(text)]).data.decode("utf-8")
+        for path in checkpoints:
+            payload = checkpoint.load(path)
+            model, vocab = checkpoint.restore_model(payload)
+            ids, _ = vocab.encode(corpus_text, "skip")
+            if len(ids) < span + 2:
+                raise UsageError(f"--text has {len(ids)} known characters; --span {span} needs {span + 2}")
+            name = f"{payload['model_config']['cell']} ({Path(payload['path']).parent.name})"
+            curves[name] = gradient_reach(model, ids, span, windows, torch.Generator().manual_seed(seed))
+        if json_out:
+            print(json.dumps(curves))
+        else:
+            print(table(curves))
+        if plot_path is not None:
+            if plot(curves, str(plot_path)):
+                _err(f"plot: {plot_path}")
+            else:
+                _err("warning: matplotlib is not installed (pip install 'charrnn[plot]'); printed the table only")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: runs the app, turning usage errors into one line and exit 2."""
     global _debug
