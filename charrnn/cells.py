@@ -61,7 +61,7 @@ class HandLSTM(nn.Module):
         """x: (B, T, I), state: (h, c) each (1, B, H) -> output (B, T, H), (h, c)."""
         h, c = state[0][0], state[1][0]  # (B, H)
         hidden = self.hidden_size
-        projected = x @ self.weight_ih_l0.T  # (B, T, 4H): every step's input part at once
+        projected = F.linear(x, self.weight_ih_l0)  # (B, T, 4H): every step's input part at once
         bias = self.bias_ih_l0 + self.bias_hh_l0
         if self.layer_norm:
             projected = self.norm_x(projected)
@@ -72,12 +72,14 @@ class HandLSTM(nn.Module):
             mask = (torch.rand(h.shape, device=h.device) < keep).to(h.dtype) / keep  # (B, H), one per sequence
         self.last_mask = mask
         outputs = []
-        for t in range(x.shape[1]):
+        # unbind, not projected[:, t]: indexing's backward would build and fill a whole
+        # (B, T, 4H) zero tensor per step (measured: 2/3 of a training step).
+        for step_input in projected.unbind(1):
             h_in = h * mask if mask is not None else h
-            recurrent = h_in @ self.weight_hh_l0.T  # (B, 4H)
+            recurrent = F.linear(h_in, self.weight_hh_l0)  # (B, 4H); autocast caches the bf16 weight
             if self.layer_norm:
                 recurrent = self.norm_h(recurrent)
-            gates = projected[:, t] + recurrent
+            gates = step_input + recurrent
             i, f, g, o = gates.split(hidden, dim=1)
             if self.peephole:
                 i = i + self.peephole_i * c
