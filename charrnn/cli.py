@@ -118,6 +118,9 @@ def train(
     num_layers: Optional[int] = typer.Option(None, help="Stacked recurrent layers.", show_default=str(M.num_layers), rich_help_panel=PANEL_MODEL),
     embedding_size: Optional[int] = typer.Option(None, help="Character embedding width.", show_default=str(M.embedding_size), rich_help_panel=PANEL_MODEL),
     dropout: Optional[float] = typer.Option(None, help="Dropout between layers and before the head.", show_default=str(M.dropout), rich_help_panel=PANEL_MODEL),
+    embedding_dropout: Optional[float] = typer.Option(None, help="Dropout on the character embeddings.", show_default=str(M.embedding_dropout), rich_help_panel=PANEL_MODEL),
+    init: Optional[str] = typer.Option(None, help="Weight init: default (PyTorch), orthogonal (recurrent) or uniform (char-rnn's +-0.08).", show_default=str(M.init), rich_help_panel=PANEL_MODEL),
+    forget_bias: Optional[float] = typer.Option(None, help="Initial forget-gate bias of LSTM cells.", show_default=str(M.forget_bias), rich_help_panel=PANEL_MODEL),
     recurrent_dropout: Optional[float] = typer.Option(None, help="Dropout on h_{t-1}, one mask per sequence (peephole/layernorm cells).", show_default=str(M.recurrent_dropout), rich_help_panel=PANEL_MODEL),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Sequences (streams) per step.", show_default=str(T.batch_size), rich_help_panel=PANEL_TRAIN),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", "-t", help="BPTT length in characters.", show_default=str(T.seq_len), rich_help_panel=PANEL_TRAIN),
@@ -147,7 +150,8 @@ def train(
         from charrnn.train import Trainer, choose_run_dir, resume_configs
 
         model_flags = dict(cell=cell, hidden_size=hidden_size, num_layers=num_layers,
-                           embedding_size=embedding_size, dropout=dropout, recurrent_dropout=recurrent_dropout)
+                           embedding_size=embedding_size, dropout=dropout, recurrent_dropout=recurrent_dropout,
+                           embedding_dropout=embedding_dropout, init=init, forget_bias=forget_bias)
         train_flags = dict(batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate,
                            min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, weight_decay=weight_decay,
                            grad_clip=grad_clip, clip_mode=clip_mode, burn_in=burn_in, steps=steps, epochs=epochs, time=time, eval_every=eval_every,

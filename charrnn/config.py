@@ -37,6 +37,17 @@ class ModelConfig:
     # Dropout on h_{t-1} inside the recurrence, one mask per sequence (peephole and
     # layernorm cells only); 0 = off.
     recurrent_dropout: float = 0.0
+    # Dropout on the character embeddings (whole vectors' entries, like the other dropouts).
+    embedding_dropout: float = 0.0
+    # Weight initialisation. "default": PyTorch's uniform(+-1/sqrt(H)), which keeps the
+    # gates out of saturation at any width; "orthogonal": orthogonal recurrent matrices
+    # (per gate), whose singular values of 1 neither shrink nor blow up h across steps at
+    # the start, the usual remedy for vanishing/exploding gradients in plain RNNs;
+    # "uniform": char-rnn's uniform(+-0.08), for comparisons with it.
+    init: str = "default"
+    # Initial forget-gate bias of LSTM cells: 1 keeps the gates open so gradients flow
+    # back through time from the first step (Gers et al. 2000; Jozefowicz et al. 2015).
+    forget_bias: float = 1.0
 
     def validate(self) -> None:
         _check(self.cell in CELLS, "cell", f"must be one of {', '.join(CELLS)}, not {self.cell!r}")
@@ -45,6 +56,8 @@ class ModelConfig:
         _check(self.num_layers >= 1, "num_layers", "must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         _check(0.0 <= self.recurrent_dropout < 1.0, "recurrent_dropout", "must be in [0, 1)")
+        _check(0.0 <= self.embedding_dropout < 1.0, "embedding_dropout", "must be in [0, 1)")
+        _check(self.init in ("default", "orthogonal", "uniform"), "init", "must be default, orthogonal or uniform")
         _check(self.recurrent_dropout == 0.0 or self.cell in ("peephole", "layernorm"), "recurrent_dropout",
                "needs a hand-written cell (--cell peephole or layernorm)")
 

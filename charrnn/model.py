@@ -42,7 +42,21 @@ class CharRNN(nn.Module):
             for layer in range(config.num_layers)
         )
         self.head = nn.Linear(config.hidden_size, vocab_size)
-        self.reset_forget_bias()
+        self._initialise()
+        self.reset_forget_bias(config.forget_bias)
+
+    def _initialise(self) -> None:
+        """Apply config.init to the recurrent layers (see ModelConfig.init for why)."""
+        if self.config.init == "default":
+            return
+        with torch.no_grad():
+            for rnn in self.layers:
+                for name, weight in rnn.named_parameters():
+                    if self.config.init == "uniform":
+                        weight.uniform_(-0.08, 0.08)
+                    elif name.startswith("weight_hh"):
+                        for block in weight.split(self.config.hidden_size):  # one square matrix per gate
+                            nn.init.orthogonal_(block)
 
     def reset_forget_bias(self, value: float = 1.0) -> None:
         """Start the LSTM forget gates open (bias 1) so early gradients flow through time.
@@ -69,7 +83,7 @@ class CharRNN(nn.Module):
         if state is None:
             state = self.init_state(x.shape[0], x.device)
         p = self.config.dropout if self.training else 0.0
-        hidden = self.embedding(x)  # (B, T, E)
+        hidden = dropout(self.embedding(x), self.config.embedding_dropout if self.training else 0.0)  # (B, T, E)
         layer_states = []
         for layer, rnn in enumerate(self.layers):
             if layer:

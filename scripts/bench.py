@@ -152,6 +152,19 @@ def _advance(trainer):
     trainer.progress.batch += 1
 
 
+def bench_cells(corpus, device, seconds, cells=("lstm", "gru", "rnn", "peephole", "layernorm")):
+    """Training chars/s of every cell at 2x512 (charrnn's step, default precision) vs nn.LSTM."""
+    rates = {}
+    for cell in cells:
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = Trainer(corpus, ModelConfig(cell=cell),
+                              TrainConfig(device=str(device), steps=1, sample_length=0, batch_size=64, seq_len=100),
+                              Path(tmp) / "run")
+            calls, elapsed = timed(lambda: _advance(trainer), seconds, device)
+        rates[cell] = calls * 64 * 100 / elapsed
+    return {cell: {"chars_per_s": rate, "ratio_to_lstm": rate / rates["lstm"]} for cell, rate in rates.items()}
+
+
 def bench_quality(corpus, hidden, layers, batch, seq, steps, device):
     """Validation loss after the same number of steps at the default precision and in fp32."""
     out = {}
@@ -269,7 +282,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="short runs (about a minute)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--sample-streams", default="1,64", help="comma-separated stream counts to sample")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: train,quality,sample,eval,encode")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: train,cells,quality,sample,eval,encode")
     args = parser.parse_args()
     device, reason = resolve_device(args.device)
     dtype, dtype_reason = resolve_dtype("auto", device)
@@ -296,6 +309,8 @@ def main():
             configs.append((1024, 3, 128, 256))
         results["train"] = [bench_training(corpus, train_ids, len(vocab), h, l, b, t, device, seconds, peaks)
                             for h, l, b, t in configs]
+    if "cells" not in skip:
+        results["cells"] = bench_cells(corpus, device, seconds / 2)
     if "quality" not in skip:
         if args.quick:
             results["quality"] = bench_quality(corpus, 128, 2, 32, 64, 100, device)
@@ -333,6 +348,9 @@ def print_table(results):
                      f"{r['charrnn_chars_per_s']:,.0f}", f"{r['ratio']:.2f}x"))
         rows.append((f"  GFLOP/s, fraction of matmul peak", f"{r['baseline_gflops']:.0f} ({r['baseline_peak_fraction']:.0%})",
                      f"{r['charrnn_gflops']:.0f} ({r['charrnn_peak_fraction']:.0%})", ""))
+    for cell, r in results.get("cells", {}).items():
+        rows.append((f"train chars/s 2x512 --cell {cell}", "", f"{r['chars_per_s']:,.0f}",
+                     f"{r['ratio_to_lstm']:.2f}x lstm"))
     if "quality" in results:
         q = results["quality"]
         names = list(q["results"])

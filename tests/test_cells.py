@@ -113,3 +113,28 @@ def test_model_with_hand_written_cells_runs_chunked(cell):
     first, state = model(x[:, :7])
     second, _ = model(x[:, 7:], state)
     torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=0, atol=1e-5)
+
+
+def test_init_choices():
+    def layer0(init):
+        torch.manual_seed(0)
+        return CharRNN(ModelConfig(hidden_size=8, num_layers=1, embedding_size=4, init=init, forget_bias=2.0), 5).layers[0]
+
+    ortho = layer0("orthogonal")
+    for block in ortho.weight_hh_l0.detach().split(8):
+        torch.testing.assert_close(block @ block.T, torch.eye(8), rtol=0, atol=1e-5)
+    uniform = layer0("uniform")
+    assert uniform.weight_ih_l0.abs().max() <= 0.08
+    for layer in (ortho, uniform):
+        total = layer.bias_ih_l0 + layer.bias_hh_l0
+        assert torch.all(total[8:16] == 2.0)  # the forget-gate bias, after any init
+
+
+def test_embedding_dropout_only_in_training():
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(hidden_size=8, num_layers=1, embedding_size=4, dropout=0.0,
+                                embedding_dropout=0.5), 5)
+    x = torch.randint(0, 5, (2, 6))
+    assert not torch.equal(model(x)[0], model(x)[0])
+    model.eval()
+    assert torch.equal(model(x)[0], model(x)[0])

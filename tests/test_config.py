@@ -11,7 +11,7 @@ PRESETS = sorted((ROOT / "configs").glob("*.toml"))
 
 
 def test_presets_exist():
-    assert {p.stem for p in PRESETS} >= {"tiny", "shakespeare", "char-rnn", "large"}
+    assert {p.stem for p in PRESETS} >= {"tiny", "shakespeare", "char-rnn", "large", "gru", "rnn", "peephole", "layernorm"}
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
