@@ -9,7 +9,6 @@ prints or exits.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys
@@ -303,6 +302,7 @@ def sample(
     with _errors_to_exit_codes():
         import torch
 
+        from charrnn.device import resolve_dtype
         from charrnn.sample import SampleSettings, generate
 
         settings = SampleSettings(length=length, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -313,8 +313,6 @@ def sample(
         if prime == "-":
             prime = sys.stdin.read()
         _, model, vocab, device_ = _load_for_inference(checkpoint_path, device)
-        from charrnn.device import resolve_dtype
-
         dtype_, _ = resolve_dtype(dtype, device_)
         prime_ids, dropped = vocab.encode(prime, unknown.value)
         if dropped:

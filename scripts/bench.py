@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -346,7 +345,7 @@ def print_table(results):
     for r in results.get("train", []):
         rows.append((f"train chars/s {r['config']} ({r['dtype']})", f"{r['baseline_chars_per_s']:,.0f}",
                      f"{r['charrnn_chars_per_s']:,.0f}", f"{r['ratio']:.2f}x"))
-        rows.append((f"  GFLOP/s, fraction of matmul peak", f"{r['baseline_gflops']:.0f} ({r['baseline_peak_fraction']:.0%})",
+        rows.append(("  GFLOP/s, fraction of matmul peak", f"{r['baseline_gflops']:.0f} ({r['baseline_peak_fraction']:.0%})",
                      f"{r['charrnn_gflops']:.0f} ({r['charrnn_peak_fraction']:.0%})", ""))
     for cell, r in results.get("cells", {}).items():
         rows.append((f"train chars/s 2x512 --cell {cell}", "", f"{r['chars_per_s']:,.0f}",

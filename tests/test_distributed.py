@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from charrnn import checkpoint
-from charrnn.data import Vocab, split
+from charrnn.data import split
 from charrnn.evaluate import evaluate
 
 from conftest import ROOT, VERSE

@@ -10,7 +10,7 @@ import torch
 
 from charrnn import checkpoint
 from charrnn.config import TrainConfig
-from charrnn.data import Vocab, split
+from charrnn.data import split
 from charrnn.evaluate import evaluate
 from charrnn.train import Trainer, lr_at
 
