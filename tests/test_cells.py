@@ -66,6 +66,31 @@ def test_layer_norm_changes_the_cell():
     assert not torch.allclose(cell(x, state)[0], reference(x, state)[0], atol=1e-3)
 
 
+def test_layer_norm_cell_follows_its_equations():
+    """gates = LN_x(W_ih x_t) + LN_h(W_hh h_{t-1}) + b, h_t = o * tanh(LN_c(C_t)), written out
+    with random gains and shifts (the bias is folded into LN_x's shift inside the cell)."""
+    torch.manual_seed(3)
+    cell = HandLSTM(4, 6, layer_norm=True)
+    with torch.no_grad():
+        for norm in (cell.norm_x, cell.norm_h, cell.norm_c):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 5, 4)
+    h, c = torch.randn(2, 6), torch.randn(2, 6)
+    out, (h_last, c_last) = cell(x, (h[None], c[None]))
+    ln = torch.nn.functional.layer_norm
+    bias = cell.bias_ih_l0 + cell.bias_hh_l0
+    with torch.no_grad():
+        for t in range(5):
+            gates = (ln(x[:, t] @ cell.weight_ih_l0.T, (24,), cell.norm_x.weight, cell.norm_x.bias)
+                     + ln(h @ cell.weight_hh_l0.T, (24,), cell.norm_h.weight, cell.norm_h.bias) + bias)
+            i, f, g, o = gates.split(6, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(ln(c, (6,), cell.norm_c.weight, cell.norm_c.bias))
+            torch.testing.assert_close(out[:, t], h, rtol=0, atol=1e-5)
+    torch.testing.assert_close(c_last[0], c, rtol=0, atol=1e-5)
+
+
 def test_recurrent_dropout_masks():
     cell = HandLSTM(3, 50, recurrent_dropout=0.5, peephole=True)
     state = (torch.ones(1, 4, 50), torch.zeros(1, 4, 50))
