@@ -12,27 +12,92 @@ character (batch 1, T = 1). This decoder packs the weights once and runs each st
 into buffers allocated once. On CUDA the step is captured as a CUDA graph and replayed.
 In fp32 it computes what `CharRNN.forward` computes (a test checks the sampled text is the
 same for the same seed); with dtype=bf16 (the autocast policy of `--dtype auto`) the
-matmuls run in bf16 with fp32 gates and cell state. GRU and vanilla-RNN models use the
-reference path.
+matmuls run in bf16 with fp32 gates and cell state.
+
+`CellDecoder` does the same for the other cells (gru, rnn, peephole, layernorm): layer
+0's input part, W_ih Emb[id] + b (through LN_x for layernorm), is a table row; each step
+is the cell's own equations on packed weights. `make_decoder` picks the class.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from charrnn.model import CharRNN
+from charrnn.model import LSTM_CELLS, CharRNN
 
 
-class LSTMDecoder:
+def make_decoder(model: CharRNN, num_streams: int, device: torch.device | str = "cpu",
+                 cuda_graph: bool = True, dtype: torch.dtype | None = None) -> "Decoder":
+    kind = LSTMDecoder if model.config.cell == "lstm" else CellDecoder
+    return kind(model, num_streams, device, cuda_graph, dtype)
+
+
+class Decoder:
+    """What every packed decoder shares: the head, the id and logits buffers, and the
+    CUDA graph. A subclass packs its layers, keeps its state in buffers updated in place
+    (`state_buffers`) and writes self.logits in `_step`."""
+
+    def __init__(self, model: CharRNN, num_streams: int, device: torch.device | str, cuda_graph: bool,
+                 dtype: torch.dtype | None):
+        self.device = torch.device(device)
+        self.hidden, self.layers = model.config.hidden_size, model.config.num_layers
+        self.mm_dtype = matmul_dtype(dtype, num_streams, self.device)
+        self.exact = self.mm_dtype == torch.float32
+        with torch.no_grad():
+            self.w_head = model.head.weight.T.contiguous().to(self.device, self.mm_dtype)  # (H, V)
+            self.b_head = model.head.bias.float().to(self.device)
+        self.logits = torch.empty(num_streams, model.vocab_size, device=self.device)
+        self.ids = torch.zeros(num_streams, dtype=torch.long, device=self.device)
+        self.graph = None
+        self.use_graph = cuda_graph and self.device.type == "cuda"
+
+    def state_buffers(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _step(self) -> None:
+        raise NotImplementedError
+
+    def _head(self, top: torch.Tensor) -> None:
+        if self.exact:
+            torch.addmm(self.b_head, top, self.w_head, out=self.logits)
+        else:
+            self.logits.copy_(top.to(self.mm_dtype).mm(self.w_head)).add_(self.b_head)
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed (N,) ids; returns the (N, V) logits of the next character (a reused buffer)."""
+        self.ids.copy_(ids)
+        if not self.use_graph:
+            self._step()
+            return self.logits
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self) -> None:
+        saved = [x.clone() for x in self.state_buffers()]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm up kernels and workspaces outside the graph
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+        for x, s in zip(self.state_buffers(), saved):  # undo the warm-up steps' effect on the state
+            x.copy_(s)
+
+
+class LSTMDecoder(Decoder):
     def __init__(self, model: CharRNN, num_streams: int, device: torch.device | str = "cpu",
                  cuda_graph: bool = True, dtype: torch.dtype | None = None):
-        config = model.config
-        if config.cell != "lstm":
+        if model.config.cell != "lstm":
             raise ValueError("LSTMDecoder packs nn.LSTM weights only")
-        self.device = torch.device(device)
-        hidden, layers = config.hidden_size, config.num_layers
-        self.hidden, self.layers = hidden, layers
-        self.mm_dtype = matmul_dtype(dtype, num_streams, self.device)
+        super().__init__(model, num_streams, device, cuda_graph, dtype)
+        hidden, layers = self.hidden, self.layers
         rnns = model.layers
         order = torch.cat([torch.arange(0, 2 * hidden), torch.arange(3 * hidden, 4 * hidden),
                            torch.arange(2 * hidden, 3 * hidden)])  # i, f, g, o -> i, f, o, g
@@ -48,19 +113,15 @@ class LSTMDecoder:
                 self.w_cat.append(w[order].T.contiguous().to(self.device, self.mm_dtype))  # (2H, 4H)
                 b = rnn.bias_ih_l0 + rnn.bias_hh_l0
                 self.b_cat.append(b[order].float().to(self.device))
-            self.w_head = model.head.weight.T.contiguous().to(self.device, self.mm_dtype)  # (H, V)
-            self.b_head = model.head.bias.float().to(self.device)
         n = num_streams
         self.xh = [torch.zeros(n, 2 * hidden, device=self.device) for _ in range(layers)]  # [h_{l-1}, h_l]
         self.c = torch.zeros(layers, n, hidden, device=self.device)
         self.gates = torch.empty(n, 4 * hidden, device=self.device)
         self.gates_act = torch.empty(n, 4 * hidden, device=self.device)
         self.tanh_c = torch.empty(n, hidden, device=self.device)
-        self.logits = torch.empty(n, model.vocab_size, device=self.device)
-        self.ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        self.exact = self.mm_dtype == torch.float32
-        self.graph = None
-        self.use_graph = cuda_graph and self.device.type == "cuda"
+
+    def state_buffers(self) -> list[torch.Tensor]:
+        return [*self.xh, self.c]
 
     @torch.no_grad()
     def load_state(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -93,38 +154,101 @@ class LSTMDecoder:
             torch.mul(act[:, 2 * hidden : 3 * hidden], self.tanh_c, out=h)  # new h_l, in place
             if layer + 1 < self.layers:
                 self.xh[layer + 1][:, :hidden].copy_(h)
-        top = self.xh[-1][:, hidden:]
-        if self.exact:
-            torch.addmm(self.b_head, top, self.w_head, out=self.logits)
-        else:
-            self.logits.copy_(top.to(self.mm_dtype).mm(self.w_head)).add_(self.b_head)
+        self._head(self.xh[-1][:, hidden:])
+
+
+class CellDecoder(Decoder):
+    """Packed decoding for gru, rnn, peephole and layernorm models (equations in model.py
+    and cells.py). Per layer and step: the input part (a table row for layer 0, else
+    x @ W_ih^T + b), the recurrent part h @ W_hh^T, then the cell's gate maths in fp32."""
+
+    def __init__(self, model: CharRNN, num_streams: int, device: torch.device | str = "cpu",
+                 cuda_graph: bool = True, dtype: torch.dtype | None = None):
+        super().__init__(model, num_streams, device, cuda_graph, dtype)
+        self.cell = model.config.cell
+        if self.cell == "lstm":
+            raise ValueError("use LSTMDecoder for nn.LSTM models")
+        to = dict(device=self.device)
+        with torch.no_grad():
+            layers = model.layers
+            # GRU keeps b_hh apart: its candidate gate scales (W_hn h + b_hn) by r.
+            in_bias = [l.bias_ih_l0 if self.cell == "gru" else l.bias_ih_l0 + l.bias_hh_l0 for l in layers]
+            self.rec_bias = [l.bias_hh_l0.float().to(**to) if self.cell == "gru" else None for l in layers]
+            self.w_ih = [None] + [l.weight_ih_l0.T.contiguous().to(self.device, self.mm_dtype) for l in layers[1:]]
+            self.w_hh = [l.weight_hh_l0.T.contiguous().to(self.device, self.mm_dtype) for l in layers]
+            self.in_bias = [b.float().to(**to) for b in in_bias]
+            self.norms = [self._norms(l) for l in layers]
+            table = model.embedding.weight.float() @ layers[0].weight_ih_l0.float().T  # (V, G)
+            if self.norms[0] is not None:
+                table = F.layer_norm(table, table.shape[1:], *self.norms[0][0])
+            self.table = (table + self.in_bias[0]).to(**to).contiguous()
+            self.peepholes = [tuple(getattr(l, f"peephole_{g}").float().to(**to) for g in "ifo")
+                              if self.cell == "peephole" else None for l in layers]
+        n, hidden = num_streams, self.hidden
+        self.h = torch.zeros(self.layers, n, hidden, **to)
+        self.c = torch.zeros(self.layers, n, hidden, **to) if self.cell in LSTM_CELLS else None
+
+    def _norms(self, layer) -> list[tuple] | None:
+        """(weight, bias, eps) of norm_x, norm_h, norm_c for a layernorm layer, else None."""
+        if self.cell != "layernorm":
+            return None
+        return [(norm.weight.float().to(self.device), norm.bias.float().to(self.device), norm.eps)
+                for norm in (layer.norm_x, layer.norm_h, layer.norm_c)]
+
+    def state_buffers(self) -> list[torch.Tensor]:
+        return [self.h] if self.c is None else [self.h, self.c]
 
     @torch.no_grad()
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        """Feed (N,) ids; returns the (N, V) logits of the next character (a reused buffer)."""
-        self.ids.copy_(ids)
-        if not self.use_graph:
-            self._step()
-            return self.logits
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
-        return self.logits
+    def load_state(self, state: tuple[torch.Tensor, ...]) -> None:
+        """Take the model's state, (h,) or (h, c), each (L, N, H)."""
+        for buffer, value in zip(self.state_buffers(), state):
+            buffer.copy_(value)
 
-    def _capture(self) -> None:
-        saved = [x.clone() for x in self.xh], self.c.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):  # warm up kernels and workspaces outside the graph
-                self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
-        for x, s in zip(self.xh, saved[0]):  # undo the warm-up steps' effect on the state
-            x.copy_(s)
-        self.c.copy_(saved[1])
+    def _matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x.mm(w) if self.exact else x.to(self.mm_dtype).mm(w).float()
+
+    def _step(self) -> None:
+        x = None
+        for layer in range(self.layers):
+            norms = self.norms[layer]
+            if layer == 0:
+                inputs = self.table[self.ids]  # (N, G)
+            else:
+                inputs = self._matmul(x, self.w_ih[layer])
+                if norms is not None:
+                    inputs = F.layer_norm(inputs, inputs.shape[1:], *norms[0])
+                inputs = inputs + self.in_bias[layer]
+            h = self.h[layer]
+            recurrent = self._matmul(h, self.w_hh[layer])
+            if norms is not None:
+                recurrent = F.layer_norm(recurrent, recurrent.shape[1:], *norms[1])
+            if self.cell == "rnn":
+                h.copy_(torch.tanh(inputs + recurrent))
+            elif self.cell == "gru":
+                self._gru(inputs, recurrent + self.rec_bias[layer], h)
+            else:
+                self._lstm(inputs + recurrent, h, self.c[layer], self.peepholes[layer], norms)
+            x = h
+        self._head(x)
+
+    def _gru(self, inputs, recurrent, h) -> None:
+        """r, z = sigma(.), n = tanh(x_n + r * (W_hn h + b_hn)), h = (1 - z) n + z h."""
+        hidden = self.hidden
+        r, z = torch.sigmoid(inputs[:, : 2 * hidden] + recurrent[:, : 2 * hidden]).chunk(2, dim=1)
+        n = torch.tanh(inputs[:, 2 * hidden :] + r * recurrent[:, 2 * hidden :])
+        h.copy_(torch.lerp(n, h, z))
+
+    def _lstm(self, gates, h, c, peepholes, norms) -> None:
+        """Gates i, f, C~, o (nn.LSTM's order) with optional peepholes and LN_c."""
+        i, f, g, o = gates.chunk(4, dim=1)
+        if peepholes is not None:
+            i = i + peepholes[0] * c
+            f = f + peepholes[1] * c
+        c.copy_(torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g))
+        if peepholes is not None:
+            o = o + peepholes[2] * c
+        normed = F.layer_norm(c, c.shape[1:], *norms[2]) if norms is not None else c
+        h.copy_(torch.sigmoid(o) * torch.tanh(normed))
 
 
 def matmul_dtype(dtype: torch.dtype | None, num_streams: int, device: torch.device) -> torch.dtype:

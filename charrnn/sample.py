@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from charrnn.data import Vocab
-from charrnn.decode import LSTMDecoder
+from charrnn.decode import make_decoder
 from charrnn.errors import UsageError
 from charrnn.model import CharRNN
 
@@ -83,8 +83,8 @@ def generate(
     """Yield, step by step, the next character of each of num_samples samples.
 
     A sample that has produced settings.stop yields "" from then on; generation ends
-    when every sample is done or has settings.length characters. fast=True uses the
-    packed-weight LSTM decoder (charrnn.decode) for the steps after the prime;
+    when every sample is done or has settings.length characters. fast=True uses a
+    packed-weight decoder (charrnn.decode, every cell) for the steps after the prime;
     fast=False calls model.forward for every character (the reference path). dtype is
     the decoder's matmul precision (None = fp32; see charrnn.decode.matmul_dtype).
     """
@@ -116,8 +116,8 @@ def _generate(model, vocab, prime_ids, settings, num_samples, generator, device,
     logits, state = model(warm[None].expand(num_samples, -1))  # one forward over the prime
     logits = logits[:, -1]  # (N, V)
     decoder = None
-    if fast and model.config.cell == "lstm":
-        decoder = LSTMDecoder(model, num_samples, device, dtype=dtype)
+    if fast:
+        decoder = make_decoder(model, num_samples, device, dtype=dtype)
         decoder.load_state(state)
     tails = [""] * num_samples
     done = [False] * num_samples

@@ -152,7 +152,8 @@ def _advance(trainer):
 
 
 def bench_cells(corpus, device, seconds, cells=("lstm", "gru", "rnn", "peephole", "layernorm")):
-    """Training chars/s of every cell at 2x512 (charrnn's step, default precision) vs nn.LSTM."""
+    """Per cell at 2x512: training chars/s (charrnn's step, default precision) vs nn.LSTM,
+    and 1-stream sampling chars/s through the packed decoder vs the per-character forward."""
     rates = {}
     for cell in cells:
         with tempfile.TemporaryDirectory() as tmp:
@@ -160,8 +161,39 @@ def bench_cells(corpus, device, seconds, cells=("lstm", "gru", "rnn", "peephole"
                               TrainConfig(device=str(device), steps=1, sample_length=0, batch_size=64, seq_len=100),
                               Path(tmp) / "run")
             calls, elapsed = timed(lambda: _advance(trainer), seconds, device)
-        rates[cell] = calls * 64 * 100 / elapsed
-    return {cell: {"chars_per_s": rate, "ratio_to_lstm": rate / rates["lstm"]} for cell, rate in rates.items()}
+            model, vocab = trainer.model.eval(), trainer.vocab
+        rates[cell] = {"chars_per_s": calls * 64 * 100 / elapsed}
+        for fast in (True, False):
+            rates[cell]["sample_fast" if fast else "sample_reference"] = sampling_rate(
+                model, vocab, device, seconds / 2, 1, fast=fast)
+    for cell, r in rates.items():
+        r["ratio_to_lstm"] = r["chars_per_s"] / rates["lstm"]["chars_per_s"]
+        r["sample_ratio"] = r["sample_fast"] / r["sample_reference"]
+    return rates
+
+
+def sampling_rate(model, vocab, device, seconds, streams, fast=True, dtype=None):
+    """chars/s of charrnn's sampler, all streams together, over about `seconds`."""
+    gen = torch.Generator(device).manual_seed(0)
+    prime = torch.zeros(1, dtype=torch.long)
+
+    def run(n):
+        for _ in generate(model, vocab, prime, SampleSettings(length=n, temperature=1.0), streams, gen, device,
+                          fast=fast, dtype=dtype):
+            pass
+
+    return _rate(run, max(50, 2000 // streams), seconds, device) * streams
+
+
+def _rate(fn, n_chars, seconds, device):
+    fn(8)
+    sync(device)
+    total, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn(n_chars)
+        total += n_chars
+    sync(device)
+    return total / (time.perf_counter() - start)
 
 
 def bench_quality(corpus, hidden, layers, batch, seq, steps, device):
@@ -200,26 +232,10 @@ def bench_sampling(vocab_size, hidden, layers, device, seconds, streams_list, dt
             x = torch.multinomial(probs, 1, generator=gen)
             x.item()  # a streaming sampler needs each character on the host
 
-    def rate(fn, n_chars):
-        fn(8)
-        sync(device)
-        total, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            fn(n_chars)
-            total += n_chars
-        sync(device)
-        return total / (time.perf_counter() - start)
-
-    base = rate(baseline, 50)
+    base = _rate(baseline, 50, seconds, device)
     results = {"baseline_1_stream_chars_per_s": base}
-    prime = torch.zeros(1, dtype=torch.long)
     for streams in streams_list:
-        def ours(n, streams=streams):
-            for _ in generate(model, vocab, prime, SampleSettings(length=n, temperature=1.0), streams, gen, device,
-                              dtype=dtype):
-                pass
-        per_call = max(50, 2000 // streams)
-        r = rate(ours, per_call) * streams
+        r = sampling_rate(model, vocab, device, seconds, streams, dtype=dtype)
         results[f"charrnn_{streams}_streams_chars_per_s"] = r
         results[f"ratio_{streams}_streams"] = r / base
     return results
@@ -350,6 +366,9 @@ def print_table(results):
     for cell, r in results.get("cells", {}).items():
         rows.append((f"train chars/s 2x512 --cell {cell}", "", f"{r['chars_per_s']:,.0f}",
                      f"{r['ratio_to_lstm']:.2f}x lstm"))
+    for cell, r in results.get("cells", {}).items():
+        rows.append((f"sample chars/s 1 stream --cell {cell}", f"{r['sample_reference']:,.0f} (forward)",
+                     f"{r['sample_fast']:,.0f}", f"{r['sample_ratio']:.2f}x"))
     if "quality" in results:
         q = results["quality"]
         names = list(q["results"])

@@ -42,10 +42,11 @@ def test_cuda_training_checkpoint_loads_on_cpu(tmp_path):
 
 
 @pytest.mark.parametrize("streams", [1, 16])
-def test_cuda_graph_decoder_equals_reference(streams):
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "peephole", "layernorm"])
+def test_cuda_graph_decoder_equals_reference(streams, cell):
     vocab = Vocab.from_text(VERSE)
     torch.manual_seed(0)
-    model = CharRNN(ModelConfig(hidden_size=64, num_layers=2, dropout=0.0), len(vocab)).cuda().eval()
+    model = CharRNN(ModelConfig(cell=cell, hidden_size=64, num_layers=2, dropout=0.0), len(vocab)).cuda().eval()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     prime, _ = vocab.encode("The ")

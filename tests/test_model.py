@@ -13,9 +13,21 @@ from charrnn.sample import SampleSettings, generate, next_ids
 from conftest import VERSE
 
 
+CELLS = ["lstm", "gru", "rnn", "peephole", "layernorm"]
+
+
 def make_model(cell="lstm", vocab_size=20, seed=0):
     torch.manual_seed(seed)
     return CharRNN(ModelConfig(cell=cell, hidden_size=24, num_layers=2, embedding_size=8, dropout=0.0), vocab_size).eval()
+
+
+def shaken(model: CharRNN) -> CharRNN:
+    """Noise on every parameter, so that peepholes (0 at init) and layer-norm gains and
+    shifts (1 and 0) take part in what a test compares."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
@@ -132,10 +144,12 @@ def test_evaluate_streams_and_tail_score_every_character_once():
     dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.2, top_p=0.9), dict(temperature=0.0),
 ])
 @pytest.mark.parametrize("layers", [1, 3])
-def test_fast_decoder_samples_the_same_text_as_the_reference_path(settings, layers):
+@pytest.mark.parametrize("cell", CELLS)
+def test_fast_decoder_samples_the_same_text_as_the_reference_path(settings, layers, cell):
     vocab = Vocab.from_text(VERSE)
     torch.manual_seed(5)
-    model = CharRNN(ModelConfig(hidden_size=32, num_layers=layers, embedding_size=8, dropout=0.0), len(vocab)).eval()
+    config = ModelConfig(cell=cell, hidden_size=32, num_layers=layers, embedding_size=8, dropout=0.0)
+    model = shaken(CharRNN(config, len(vocab)).eval())
     prime, _ = vocab.encode("Voilà ")
 
     def run(fast):
@@ -147,14 +161,15 @@ def test_fast_decoder_samples_the_same_text_as_the_reference_path(settings, laye
     assert run(fast=True) == run(fast=False)
 
 
-def test_fast_decoder_logits_match_forward():
-    from charrnn.decode import LSTMDecoder
+@pytest.mark.parametrize("cell", CELLS)
+def test_fast_decoder_logits_match_forward(cell):
+    from charrnn.decode import make_decoder
 
-    model = make_model(vocab_size=20)
+    model = shaken(make_model(cell, vocab_size=20))
     ids = torch.randint(0, 20, (4, 12))
     expected, _ = model(ids)
     _, state = model(ids[:, :1])
-    decoder = LSTMDecoder(model, 4)
+    decoder = make_decoder(model, 4)
     decoder.load_state(state)
     for t in range(1, 12):
         logits = decoder.step(ids[:, t])
@@ -184,17 +199,18 @@ def test_dropout_is_off_in_eval_mode():
     assert not torch.equal(model(x)[0], model(x)[0])
 
 
-def test_bf16_decoder_for_many_streams_stays_close_to_fp32():
-    from charrnn.decode import LSTMDecoder, matmul_dtype
+@pytest.mark.parametrize("cell", CELLS)
+def test_bf16_decoder_for_many_streams_stays_close_to_fp32(cell):
+    from charrnn.decode import make_decoder, matmul_dtype
 
     assert matmul_dtype(torch.bfloat16, 1, torch.device("cpu")) == torch.float32  # GEMV: fp32 is faster
     assert matmul_dtype(torch.bfloat16, 64, torch.device("cpu")) == torch.bfloat16
-    model = make_model(vocab_size=20)
+    model = make_model(cell, vocab_size=20)
     ids = torch.randint(0, 20, (16, 10))
     expected, _ = model(ids)
     _, state = model(ids[:, :1])
-    decoder = LSTMDecoder(model, 16, dtype=torch.bfloat16)
-    assert decoder.w_hh0.dtype == torch.bfloat16
+    decoder = make_decoder(model, 16, dtype=torch.bfloat16)
+    assert decoder.w_head.dtype == torch.bfloat16
     decoder.load_state(state)
     for t in range(1, 10):
         torch.testing.assert_close(decoder.step(ids[:, t]), expected[:, t], rtol=0, atol=0.05)
