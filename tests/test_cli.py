@@ -105,6 +105,27 @@ def test_train_writes_run_directory_and_nothing_on_stdout(tmp_path, monkeypatch)
     assert invoke(*args, "--out", run).exit_code == 2  # --out holding a run is refused
 
 
+@pytest.mark.parametrize("cell", ["gru", "rnn", "peephole", "layernorm"])
+@pytest.mark.parametrize("stateless", [False, True])
+def test_every_cell_trains_samples_and_evaluates(tmp_path, cell, stateless):
+    """The cell is stored in the checkpoint: sample and eval need no --cell."""
+    corpus = tmp_path / "poem.txt"
+    corpus.write_text(VERSE * 10)
+    extra = ["--stateless"] if stateless else []
+    if cell in ("peephole", "layernorm"):
+        extra += ["--recurrent-dropout", 0.2]
+    trained = invoke("train", corpus, "--cell", cell, "--hidden-size", 16, "--batch-size", 2, "--seq-len", 8,
+                     "--steps", 4, "--eval-every", 2, "--device", "cpu", "--out", tmp_path / "run", "--json", *extra)
+    assert trained.exit_code == 0, trained.stderr
+    assert json.loads(trained.stdout)["best_val_loss"] > 0
+    sampled = invoke("sample", "-m", tmp_path / "run", "--length", 40, "--seed", 3, "--prime", "The")
+    assert sampled.exit_code == 0, sampled.stderr
+    assert len(sampled.stdout.rstrip("\n")) == len("The") + 40
+    evaluated = invoke("eval", corpus, "-m", tmp_path / "run" / "best.pt", "--json")
+    assert evaluated.exit_code == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["chars"] == len(VERSE * 10) - 1
+
+
 def _one_line_error(result, code):
     assert result.exit_code == code, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
