@@ -23,7 +23,8 @@ autograd overhead. Measured per layer, forward + backward, B=64, T=100, bf16 aut
 (2026-11-27): this loop 185-195 ms; the same step under torch.compile 203-218 ms (plus
 15 s of compiling per process); the whole loop as one autograd Function with a
 hand-written backward through time 215 ms; nn.LSTM (oneDNN) 155 ms. What did pay was
-folding the bias into the input matmul (0.62-0.68x of nn.LSTM -> 0.81-0.86x).
+folding the bias into the input matmul (0.56-0.71x of nn.LSTM -> 0.77-0.86x, training
+steps of the whole model in scripts/bench.py; docs/benchmarks.md has the runs).
 
 Recurrent dropout (Gal & Ghahramani 2016, Keras `recurrent_dropout`): one mask per
 sequence, drawn at its first step, multiplies h_{t-1} at every step; off in eval mode.
