@@ -28,8 +28,9 @@ def test_auto_picks_cuda_and_bf16():
     assert dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else None)
 
 
-def test_cuda_training_checkpoint_loads_on_cpu(tmp_path):
-    model_config, train_config = tiny_configs(train={"device": "cuda", "dtype": "auto"})
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "peephole", "layernorm"])
+def test_cuda_training_checkpoint_loads_on_cpu(tmp_path, cell):
+    model_config, train_config = tiny_configs(model={"cell": cell}, train={"device": "cuda", "dtype": "auto"})
     summary = Trainer(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "run").run()
     assert summary["val_loss"] < 4.0
     payload = checkpoint.load(tmp_path / "run" / "last.pt")
