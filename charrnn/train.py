@@ -233,7 +233,6 @@ class Trainer:
         self._prepare_run_dir(resuming=progress.step > 0)
         self.model.train()
         steps_per_epoch = self.batches.steps_per_epoch
-        self._chars, self._train_time = 0, 0.0
         log_loss, log_steps = torch.zeros((), device=self.device), 0
         last_eval_step = progress.step
         clock, start_elapsed = time.perf_counter(), progress.elapsed_s
@@ -299,13 +298,13 @@ class Trainer:
         loss = F.cross_entropy(logits[:, skip:].float().flatten(0, 1), y[:, skip:].flatten())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        params = self.model.parameters()
+        params = list(self.model.parameters())
         if config.clip_mode == "norm" and config.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)  # returns the pre-clip norm
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, math.inf)  # measures only
             if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_value_(self.model.parameters(), config.grad_clip)
+                torch.nn.utils.clip_grad_value_(params, config.grad_clip)
         self.optimizer.step()
         if not config.stateless:
             self.state = detach(new_state)
