@@ -33,7 +33,7 @@ from charrnn import __version__
 from charrnn.config import ModelConfig, build
 from charrnn.data import Vocab
 from charrnn.errors import CheckpointError
-from charrnn.model import CharRNN
+from charrnn.model import LSTM_CELLS, CharRNN
 
 FORMAT = "charrnn-checkpoint"
 FORMAT_VERSION = 1
@@ -113,8 +113,19 @@ def load(path: str | Path) -> dict[str, Any]:
     missing = [key for key in REQUIRED if key not in payload]
     if missing:
         raise CheckpointError(f"{path} is missing {', '.join(missing)}; it is damaged")
+    _upgrade(payload)
     payload["path"] = str(path)
     return payload
+
+
+def _upgrade(payload: dict[str, Any]) -> None:
+    """Fill what older checkpoints of the same format lack, with the values that mean
+    what they did then: no learned start state is the all-zero one."""
+    weights, config = payload["model"], payload["model_config"]
+    if isinstance(weights, dict) and isinstance(config, dict) and "start_state" not in weights:
+        count = 2 if config.get("cell", "lstm") in LSTM_CELLS else 1
+        shape = (count, config.get("num_layers", 2), config.get("hidden_size", 512))
+        weights["start_state"] = torch.zeros(shape)
 
 
 def restore_model(payload: dict[str, Any]) -> tuple[CharRNN, Vocab]:

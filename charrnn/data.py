@@ -307,6 +307,47 @@ class StatefulBatches:
         return self.x[:, cols].long(), self.y[:, cols].long()
 
 
+class RestartingStreams:
+    """Stateful batches whose streams restart at random places: B cursors into the text.
+
+    Each step every stream takes the next T characters from its cursor, as in
+    StatefulBatches, so the state carried from one step to the next reads on; but each
+    stream, with probability `restart` per step (and whenever it would run off the end),
+    jumps to a random offset and starts again from the model's start state::
+
+        stream b:  ...|--T--|--T--|--T--|  jump  |--T--|--T--| ...
+                            carried state    start state, carried again
+
+    A stream thus runs 1/restart windows on average: long context for the state to carry,
+    a start from the start state often enough for the model to learn reading from it, and
+    batches that, unlike fixed streams, are not the same B places of the text in the same
+    order every epoch. `restart` = 1 is random windows from the start state.
+    """
+
+    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, restart: float, rows: slice = slice(None)):
+        if len(ids) < seq_len + 1 or len(ids) < batch_size * seq_len + 1:
+            raise _too_short(len(ids), batch_size, seq_len)
+        self.ids = ids
+        self.seq_len = seq_len
+        self.restart = restart
+        self.steps_per_epoch = max(1, (len(ids) - 1) // (batch_size * seq_len))
+        spacing = (len(ids) - 1) // batch_size
+        self.cursors = (torch.arange(batch_size) * spacing)[rows].clone()  # (B,) evenly spaced at first
+        self._offsets = torch.arange(seq_len + 1)
+
+    def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next (x, y) of every stream, each (B, T) int64, and which streams restarted (B,)."""
+        rows = len(self.cursors)
+        last = len(self.ids) - self.seq_len - 1  # the largest cursor with a whole window after it
+        jump = torch.rand(rows, generator=generator) < self.restart
+        jump |= self.cursors > last
+        fresh = torch.randint(0, last + 1, (rows,), generator=generator)
+        self.cursors = torch.where(jump, fresh, self.cursors)
+        window = self.ids[(self.cursors[:, None] + self._offsets).to(self.ids.device)].long()  # (B, T + 1)
+        self.cursors = self.cursors + self.seq_len
+        return window[:, :-1], window[:, 1:], jump.to(self.ids.device)
+
+
 class RandomWindows:
     """Stateless batches: B windows of T characters at random offsets, from a generator."""
 

@@ -42,8 +42,16 @@ class CharRNN(nn.Module):
             for layer in range(config.num_layers)
         )
         self.head = nn.Linear(config.hidden_size, vocab_size)
+        # The learned start state (h0[, c0] of every layer): where every sequence begins
+        # when no state is carried in (sampling, eval, each stateless window, a restarted
+        # stream). It starts at zero, the classic start, and training moves it to a state
+        # the model reads well from: from zero a model trained on carried state alone has
+        # hardly ever started, so its first characters after a short prime were garbage.
+        count = 2 if config.cell in LSTM_CELLS else 1
+        self.start_state = nn.Parameter(torch.zeros(count, config.num_layers, config.hidden_size))  # (S, L, H)
         self._initialise()
         self.reset_forget_bias(config.forget_bias)
+        self.last_weight_masks: list[torch.Tensor] = []  # the weight-drop masks of the last call, per layer
 
     def _initialise(self) -> None:
         """Apply config.init to the recurrent layers (see ModelConfig.init for why)."""
@@ -72,28 +80,58 @@ class CharRNN(nn.Module):
                 rnn.bias_ih_l0[hidden : 2 * hidden].fill_(value)
                 rnn.bias_hh_l0[hidden : 2 * hidden].zero_()
 
-    def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
-        """The all-zero state of a fresh sequence."""
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        """The learned start state of a fresh sequence, (L, B, H) each."""
         shape = (self.config.num_layers, batch_size, self.config.hidden_size)
-        count = 2 if self.config.cell in LSTM_CELLS else 1
-        return tuple(torch.zeros(shape, device=device) for _ in range(count))
+        start = self.start_state if device is None else self.start_state.to(device)
+        return tuple(s[:, None, :].expand(shape).contiguous() for s in start)
+
+    def restart(self, state: State, reset: torch.Tensor) -> State:
+        """Carried state with the streams where reset (B,) is True set to the start state.
+
+        Used at every stateful step (with an all-False mask too), so the start state
+        always takes part in the graph, as DistributedDataParallel requires."""
+        start = self.init_state(reset.shape[0])
+        keep = ~reset[None, :, None]  # (1, B, 1)
+        return tuple(torch.where(keep, s, s0.to(s.dtype)) for s, s0 in zip(state, start))
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """x: (B, T) character ids -> logits (B, T, V) and the state after x."""
         if state is None:
-            state = self.init_state(x.shape[0], x.device)
+            state = self.init_state(x.shape[0])
         p = self.config.dropout if self.training else 0.0
         hidden = dropout(self.embedding(x), self.config.embedding_dropout if self.training else 0.0)  # (B, T, E)
         layer_states = []
+        drop_weights = self.training and self.config.weight_drop > 0
+        self.last_weight_masks = []
         for layer, rnn in enumerate(self.layers):
             if layer:
                 hidden = dropout(hidden, p)
             mine = tuple(s[layer : layer + 1] for s in state)  # (1, B, H) each
-            hidden, new = rnn(hidden, mine if self.config.cell in LSTM_CELLS else mine[0])  # (B, T, H)
+            args = (hidden, mine if self.config.cell in LSTM_CELLS else mine[0])
+            if drop_weights:
+                hidden, new = self._weight_dropped(rnn, args)
+            else:
+                hidden, new = rnn(*args)  # (B, T, H)
             layer_states.append(new if isinstance(new, tuple) else (new,))
         logits = self.head(dropout(hidden, p))  # (B, T, V)
         new_state = tuple(torch.cat(parts) for parts in zip(*layer_states))  # (L, B, H) each
         return logits, new_state
+
+
+    def _weight_dropped(self, rnn: nn.Module, args: tuple) -> tuple:
+        """The layer run with DropConnect on its recurrent weights (AWD-LSTM's weight drop,
+        Merity et al. 2017): one mask over weight_hh per call, so the same connections are
+        dropped at every time step and for every sequence of the batch.
+
+        The masked matrix is swapped in with torch.func.functional_call, so nn.LSTM, nn.GRU
+        and nn.RNN still make their one fused call (oneDNN, cuDNN): the parameter itself is
+        never modified (awd-lstm-lm's in-place variant fell off the fused path)."""
+        weight = rnn.weight_hh_l0
+        keep = 1.0 - self.config.weight_drop
+        mask = (torch.rand(weight.shape, device=weight.device) < keep).to(weight.dtype) / keep  # (G*H, H)
+        self.last_weight_masks.append(mask)
+        return torch.func.functional_call(rnn, {"weight_hh_l0": weight * mask}, args)
 
 
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:

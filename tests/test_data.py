@@ -3,7 +3,7 @@ import io
 import pytest
 import torch
 
-from charrnn.data import (RandomWindows, StatefulBatches, Vocab, embedded_corpus, iter_text, read_corpus,
+from charrnn.data import (RandomWindows, RestartingStreams, StatefulBatches, Vocab, embedded_corpus, iter_text, read_corpus,
                           split, to_utf8)
 from charrnn.errors import DataError
 
@@ -164,3 +164,32 @@ def test_utf8_ending_inside_a_character(tmp_path):
     path.write_bytes("abc".encode() + "é".encode()[:1])
     with pytest.raises(DataError, match="ends inside a character"):
         read_corpus([str(path)])
+
+
+def test_restarting_streams_carry_on_or_jump_and_never_run_off_the_end():
+    ids = torch.arange(1000) % 251  # distinct enough to locate a window
+    batches = RestartingStreams(ids.to(torch.uint8), batch_size=6, seq_len=10, restart=0.3)
+    generator = torch.Generator().manual_seed(0)
+    previous_end = None
+    jumped_any = carried_any = False
+    for _ in range(200):
+        x, y, restarted = batches.batch(generator)
+        assert x.shape == y.shape == (6, 10) and restarted.shape == (6,)
+        assert torch.equal(y[:, :-1], x[:, 1:])  # targets are the next characters
+        if previous_end is not None:
+            continues = x[:, 0] == (previous_end + 1) % 251
+            # A stream that did not restart reads on from where it stopped.
+            assert torch.all(continues[~restarted])
+            jumped_any |= bool(restarted.any())
+            carried_any |= bool((~restarted).any())
+        previous_end = x[:, -1]
+        assert int(batches.cursors.max()) <= len(ids) - 1 + 10
+    assert jumped_any and carried_any
+
+
+def test_restart_probability_one_is_random_windows_every_step():
+    batches = RestartingStreams(torch.arange(500).to(torch.int16), batch_size=4, seq_len=8, restart=1.0)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        _, _, restarted = batches.batch(generator)
+        assert restarted.all()
