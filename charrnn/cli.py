@@ -20,7 +20,7 @@ from typing import List, Optional
 import typer
 
 from charrnn import __version__
-from charrnn.config import ModelConfig, TrainConfig
+from charrnn.config import DynamicSettings, ModelConfig, TrainConfig
 from charrnn.errors import CharRNNError, TrainingInterrupted, UsageError
 
 app = typer.Typer(
@@ -98,6 +98,7 @@ class Unknown(str, Enum):
 # -- train -------------------------------------------------------------------------------
 
 M, T = ModelConfig, TrainConfig  # their class attributes are the defaults shown in --help
+DYN = DynamicSettings
 PANEL_MODEL = "Model (stored in the checkpoint)"
 PANEL_TRAIN = "Training"
 PANEL_RUN = "Run and output"
@@ -118,6 +119,7 @@ def train(
     embedding_size: Optional[int] = typer.Option(None, help="Character embedding width.", show_default=str(M.embedding_size), rich_help_panel=PANEL_MODEL),
     dropout: Optional[float] = typer.Option(None, help="Dropout between layers and before the head.", show_default=str(M.dropout), rich_help_panel=PANEL_MODEL),
     embedding_dropout: Optional[float] = typer.Option(None, help="Dropout on the character embeddings.", show_default=str(M.embedding_dropout), rich_help_panel=PANEL_MODEL),
+    weight_drop: Optional[float] = typer.Option(None, help="DropConnect on the recurrent weights W_hh (AWD-LSTM weight drop), one mask per forward.", show_default=str(M.weight_drop), rich_help_panel=PANEL_MODEL),
     init: Optional[str] = typer.Option(None, help="Weight init: default (PyTorch), orthogonal (recurrent) or uniform (char-rnn's +-0.08).", show_default=str(M.init), rich_help_panel=PANEL_MODEL),
     forget_bias: Optional[float] = typer.Option(None, help="Initial forget-gate bias of LSTM cells.", show_default=str(M.forget_bias), rich_help_panel=PANEL_MODEL),
     recurrent_dropout: Optional[float] = typer.Option(None, help="Dropout on h_{t-1}, one mask per sequence (peephole/layernorm cells).", show_default=str(M.recurrent_dropout), rich_help_panel=PANEL_MODEL),
@@ -130,6 +132,8 @@ def train(
     grad_clip: Optional[float] = typer.Option(None, help="Clip the global gradient norm (0 = off).", show_default=str(T.grad_clip), rich_help_panel=PANEL_TRAIN),
     clip_mode: Optional[str] = typer.Option(None, help="Clip the global norm (norm) or each element (value, as char-rnn).", show_default=str(T.clip_mode), rich_help_panel=PANEL_TRAIN),
     burn_in: Optional[int] = typer.Option(None, help="Stateless mode: predictions left out of the loss at the start of each window.", show_default=str(T.burn_in), rich_help_panel=PANEL_TRAIN),
+    ema_decay: Optional[float] = typer.Option(None, help="Validate, keep best.pt and sample with a moving average of the weights of this decay (0 = off).", show_default=str(T.ema_decay), rich_help_panel=PANEL_TRAIN),
+    stream_restart: Optional[float] = typer.Option(None, help="Stateful: chance per step that a stream restarts from the start state at a random place.", show_default=str(T.stream_restart), rich_help_panel=PANEL_TRAIN),
     steps: Optional[int] = typer.Option(None, help="Stop after this many steps.", show_default="no limit", rich_help_panel=PANEL_TRAIN),
     epochs: Optional[float] = typer.Option(None, help="Stop after this many epochs.", show_default="10 when no --steps/--time", rich_help_panel=PANEL_TRAIN),
     time: Optional[str] = typer.Option(None, "--time", help="Stop after this wall-clock time: 90s, 10m, 1h30m.", show_default="no limit", rich_help_panel=PANEL_TRAIN),
@@ -146,14 +150,15 @@ def train(
         from charrnn import checkpoint, distributed
         from charrnn.config import ModelConfig, TrainConfig, build, load_toml
         from charrnn.data import read_corpus
+        from charrnn.sizing import SIZED
         from charrnn.train import Trainer, choose_run_dir, resume_configs
 
         model_flags = dict(cell=cell, hidden_size=hidden_size, num_layers=num_layers,
                            embedding_size=embedding_size, dropout=dropout, recurrent_dropout=recurrent_dropout,
-                           embedding_dropout=embedding_dropout, init=init, forget_bias=forget_bias)
+                           embedding_dropout=embedding_dropout, weight_drop=weight_drop, init=init, forget_bias=forget_bias)
         train_flags = dict(batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate,
                            min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                           grad_clip=grad_clip, clip_mode=clip_mode, burn_in=burn_in, steps=steps, epochs=epochs, time=time, eval_every=eval_every,
+                           grad_clip=grad_clip, clip_mode=clip_mode, burn_in=burn_in, stream_restart=stream_restart, ema_decay=ema_decay, steps=steps, epochs=epochs, time=time, eval_every=eval_every,
                            val_frac=val_frac, seed=seed, stateless=stateless, dtype=dtype, device=device,
                            sample_length=sample_length)
         file_model, file_train = load_toml(config) if config else ({}, {})
@@ -165,6 +170,7 @@ def train(
             if changed:
                 raise UsageError(f"the model cannot change when resuming ({', '.join(changed)}); drop those flags")
             model_config, train_config = resume_configs(payload, {**file_train, **train_flags})
+            auto = ()
             run_dir = Path(payload["path"]).parent
             sources = corpus or [s for s in payload["corpus"]["sources"] if not s.startswith("<embedded")]
             if sources == ["-"]:
@@ -174,6 +180,8 @@ def train(
         else:
             model_config = build(ModelConfig, file_model, model_flags)
             train_config = build(TrainConfig, file_train, train_flags)
+            given = {k for k, v in {**file_model, **model_flags}.items() if v is not None}
+            auto = tuple(k for k in SIZED if k not in given)  # chosen for the corpus and budget
             corpus_data = read_corpus(corpus or [], encoding)
             run_dir = None
         group = distributed.init_from_env(train_config.device)  # a group of one without torchrun
@@ -187,7 +195,8 @@ def train(
         view = _TrainView(quiet)
         clean = False
         try:
-            summary = Trainer(corpus_data, model_config, train_config, run_dir, on_event=view, resume=payload).run()
+            summary = Trainer(corpus_data, model_config, train_config, run_dir, on_event=view, resume=payload,
+                              auto=auto).run()
             clean = True
         except TrainingInterrupted:
             clean = True  # every rank agreed to stop at the same step
@@ -232,8 +241,8 @@ class _TrainView:
         lines = [
             f"run directory: {info['run_dir']}" + (f" (resuming at step {info['resumed_step']})" if info["resumed_step"] else ""),
             f"device: {info['device']} ({info['device_reason']}); autocast: {info['dtype']} ({info['dtype_reason']})",
-            f"model: {model['num_layers']}x{model['hidden_size']} {model['cell']}, {info['parameters']:,} parameters, "
-            f"vocabulary {info['vocab_size']}",
+            f"model: {model['num_layers']}x{model['hidden_size']} {model['cell']}, dropout {model['dropout']:g}, "
+            f"{info['parameters']:,} parameters, vocabulary {info['vocab_size']}",
             f"data: {info['train_chars']:,} train / {info['val_chars']:,} validation characters; "
             f"{'stateless' if config['stateless'] else 'stateful'} batches of {config['batch_size']}x{config['seq_len']}, "
             f"{info['steps_per_epoch']:,} steps per epoch",
@@ -241,6 +250,10 @@ class _TrainView:
                                               f"{config['epochs']:g} epochs" if config["epochs"] else "",
                                               f"{config['time']}" if config["time"] else "") if p),
         ]
+        if info.get("sizing"):
+            flags = " / ".join("--" + k.replace("_", "-") for k in info["sizing"]["fields"])
+            lines.insert(3, f"size: {model['hidden_size']} units, dropout {model['dropout']:g} (auto: "
+                            f"{info['sizing']['reason']}; {flags} to choose)")
         for line in lines:
             _err(line)
 
@@ -359,8 +372,12 @@ def eval_(
     encoding: str = typer.Option("utf-8", help="Text encoding of the files."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", help="Precision: auto (as training picks), fp32, bf16 or fp16."),
+    dynamic: bool = typer.Option(False, "--dynamic", help="Also score with dynamic evaluation (Krause et al. 2018): after each segment the model takes a gradient step on it, adapting to the text as it reads. A different protocol from plain eval, reported beside it; the checkpoint is not changed.", rich_help_panel="Dynamic evaluation"),
+    step_size: float = typer.Option(DYN.step_size, help="Dynamic: RMS-normalised step size (0 = static).", rich_help_panel="Dynamic evaluation"),
+    decay: float = typer.Option(DYN.decay, help="Dynamic: pull toward the trained weights per step.", rich_help_panel="Dynamic evaluation"),
+    segment: int = typer.Option(DYN.segment, help="Dynamic: characters scored between two steps.", rich_help_panel="Dynamic evaluation"),
 ):
-    """Score text: loss (nats/char), bits per character, perplexity."""
+    """Score text: loss (nats/char), bits per character, perplexity (--dynamic: also adapting as it reads)."""
     with _errors_to_exit_codes():
         from charrnn.data import read_corpus
         from charrnn.device import resolve_dtype
@@ -373,12 +390,30 @@ def eval_(
         if len(ids) < 2:
             raise UsageError("eval needs at least 2 known characters to score")
         result = evaluate(model, ids, device_, dtype_, dropped)
+        report = {**result.as_dict(), "files": files, "checkpoint": payload["path"]}
+        if dynamic:
+            import time
+
+            from charrnn.evaluate import dynamic_evaluate
+
+            settings = DynamicSettings(step_size=step_size, decay=decay, segment=segment)
+            settings.validate()
+            started = time.perf_counter()
+            adapted = dynamic_evaluate(model, ids, device_, settings, dtype_, dropped)
+            seconds = time.perf_counter() - started
+            report["dynamic"] = {**adapted.as_dict(), "step_size": step_size, "decay": decay, "segment": segment,
+                                 "chars_per_s": adapted.chars / seconds}
         if json_out:
-            print(json.dumps({**result.as_dict(), "files": files, "checkpoint": payload["path"]}))
-        else:
-            extra = f", {dropped} unknown dropped" if dropped else ""
-            print(f"chars {result.chars}  loss {result.loss:.4f} nats/char  bpc {result.bpc:.4f}  "
-                  f"perplexity {result.perplexity:.3f}{extra}")
+            print(json.dumps(report))
+            return
+        extra = f", {dropped} unknown dropped" if dropped else ""
+        print(f"chars {result.chars}  loss {result.loss:.4f} nats/char  bpc {result.bpc:.4f}  "
+              f"perplexity {result.perplexity:.3f}{extra}")
+        if dynamic:
+            adapted = report["dynamic"]
+            print(f"dynamic  loss {adapted['loss']:.4f} nats/char  bpc {adapted['bpc']:.4f}  "
+                  f"perplexity {adapted['perplexity']:.3f}  ({adapted['loss'] - result.loss:+.4f} vs static; "
+                  f"{adapted['chars_per_s']:,.0f} chars/s)")
 
 
 @app.command()

@@ -37,6 +37,10 @@ class ModelConfig:
     # Dropout on h_{t-1} inside the recurrence, one mask per sequence (peephole and
     # layernorm cells only); 0 = off.
     recurrent_dropout: float = 0.0
+    # DropConnect on the recurrent weights W_hh (AWD-LSTM's weight drop): one mask per
+    # forward call, shared by every time step and sequence; regularises the recurrence
+    # without touching the fused nn.LSTM kernel. 0 = off.
+    weight_drop: float = 0.0
     # Dropout on the character embeddings (whole vectors' entries, like the other dropouts).
     embedding_dropout: float = 0.0
     # Weight initialisation. "default": PyTorch's uniform(+-1/sqrt(H)), which keeps the
@@ -57,6 +61,7 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         _check(0.0 <= self.recurrent_dropout < 1.0, "recurrent_dropout", "must be in [0, 1)")
         _check(0.0 <= self.embedding_dropout < 1.0, "embedding_dropout", "must be in [0, 1)")
+        _check(0.0 <= self.weight_drop < 1.0, "weight_drop", "must be in [0, 1)")
         _check(self.init in ("default", "orthogonal", "uniform"), "init", "must be default, orthogonal or uniform")
         _check(self.recurrent_dropout == 0.0 or self.cell in ("peephole", "layernorm"), "recurrent_dropout",
                "needs a hand-written cell (--cell peephole or layernorm)")
@@ -85,6 +90,13 @@ class TrainConfig:
     # Stateless mode: leave the first burn_in predictions of each window out of the loss
     # (they were made from an all-zero state, with almost no context).
     burn_in: int = 0
+    # Weight averaging: validation, best.pt and sampling use an exponential moving average
+    # of the weights with this decay (0 = off; see charrnn.average).
+    ema_decay: float = 0.0
+    # Stateful mode: the chance per step that a stream jumps to a random place in the text
+    # and starts again from the learned start state (0 = fixed streams, reset each epoch,
+    # as char-rnn). See charrnn.data.RestartingStreams.
+    stream_restart: float = 0.0
     # Stop after this many optimizer steps (0 = no step limit).
     steps: int = 0
     # Stop after this many passes over the training split (0 = no epoch limit).
@@ -118,6 +130,9 @@ class TrainConfig:
         _check(self.clip_mode in ("norm", "value"), "clip_mode", "must be norm or value")
         _check(0 <= self.burn_in < self.seq_len, "burn_in", "must be >= 0 and below seq_len")
         _check(self.burn_in == 0 or self.stateless, "burn_in", "applies to --stateless training only")
+        _check(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1) (0 = off)")
+        _check(0 <= self.stream_restart <= 1, "stream_restart", "must be in [0, 1]")
+        _check(self.stream_restart == 0 or not self.stateless, "stream_restart", "applies to stateful training only")
         _check(self.steps >= 0, "steps", "must be >= 0")
         _check(self.epochs >= 0, "epochs", "must be >= 0")
         parse_duration(self.time)
@@ -135,6 +150,34 @@ class TrainConfig:
         if self.steps or self.epochs or self.time:
             return self
         return dataclasses.replace(self, epochs=10.0)
+
+
+@dataclass(frozen=True)
+class DynamicSettings:
+    """Dynamic evaluation (Krause et al. 2018): after scoring each segment of the text,
+    take one gradient step on it, so the model adapts to the text as it reads it::
+
+        ms    <- beta ms + (1 - beta) g^2                  (RMS of the gradients so far)
+        theta <- theta - lr g / (sqrt(ms) + eps) + decay (theta_0 - theta)
+
+    theta_0 are the trained weights, which the decay pulls back toward. Every character
+    is still scored before the model has trained on it, so the figure is a fair loss of
+    a model allowed to learn as it reads, a different protocol from plain eval."""
+
+    step_size: float = 3e-4  # lr above; 0 = static evaluation
+    decay: float = 0.01  # pull toward the trained weights per step
+    segment: int = 50  # characters scored between two updates
+    streams: int = 8  # contiguous parts of the text read side by side (fewer: more, smaller steps)
+    beta: float = 0.99
+    eps: float = 1e-8
+
+    def validate(self) -> None:
+        if not (self.step_size >= 0 and math.isfinite(self.step_size)):
+            raise UsageError(f"--step-size must be a finite number >= 0, not {self.step_size}")
+        if not 0 <= self.decay <= 1:
+            raise UsageError(f"--decay must be in [0, 1], not {self.decay}")
+        if self.segment < 1:
+            raise UsageError(f"--segment must be >= 1, not {self.segment}")
 
 
 def _check(ok: bool, key: str, message: str) -> None:

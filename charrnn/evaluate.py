@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from charrnn import distributed
+from charrnn.config import DynamicSettings
 from charrnn.device import autocast
 from charrnn.model import CharRNN, State
 
@@ -45,19 +46,33 @@ class EvalResult:
 
 
 @torch.no_grad()
-def _run(model: CharRNN, x: torch.Tensor, y: torch.Tensor, state: State | None, dtype) -> tuple[torch.Tensor, State]:
+def _run(model: CharRNN, x: torch.Tensor, y: torch.Tensor, state: State | None, dtype,
+         chunk: int = CHUNK) -> tuple[torch.Tensor, State]:
     """Summed loss of (B, T) targets y given inputs x, chunk by chunk, and the final state."""
     total = torch.zeros((), dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[1], CHUNK):
+    for start in range(0, x.shape[1], chunk):
         with autocast(x.device, dtype):
-            logits, state = model(x[:, start : start + CHUNK], state)
-        target = y[:, start : start + CHUNK]
-        total += F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum")
+            logits, state = model(x[:, start : start + chunk], state)
+        target = y[:, start : start + chunk]
+        total += F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum").double()
     return total, state
 
 
+def _streams(ids: torch.Tensor, max_streams: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """ids cut into contiguous streams: inputs x and targets y, each (S, N), and how many
+    of the len(ids) - 1 predictions they cover (the rest continue the last stream)."""
+    count = len(ids) - 1
+    streams = max(1, min(max_streams, count // MIN_STREAM_LEN))
+    stream_len = count // streams
+    used = streams * stream_len
+    x = ids[:used].view(streams, stream_len).long()
+    y = ids[1 : used + 1].view(streams, stream_len).long()
+    return x, y, used
+
+
 @torch.no_grad()
-def evaluate(model: CharRNN, ids: torch.Tensor, device: torch.device, dtype=None, dropped: int = 0) -> EvalResult:
+def evaluate(model: CharRNN, ids: torch.Tensor, device: torch.device, dtype=None, dropped: int = 0,
+             max_streams: int = MAX_STREAMS, chunk: int = CHUNK) -> EvalResult:
     """Score ids (a 1-D tensor of character ids) under model; see the module docstring.
 
     Under torch.distributed each rank scores its share of the streams and the sums are
@@ -68,22 +83,107 @@ def evaluate(model: CharRNN, ids: torch.Tensor, device: torch.device, dtype=None
         return EvalResult(0, float("nan"), dropped)
     was_training = model.training
     model.eval()
-    streams = max(1, min(MAX_STREAMS, count // MIN_STREAM_LEN))
-    stream_len = count // streams
-    used = streams * stream_len
     ids = ids.to(device)
-    x = ids[:used].view(streams, stream_len).long()
-    y = ids[1 : used + 1].view(streams, stream_len).long()
+    x, y, used = _streams(ids, max_streams)
+    streams = x.shape[0]
     group = distributed.current()
     per_rank = -(-streams // group.world_size)
     mine = slice(group.rank * per_rank, min(streams, (group.rank + 1) * per_rank))
     total = torch.zeros((), dtype=torch.float64, device=device)
     if mine.start < mine.stop:
-        total, state = _run(model, x[mine], y[mine], None, dtype)
+        total, state = _run(model, x[mine], y[mine], None, dtype, chunk)
         if used < count and mine.stop == streams:  # the tail continues the last stream
             last = tuple(s[:, -1:].contiguous() for s in state)
-            tail_total, _ = _run(model, ids[used:count].long()[None], ids[used + 1 :].long()[None], last, dtype)
+            tail_total, _ = _run(model, ids[used:count].long()[None], ids[used + 1 :].long()[None], last, dtype, chunk)
             total += tail_total
     distributed.all_reduce(total)
     model.train(was_training)
     return EvalResult(count, total.item() / count, dropped)
+
+
+@torch.no_grad()
+def cold_start(model: CharRNN, ids: torch.Tensor, windows: int = 256, context: int = 200, positions: int = 10,
+               generator: torch.Generator | None = None, dtype=None) -> tuple[list[float], list[float]]:
+    """How much worse the first characters read from the start state are.
+
+    Takes `windows` random places in ids and returns the mean loss at each of the first
+    `positions` predictions there, read (1) from the model's start state, with nothing
+    before, and (2) after `context` characters of the text before them: (cold, warm).
+    """
+    if len(ids) < context + positions + 2:
+        raise ValueError(f"need at least {context + positions + 2} characters")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    starts = torch.randint(context, len(ids) - positions - 1, (windows, 1), generator=generator)
+    span = ids[(starts + torch.arange(-context, positions + 1)).to(ids.device)].long().to(device)  # (W, C + P + 1)
+    target = span[:, context + 1 :]  # (W, P)
+
+    def losses(x: torch.Tensor) -> list[float]:
+        with autocast(device, dtype):
+            logits, _ = model(x)
+        logits = logits[:, -positions:].float()  # (W, P, V)
+        return F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(0).tolist()
+
+    cold = losses(span[:, context : context + positions])
+    warm = losses(span[:, : context + positions])
+    model.train(was_training)
+    return cold, warm
+
+
+def dynamic_evaluate(model: CharRNN, ids: torch.Tensor, device: torch.device, settings: DynamicSettings,
+                     dtype=None, dropped: int = 0) -> EvalResult:
+    """Score ids with dynamic evaluation; the model's weights are as before afterwards."""
+    count = len(ids) - 1
+    if count < 1:
+        return EvalResult(0, float("nan"), dropped)
+    was_training = model.training
+    model.eval()  # no dropout; gradients still flow
+    params = [p for p in model.parameters() if p.requires_grad]
+    trained = [p.detach().clone() for p in params]
+    mean_square = [torch.zeros_like(p) for p in params]
+    ids = ids.to(device)
+    x, y, used = _streams(ids, settings.streams)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    steps = [0]
+
+    def read(x_part: torch.Tensor, y_part: torch.Tensor, state):
+        for start in range(0, x_part.shape[1], settings.segment):
+            # No graph when there is no step to take: then this is plain evaluation, and
+            # bit for bit so (oneDNN picks other LSTM kernels when autograd records).
+            with autocast(device, dtype), torch.set_grad_enabled(settings.step_size > 0):
+                logits, state = model(x_part[:, start : start + settings.segment], state)
+            target = y_part[:, start : start + settings.segment]
+            loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum")
+            nonlocal total
+            total += loss.detach().double()
+            state = tuple(s.detach() for s in state)
+            if settings.step_size:
+                steps[0] += 1
+                _dynamic_step(params, trained, mean_square, loss / target.numel(), settings, steps[0])
+        return state
+
+    try:
+        state = read(x, y, None)
+        if used < count:  # the tail continues the last stream, as in evaluate
+            last = tuple(s[:, -1:].contiguous() for s in state)
+            read(ids[used:count].long()[None], ids[used + 1 :].long()[None], last)
+    finally:
+        with torch.no_grad():
+            for p, original in zip(params, trained):
+                p.copy_(original)
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return EvalResult(count, total.item() / count, dropped)
+
+
+def _dynamic_step(params, trained, mean_square, loss: torch.Tensor, settings: DynamicSettings, step: int) -> None:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    correction = 1.0 - settings.beta**step  # the average of few squares is too small at first
+    with torch.no_grad():
+        for p, p0, ms, g in zip(params, trained, mean_square, grads):
+            if g is None:
+                continue
+            ms.mul_(settings.beta).addcmul_(g, g, value=1 - settings.beta)
+            p.addcdiv_(g, (ms / correction).sqrt_().add_(settings.eps), value=-settings.step_size)
+            p.add_(p0 - p, alpha=settings.decay)

@@ -13,17 +13,18 @@ import os
 import signal
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from charrnn import checkpoint, distributed
+from charrnn import checkpoint, distributed, sizing
+from charrnn.average import WeightAverage
 from charrnn.config import ModelConfig, TrainConfig, build, to_toml
-from charrnn.data import Corpus, RandomWindows, StatefulBatches, Vocab, split
+from charrnn.data import Corpus, RandomWindows, RestartingStreams, StatefulBatches, Vocab, split
 from charrnn.device import autocast, dtype_name, resolve_device, resolve_dtype
 from charrnn.errors import CharRNNError, DataError, TrainingInterrupted, UsageError
 from charrnn.evaluate import evaluate
@@ -85,7 +86,10 @@ class Trainer:
     """One run: set up from a corpus (or a checkpoint to resume), then `run()`."""
 
     def __init__(self, corpus: Corpus, model_config: ModelConfig, train_config: TrainConfig, run_dir: Path,
-                 on_event: Event | None = None, resume: dict[str, Any] | None = None):
+                 on_event: Event | None = None, resume: dict[str, Any] | None = None,
+                 auto: tuple[str, ...] = ()):
+        """`auto`: the model fields (of charrnn.sizing.SIZED) to choose for this corpus and
+        budget rather than take from model_config; a resumed run keeps its own."""
         self.on_event = on_event or (lambda kind, info: None)
         self.config = train_config.with_default_stop()
         self.model_config = model_config
@@ -115,11 +119,19 @@ class Trainer:
         if self.config.stateless:
             self.batches = RandomWindows(self.train_ids, self.config.batch_size, self.config.seq_len,
                                          per_rank=self.rows.stop - self.rows.start)
+        elif self.config.stream_restart > 0:
+            self.batches = RestartingStreams(self.train_ids, self.config.batch_size, self.config.seq_len,
+                                             self.config.stream_restart, self.rows)
         else:
             self.batches = StatefulBatches(self.train_ids, self.config.batch_size, self.config.seq_len, self.rows)
         if len(self.val_ids) < 2:
             raise DataError(f"the validation split has {len(self.val_ids)} character(s); use a longer corpus or a larger --val-frac")
 
+        sizing = None
+        if auto and resume is None:
+            sizing = self._choose_size(model_config, auto)
+            model_config = replace(model_config, **{k: getattr(sizing, k) for k in auto})
+            self.model_config = model_config
         torch.manual_seed(self.config.seed)
         self.windows_rng = torch.Generator().manual_seed(self.config.seed + 1 + 1000 * self.group.rank)
         self.model = CharRNN(model_config, len(self.vocab)).to(self.device)
@@ -132,7 +144,8 @@ class Trainer:
             ids_arg = [self.device.index] if self.device.type == "cuda" else None
             self.forward = DistributedDataParallel(self.model, device_ids=ids_arg)
         self.optimizer = self._make_optimizer()
-        self.progress = Progress()
+        self.average = WeightAverage(self.model, self.config.ema_decay) if self.config.ema_decay else None
+        self.progress = Progress(elapsed_s=sizing.probe_s if sizing else 0.0)  # the probe spends the budget too
         self.state = None  # carried recurrent state (stateful mode)
         if resume is not None:
             self._restore(resume)
@@ -149,20 +162,46 @@ class Trainer:
             "train_chars": len(self.train_ids), "val_chars": len(self.val_ids),
             "steps_per_epoch": self.batches.steps_per_epoch, "run_dir": str(self.run_dir),
             "resumed_step": self.progress.step if resume is not None else None,
+            "sizing": None if sizing is None else {
+                "fields": list(auto), "reason": sizing.reason(len(self.train_ids), self._budget_text())},
             "config": asdict(self.config), "model_config": asdict(model_config),
         })
 
+    def _choose_size(self, model_config: ModelConfig, auto: tuple[str, ...]) -> sizing.Choice:
+        """Rank 0 chooses (its probe times this machine) and every rank takes its choice."""
+        choice = None
+        if self.group.is_main:
+            choice = sizing.choose(model_config, self.config, len(self.train_ids), len(self.vocab),
+                                   self.device, self.dtype)
+        if self.group.world_size > 1:
+            text = distributed.broadcast_text(json.dumps(asdict(choice)) if choice else None)
+            choice = sizing.Choice(**json.loads(text))
+        return choice
+
+    def _budget_text(self) -> str:
+        config = self.config
+        parts = [f"{config.steps} steps" if config.steps else "", f"{config.epochs:g} epochs" if config.epochs else "",
+                 config.time]
+        return ", ".join(p for p in parts if p)
+
     def _make_optimizer(self) -> torch.optim.Optimizer:
         """AdamW with weight decay on matrices only; fused kernels on CUDA, foreach elsewhere."""
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        named = list(self.model.named_parameters())
+        decay = [p for name, p in named if p.dim() >= 2 and name != "start_state"]
+        no_decay = [p for name, p in named if p.dim() < 2 or name == "start_state"]
         groups = [{"params": decay, "weight_decay": self.config.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         fast = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
         return torch.optim.AdamW(groups, lr=self.config.learning_rate, betas=(0.9, 0.99), **fast)
 
     def _restore(self, payload: dict[str, Any]) -> None:
-        self.model.load_state_dict(payload["model"])
+        # With weight averaging, "model" holds the averaged weights and "train_weights" the raw ones.
+        self.model.load_state_dict(payload.get("train_weights") or payload["model"])
+        if self.average is not None:
+            if "train_weights" in payload:
+                self.average.load(payload["model"], payload["ema_updates"])
+            else:  # weight averaging turned on when resuming: start the average here
+                self.average.load(payload["model"], 0)
         self.optimizer.load_state_dict(payload["optimizer"])
         saved = payload["progress"]
         self.progress = Progress(**{k: saved[k] for k in Progress.__dataclass_fields__})
@@ -171,6 +210,8 @@ class Trainer:
             raise UsageError("--batch-size cannot change when resuming a stateful run")
         # The checkpoint holds the state of all B streams; this rank takes its rows.
         self.state = tuple(s[:, self.rows].to(self.device) for s in carried) or None
+        if isinstance(self.batches, RestartingStreams):
+            self.batches.cursors = payload["cursors"][self.rows].clone()
         rng = payload["rng"]
         if self.group.is_main:  # other ranks keep their own dropout and window streams
             torch.set_rng_state(rng["torch"])
@@ -187,10 +228,17 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = [torch.cuda.get_rng_state(self.device)]
         carried = [distributed.gather_rows(s.detach()).cpu() for s in self.state] if self.state is not None else []
-        return {
+        extra = {}
+        if isinstance(self.batches, RestartingStreams):
+            extra["cursors"] = distributed.gather_rows(self.batches.cursors.to(self.device), dim=0).cpu()
+        weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        if self.average is not None:  # inference uses the average; training resumes from the raw weights
+            extra.update(train_weights=weights, ema_updates=self.average.updates)
+            weights = self.average.state_dict()
+        return {**extra,
             "model_config": asdict(self.model_config),
             "vocab": self.vocab.chars,
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model": weights,
             "optimizer": self.optimizer.state_dict(),
             "train_config": asdict(self.config),
             "progress": asdict(self.progress),
@@ -247,7 +295,8 @@ class Trainer:
                     )
                 if progress.batch >= steps_per_epoch:
                     progress.epoch, progress.batch = progress.epoch + 1, 0
-                    self.state = None  # stateful mode starts each epoch from zero state
+                    if isinstance(self.batches, StatefulBatches):
+                        self.state = None  # fixed streams start each epoch from the start state
                 step_start = time.perf_counter()
                 lr = lr_at(config, progress.step, fraction_done(config, progress, steps_per_epoch))
                 for group in self.optimizer.param_groups:
@@ -288,10 +337,15 @@ class Trainer:
         config = self.config
         if config.stateless:
             x, y = self.batches.batch(self.windows_rng)
-            state = None
+            state = None  # the model's start state
         else:
-            x, y = self.batches.batch(self.progress.batch)
-            state = self.state
+            if isinstance(self.batches, RestartingStreams):
+                x, y, restarted = self.batches.batch(self.windows_rng)
+            else:
+                x, y = self.batches.batch(self.progress.batch)
+                restarted = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+            carried = self.state if self.state is not None else self.model.init_state(x.shape[0])
+            state = self.model.restart(carried, restarted)
         with autocast(self.device, self.dtype):
             logits, new_state = self.forward(x, state)  # (B, T, V)
         skip = config.burn_in  # predictions made from a (nearly) empty context
@@ -306,6 +360,8 @@ class Trainer:
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_value_(params, config.grad_clip)
         self.optimizer.step()
+        if self.average is not None:
+            self.average.update()
         if not config.stateless:
             self.state = detach(new_state)
         return loss.detach(), grad_norm.detach()
@@ -321,9 +377,14 @@ class Trainer:
         self.progress.elapsed_s = flags[1].item()
         return bool(flags[0].item())
 
+    def _averaged(self):
+        """A block in which the model holds the weights that validation and samples use."""
+        return self.average.applied() if self.average is not None else nullcontext()
+
     def _validate(self, lr: float, grad_norm: float) -> None:
         progress = self.progress
-        result = evaluate(self.model, self.val_ids, self.device, self.dtype)
+        with self._averaged():
+            result = evaluate(self.model, self.val_ids, self.device, self.dtype)
         if not math.isfinite(result.loss):
             raise CharRNNError(f"validation loss became {result.loss} at step {progress.step}; "
                                "lower --learning-rate or keep --grad-clip on")
@@ -358,8 +419,9 @@ class Trainer:
         generator = torch.Generator(self.device).manual_seed(self.config.seed + self.progress.step)
         settings = SampleSettings(length=self.config.sample_length, temperature=0.8)
         empty = torch.zeros(0, dtype=torch.long)
-        text = "".join(chars[0] for chars in generate(self.model, self.vocab, empty, settings,
-                                                      generator=generator, device=self.device))
+        with self._averaged():
+            text = "".join(chars[0] for chars in generate(self.model, self.vocab, empty, settings,
+                                                          generator=generator, device=self.device))
         self.model.train()
         return text
 

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -222,3 +223,64 @@ def test_draws_follow_the_distribution():
     ids = next_ids(logits, SampleSettings(temperature=1.0), torch.Generator().manual_seed(0))
     freq = torch.bincount(ids, minlength=4).float() / 20000
     torch.testing.assert_close(freq, probs, rtol=0, atol=0.015)
+
+
+# -- weight drop and the learned start state ----------------------------------------------
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "peephole", "layernorm"])
+def test_weight_drop_is_one_mask_per_call_and_equals_the_layer_run_with_dropped_weights(cell):
+    torch.manual_seed(0)
+    config = ModelConfig(cell=cell, hidden_size=16, num_layers=2, embedding_size=8, dropout=0.0, weight_drop=0.5)
+    model = shaken(CharRNN(config, 12)).train()
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 12, (3, 9))
+    logits, state = model(x)
+    masks = model.last_weight_masks
+    assert len(masks) == 2
+    for layer, mask in zip(model.layers, masks):
+        # One (gates*H, H) mask: the same dropped connections at every step and for every sequence.
+        assert mask.shape == layer.weight_hh_l0.shape
+        assert 0.3 < (mask == 0).float().mean() < 0.7
+    # The same network, plain, with W_hh * mask: the same logits and state.
+    reference = CharRNN(dataclasses.replace(config, weight_drop=0.0), 12).train()
+    reference.load_state_dict(trained)
+    with torch.no_grad():
+        for layer, mask in zip(reference.layers, masks):
+            layer.weight_hh_l0.mul_(mask)
+    expected, expected_state = reference(x)
+    assert torch.allclose(logits, expected, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(state, expected_state))
+    # The trained weights are untouched, and the gradient reaches them through the mask.
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in trained.items())
+    logits.sum().backward()
+    grad = model.layers[0].weight_hh_l0.grad
+    assert torch.all(grad[masks[0] == 0] == 0) and grad.abs().sum() > 0
+    # A second call draws a new mask.
+    model(x)
+    assert not torch.equal(model.last_weight_masks[0], masks[0])
+
+
+def test_weight_drop_is_off_in_eval_mode():
+    torch.manual_seed(0)
+    config = ModelConfig(hidden_size=16, num_layers=2, embedding_size=8, dropout=0.0, weight_drop=0.5)
+    model = CharRNN(config, 12).eval()
+    plain = CharRNN(dataclasses.replace(config, weight_drop=0.0), 12).eval()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randint(0, 12, (2, 7))
+    assert torch.equal(model(x)[0], plain(x)[0])
+    assert model.last_weight_masks == []
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_sequence_starts_from_the_learned_start_state(cell):
+    model = shaken(make_model(cell))
+    x = torch.randint(0, 20, (3, 5))
+    start = model.init_state(3)
+    for s, learned in zip(start, model.start_state):
+        assert torch.equal(s, learned[:, None, :].expand_as(s))
+    assert torch.equal(model(x)[0], model(x, start)[0])
+    # restart() puts the start state into the chosen streams only.
+    carried = tuple(torch.randn_like(s) for s in start)
+    mixed = model.restart(carried, torch.tensor([True, False, True]))
+    for s, c, s0 in zip(mixed, carried, start):
+        assert torch.equal(s[:, 1], c[:, 1]) and torch.equal(s[:, 0], s0[:, 0]) and torch.equal(s[:, 2], s0[:, 2])

@@ -164,3 +164,67 @@ def test_gradient_clipping_modes(tmp_path, mode):
     else:
         assert max(g.abs().max().item() for g in grads) <= 1e-3 * (1 + 1e-6)  # float32 of 1e-3
         assert total.item() > 1e-3
+
+
+@pytest.mark.parametrize("cell", ["lstm", "peephole"])
+@pytest.mark.parametrize("layout", [{"stream_restart": 0.3}, {"stateless": True}, {}])
+def test_resume_is_exact_with_weight_drop_averaging_and_restarting_streams(tmp_path, cell, layout):
+    corpus = corpus_of(VERSE * 20)
+    model_config, train_config = tiny_configs(model={"dropout": 0.1, "cell": cell, "weight_drop": 0.3},
+                                              train={"steps": 24, "eval_every": 4, "ema_decay": 0.9, **layout})
+    Trainer(corpus, model_config, train_config, tmp_path / "a").run()
+
+    def stop_at_half(kind, info):
+        if kind == "step" and info["step"] >= 10:
+            first.request_stop()
+
+    first = Trainer(corpus, model_config, train_config, tmp_path / "b", on_event=stop_at_half)
+    with pytest.raises(Exception, match="interrupted at step 10"):
+        first.run()
+    Trainer(corpus, model_config, train_config, tmp_path / "b", resume=checkpoint.load(tmp_path / "b" / "last.pt")).run()
+    losses = lambda run: [(m["step"], m["train_loss"], m["val_loss"]) for m in _metrics(run)]
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    a, b = (checkpoint.load(tmp_path / run / "last.pt") for run in "ab")
+    for part in ("model", "train_weights"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+
+
+def test_weight_averaging_is_what_validation_best_pt_and_sampling_use(tmp_path):
+    corpus = corpus_of(VERSE * 20)
+    model_config, train_config = tiny_configs(train={"steps": 20, "eval_every": 10, "ema_decay": 0.9})
+    trainer = Trainer(corpus, model_config, train_config, tmp_path / "run")
+    trainer.run()
+    averaged = trainer.average.state_dict()
+    raw = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    assert any(not torch.equal(averaged[k], raw[k]) for k in raw)
+    last = checkpoint.load(tmp_path / "run" / "last.pt")
+    for key in raw:
+        assert torch.equal(last["model"][key], averaged[key]) and torch.equal(last["train_weights"][key], raw[key])
+    best = checkpoint.load(tmp_path / "run" / "best.pt")
+    model, vocab = checkpoint.restore_model(best)
+    reported = min(m["val_loss"] for m in _metrics(tmp_path / "run"))
+    assert evaluate(model, trainer.val_ids, torch.device("cpu")).loss == pytest.approx(reported, abs=1e-9)
+    # Sampling a checkpoint restores the averaged weights.
+    sampled, _ = checkpoint.restore_model(last)
+    assert all(torch.equal(p, averaged[k]) for k, p in sampled.state_dict().items())
+
+
+def test_weight_average_follows_its_definition():
+    from charrnn.average import WeightAverage
+
+    layer = torch.nn.Linear(3, 2)
+    average = WeightAverage(layer, decay=0.5)
+    expected = [p.detach().clone() for p in layer.parameters()]
+    for t in range(4):
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(1.0)
+        d = min(0.5, (1 + t) / (10 + t))
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, layer.parameters())]
+        average.update()
+    for got, want in zip(average.averaged, expected):
+        assert torch.allclose(got, want)
+    with average.applied():
+        assert all(torch.equal(p, a) for p, a in zip(layer.parameters(), average.averaged))
+    assert not any(torch.equal(p, a) for p, a in zip(layer.parameters(), average.averaged))

@@ -1,0 +1,89 @@
+"""Dynamic evaluation and the cold-start measurement."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from charrnn.config import DynamicSettings, ModelConfig
+from charrnn.evaluate import cold_start, dynamic_evaluate, evaluate
+from charrnn.model import CharRNN
+
+from conftest import VERSE, run_cli
+
+CPU = torch.device("cpu")
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return CharRNN(ModelConfig(hidden_size=24, num_layers=2, embedding_size=8, dropout=0.0), 20).eval()
+
+
+def test_dynamic_evaluation_with_step_size_zero_is_static_evaluation_exactly():
+    model = _model()
+    ids = torch.randint(0, 20, (9_100,))  # 8 streams of 1,137 and a tail of 4
+    settings = DynamicSettings(step_size=0.0, segment=50, streams=8)
+    static = evaluate(model, ids, CPU, max_streams=8, chunk=50)
+    assert dynamic_evaluate(model, ids, CPU, settings).loss == static.loss
+    assert dynamic_evaluate(model, ids, CPU, settings).chars == static.chars == len(ids) - 1
+
+
+def test_dynamic_evaluation_adapts_to_the_text_and_leaves_the_weights_as_they_were():
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # A text the random model knows nothing of, but which repeats: adapting must pay.
+    ids = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6] * 1200)
+    static = evaluate(model, ids, CPU, max_streams=8, chunk=50).loss
+    adapted = dynamic_evaluate(model, ids, CPU, DynamicSettings(step_size=3e-3)).loss
+    assert adapted < static - 0.5
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_dynamic_evaluation_is_repeatable():
+    model = _model()
+    ids = torch.randint(0, 20, (5_000,))
+    settings = DynamicSettings(step_size=1e-3)
+    assert dynamic_evaluate(model, ids, CPU, settings).loss == dynamic_evaluate(model, ids, CPU, settings).loss
+
+
+def test_eval_dynamic_reports_both_and_leaves_the_checkpoint_file_unchanged(trained_run, tmp_path):
+    text = tmp_path / "held_out.txt"
+    text.write_text(VERSE * 4, encoding="utf-8")
+    best = trained_run / "best.pt"
+    digest = hashlib.sha256(best.read_bytes()).hexdigest()
+    runs = [run_cli("eval", text, "-m", trained_run, "--dynamic", "--json") for _ in range(2)]
+    for done in runs:
+        assert done.returncode == 0, done.stderr
+    first, second = (json.loads(done.stdout) for done in runs)
+    assert first["dynamic"]["loss"] == second["dynamic"]["loss"]
+    assert first["dynamic"]["loss"] < first["loss"]  # the verse repeats: reading it teaches it
+    assert first["dynamic"]["chars"] == first["chars"] and first["dynamic"]["chars_per_s"] > 0
+    assert hashlib.sha256(best.read_bytes()).hexdigest() == digest
+    plain = run_cli("eval", text, "-m", trained_run, "--dynamic")
+    lines = plain.stdout.splitlines()
+    assert lines[0].startswith("chars ") and lines[1].startswith("dynamic  loss ")
+
+
+@pytest.mark.parametrize("flag,value", [("--step-size", "-1"), ("--decay", "2"), ("--segment", "0")])
+def test_eval_dynamic_rejects_bad_settings(trained_run, tmp_path, flag, value):
+    text = tmp_path / "t.txt"
+    text.write_text(VERSE, encoding="utf-8")
+    done = run_cli("eval", text, "-m", trained_run, "--dynamic", flag, value)
+    assert done.returncode == 2 and flag in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cold_start_reads_windows_from_the_start_state_and_with_context():
+    model = _model()
+    ids = torch.randint(0, 20, (2_000,))
+    generator = torch.Generator().manual_seed(0)
+    cold, warm = cold_start(model, ids, windows=16, context=30, positions=5, generator=generator)
+    assert len(cold) == len(warm) == 5
+    # Recompute the first window's cold losses by hand.
+    generator = torch.Generator().manual_seed(0)
+    starts = torch.randint(30, len(ids) - 6, (16, 1), generator=generator)
+    span = ids[starts + torch.arange(0, 6)]
+    logits, _ = model(span[:, :5])
+    by_hand = torch.nn.functional.cross_entropy(logits.transpose(1, 2), span[:, 1:], reduction="none").mean(0)
+    assert torch.allclose(torch.tensor(cold), by_hand, atol=1e-6)
