@@ -1,0 +1,143 @@
+"""Defaults that fit the corpus and the budget: the model's width and its dropout.
+
+A fixed 2x512 with dropout 0.35 suits ~1 MB in 10 CPU minutes and little else: on a
+big text in a short budget it sees too few characters to learn what a smaller model
+learns, and on a small text in a long one a bigger, more regularised model does better.
+So when neither a flag nor a config file sets them, `charrnn train` chooses:
+
+1. **How many characters the run will read**, C(H) for each candidate width H: the
+   step or epoch limit says so directly; a time limit is multiplied by the training
+   speed of that width on this machine, measured by a few real steps (the probe).
+2. **The width**: the widest H whose run reads at least CHARS_PER_PARAMETER characters
+   per parameter, C(H) >= K P(H). Fewer, and the model is too big to learn in the
+   budget; many more, and a wider one would have learned more.
+3. **The dropout**, from the passes over the training text E = C(H) / N: none while
+   each character is seen about twice or less (nothing to overfit yet), rising to
+   MAX_DROPOUT once it is seen ~12 times (small texts, long budgets).
+
+The measurements behind K and the dropout curve are in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from charrnn.config import ModelConfig, TrainConfig
+from charrnn.device import autocast
+
+WIDTHS = (128, 256, 384, 512, 768, 1024)
+CHARS_PER_PARAMETER = 4.0
+MAX_DROPOUT = 0.35
+SIZED = ("hidden_size", "dropout")
+MIN_PROBED_BUDGET_S = 60.0  # shorter time budgets are not worth a probe of a few seconds  # the model fields chosen here unless given
+
+
+@dataclass(frozen=True)
+class Choice:
+    hidden_size: int
+    dropout: float
+    chars: float  # characters the run is expected to read
+    epochs: float  # passes over the training text that makes
+    chars_per_s: float | None  # probed training speed of that width (time budgets)
+    probe_s: float  # seconds the probe took (they count against a time budget)
+
+    def reason(self, train_chars: int, budget: str) -> str:
+        speed = f" at ~{self.chars_per_s / 1000:,.0f}k chars/s (probed)" if self.chars_per_s else ""
+        return (f"{budget} on {train_chars / 1e6:.2f}M characters{speed}: ~{self.chars / 1e6:.1f}M characters read, "
+                f"{self.epochs:.1f} passes over the text")
+
+
+def parameters(config: ModelConfig, vocab_size: int) -> int:
+    """Parameters of a CharRNN with this config (the embedding, the recurrent stack, the head)."""
+    gates = {"lstm": 4, "peephole": 4, "layernorm": 4, "gru": 3, "rnn": 1}[config.cell]
+    h, e = config.hidden_size, config.embedding_size
+    recurrent = sum(gates * h * ((e if layer == 0 else h) + h + 2) for layer in range(config.num_layers))
+    return vocab_size * e + recurrent + (h + 1) * vocab_size
+
+
+def dropout_for(epochs: float) -> float:
+    """No dropout up to ~2 passes over the text, MAX_DROPOUT from ~12 on, linear between."""
+    return round(MAX_DROPOUT * min(1.0, max(0.0, (epochs - 2.0) / 10.0)), 2)
+
+
+def choose(model: ModelConfig, train: TrainConfig, train_chars: int, vocab_size: int, device: torch.device,
+           dtype: torch.dtype | None, probe: bool = True) -> Choice:
+    """The width and dropout for this corpus and stop condition (see the module docstring)."""
+    budget = train.with_default_stop()
+    started = time.perf_counter()
+    speed_of = None
+    if budget.time:
+        if probe and budget.time_budget_s >= MIN_PROBED_BUDGET_S:
+            speed_of = probed_speeds(model, train, vocab_size, device, dtype)
+        else:  # too short a budget to spend on a probe: a 2-core CPU's speeds
+            speed_of = lambda hidden: 40_000.0 * (256 / hidden) ** 0.75
+    probe_s = time.perf_counter() - started
+    chosen = None
+    for hidden in WIDTHS:
+        candidate = replace(model, hidden_size=hidden)
+        speed = None
+        chars = math.inf
+        if budget.steps:
+            chars = min(chars, budget.steps * train.batch_size * train.seq_len)
+        if budget.epochs:
+            chars = min(chars, budget.epochs * train_chars)
+        if speed_of is not None:
+            speed = speed_of(hidden)
+            chars = min(chars, speed * max(0.0, budget.time_budget_s - probe_s) * 0.9)  # validations take the rest
+        fits = chars >= CHARS_PER_PARAMETER * parameters(candidate, vocab_size)
+        if fits or chosen is None:
+            chosen = (hidden, chars, speed)
+        if not fits:
+            break  # wider ones read even less per parameter
+    hidden, chars, speed = chosen
+    epochs = chars / max(1, train_chars)
+    return Choice(hidden, dropout_for(epochs), chars, epochs, speed, probe_s)
+
+
+def probed_speeds(model: ModelConfig, train: TrainConfig, vocab_size: int, device: torch.device,
+                  dtype: torch.dtype | None):
+    """Training chars/s as a function of the width: two widths timed, a power law between
+    and beyond them (on CPUs wider layers use the cores better than their FLOPs suggest:
+    2x512 trains at ~0.6x the chars/s of 2x256, not at the 0.3x of its FLOPs)."""
+    low, high = 256, 512
+    r_low = probe_speed(replace(model, hidden_size=low), train, vocab_size, device, dtype)
+    r_high = probe_speed(replace(model, hidden_size=high), train, vocab_size, device, dtype)
+    exponent = math.log(r_low / r_high) / math.log(high / low)
+    exponent = min(2.0, max(0.0, exponent))  # noise cannot make wider faster, or worse than FLOPs
+    return lambda hidden: r_low * (low / hidden) ** exponent
+
+
+def probe_speed(model: ModelConfig, train: TrainConfig, vocab_size: int, device: torch.device,
+                dtype: torch.dtype | None, steps: int = 2) -> float:
+    """Training characters per second of this model on this machine: one warm-up step,
+    then `steps` timed ones, on random ids (forward, backward, optimizer step)."""
+    from charrnn.model import CharRNN
+
+    torch_state = torch.get_rng_state()  # the run's own random streams are left as they were
+    try:
+        net = CharRNN(model, vocab_size).to(device).train()
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        x = torch.randint(0, vocab_size, (train.batch_size, train.seq_len + 1), device=device)
+
+        def step():
+            with autocast(device, dtype):
+                logits, _ = net(x[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        step()
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return steps * train.batch_size * train.seq_len / (time.perf_counter() - started)
+    finally:
+        torch.set_rng_state(torch_state)
