@@ -127,6 +127,7 @@ def train(
     seq_len: Optional[int] = typer.Option(None, "--seq-len", "-t", help="BPTT length in characters.", show_default=str(T.seq_len), rich_help_panel=PANEL_TRAIN),
     learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Peak AdamW learning rate.", show_default=str(T.learning_rate), rich_help_panel=PANEL_TRAIN),
     min_lr_ratio: Optional[float] = typer.Option(None, help="Final learning rate as a fraction of the peak (cosine decay).", show_default=str(T.min_lr_ratio), rich_help_panel=PANEL_TRAIN),
+    decay_frac: Optional[float] = typer.Option(None, help="Hold the peak learning rate, then decay over this last fraction of the run (1 = cosine over all of it).", show_default=str(T.decay_frac), rich_help_panel=PANEL_TRAIN),
     warmup_steps: Optional[int] = typer.Option(None, help="Linear warmup steps.", show_default=str(T.warmup_steps), rich_help_panel=PANEL_TRAIN),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay on weight matrices.", show_default=str(T.weight_decay), rich_help_panel=PANEL_TRAIN),
     grad_clip: Optional[float] = typer.Option(None, help="Clip the global gradient norm (0 = off).", show_default=str(T.grad_clip), rich_help_panel=PANEL_TRAIN),
@@ -140,7 +141,7 @@ def train(
     eval_every: Optional[int] = typer.Option(None, help="Validate (and save last.pt) every N steps.", show_default=str(T.eval_every), rich_help_panel=PANEL_TRAIN),
     val_frac: Optional[float] = typer.Option(None, help="Fraction of the corpus (its end) held out for validation.", show_default=str(T.val_frac), rich_help_panel=PANEL_TRAIN),
     seed: Optional[int] = typer.Option(None, help="Random seed.", show_default=str(T.seed), rich_help_panel=PANEL_TRAIN),
-    stateless: Optional[bool] = typer.Option(None, "--stateless/--stateful", help="Random windows from zero state, or streams with state carried across batches.", show_default="stateful", rich_help_panel=PANEL_TRAIN),
+    stateless: Optional[bool] = typer.Option(None, "--stateless/--stateful", help="Random windows read from the learned start state, or streams with state carried across batches.", show_default="stateless", rich_help_panel=PANEL_TRAIN),
     dtype: Optional[str] = typer.Option(None, help="Precision: auto, fp32, bf16 or fp16.", show_default=str(T.dtype), rich_help_panel=PANEL_TRAIN),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps.", show_default=str(T.device), rich_help_panel=PANEL_TRAIN),
     sample_length: Optional[int] = typer.Option(None, help="Characters sampled to stderr at each validation (0 = none).", show_default=str(T.sample_length), rich_help_panel=PANEL_TRAIN),
@@ -157,7 +158,7 @@ def train(
                            embedding_size=embedding_size, dropout=dropout, recurrent_dropout=recurrent_dropout,
                            embedding_dropout=embedding_dropout, weight_drop=weight_drop, init=init, forget_bias=forget_bias)
         train_flags = dict(batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate,
-                           min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, weight_decay=weight_decay,
+                           min_lr_ratio=min_lr_ratio, decay_frac=decay_frac, warmup_steps=warmup_steps, weight_decay=weight_decay,
                            grad_clip=grad_clip, clip_mode=clip_mode, burn_in=burn_in, stream_restart=stream_restart, ema_decay=ema_decay, steps=steps, epochs=epochs, time=time, eval_every=eval_every,
                            val_frac=val_frac, seed=seed, stateless=stateless, dtype=dtype, device=device,
                            sample_length=sample_length)

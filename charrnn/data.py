@@ -330,38 +330,46 @@ class RestartingStreams:
         self.ids = ids
         self.seq_len = seq_len
         self.restart = restart
+        self.rows = rows
         self.steps_per_epoch = max(1, (len(ids) - 1) // (batch_size * seq_len))
         spacing = (len(ids) - 1) // batch_size
-        self.cursors = (torch.arange(batch_size) * spacing)[rows].clone()  # (B,) evenly spaced at first
+        # All B cursors, on every rank (the same generator draws the same jumps there), so
+        # N ranks read what one process reads; this rank takes its rows.
+        self.cursors = torch.arange(batch_size) * spacing  # (B,) evenly spaced at first
         self._offsets = torch.arange(seq_len + 1)
 
     def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The next (x, y) of every stream, each (B, T) int64, and which streams restarted (B,)."""
-        rows = len(self.cursors)
+        """This rank's next (x, y), each (rows, T) int64, and which of its streams restarted."""
+        streams = len(self.cursors)
         last = len(self.ids) - self.seq_len - 1  # the largest cursor with a whole window after it
-        jump = torch.rand(rows, generator=generator) < self.restart
+        jump = torch.rand(streams, generator=generator) < self.restart
         jump |= self.cursors > last
-        fresh = torch.randint(0, last + 1, (rows,), generator=generator)
+        fresh = torch.randint(0, last + 1, (streams,), generator=generator)
         self.cursors = torch.where(jump, fresh, self.cursors)
-        window = self.ids[(self.cursors[:, None] + self._offsets).to(self.ids.device)].long()  # (B, T + 1)
+        mine = self.cursors[self.rows]
+        window = self.ids[(mine[:, None] + self._offsets).to(self.ids.device)].long()  # (rows, T + 1)
         self.cursors = self.cursors + self.seq_len
-        return window[:, :-1], window[:, 1:], jump.to(self.ids.device)
+        return window[:, :-1], window[:, 1:], jump[self.rows].to(self.ids.device)
 
 
 class RandomWindows:
-    """Stateless batches: B windows of T characters at random offsets, from a generator."""
+    """Stateless batches: B windows of T characters at random offsets, from a generator.
 
-    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, per_rank: int | None = None):
+    Every rank draws all B offsets from the same generator and reads its own rows, so N
+    ranks train on the batches one process trains on."""
+
+    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, rows: slice = slice(None)):
         if len(ids) < seq_len + 1 or len(ids) < batch_size * seq_len + 1:
             raise _too_short(len(ids), batch_size, seq_len)
         self.ids = ids
-        self.batch_size = batch_size if per_rank is None else per_rank  # windows drawn by this process
+        self.batch_size = batch_size
+        self.rows = rows
         self.seq_len = seq_len
         # An "epoch" is as many windows as cover the split once, so epochs mean the same in both modes.
         self.steps_per_epoch = max(1, (len(ids) - 1) // (batch_size * seq_len))
         self._offsets = torch.arange(seq_len + 1, device=ids.device)
 
     def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(0, len(self.ids) - self.seq_len, (self.batch_size, 1), generator=generator)
-        window = self.ids[starts.to(self.ids.device) + self._offsets].long()  # (B, T + 1)
+        starts = torch.randint(0, len(self.ids) - self.seq_len, (self.batch_size, 1), generator=generator)[self.rows]
+        window = self.ids[starts.to(self.ids.device) + self._offsets].long()  # (rows, T + 1)
         return window[:, :-1], window[:, 1:]

@@ -31,7 +31,7 @@ from charrnn.config import ModelConfig, TrainConfig
 from charrnn.device import autocast
 
 WIDTHS = (128, 256, 384, 512, 768, 1024)
-CHARS_PER_PARAMETER = 4.0
+CHARS_PER_PARAMETER = 3.0
 MAX_DROPOUT = 0.35
 SIZED = ("hidden_size", "dropout")
 MIN_PROBED_BUDGET_S = 60.0  # shorter time budgets are not worth a probe of a few seconds  # the model fields chosen here unless given
@@ -56,7 +56,8 @@ def parameters(config: ModelConfig, vocab_size: int) -> int:
     """Parameters of a CharRNN with this config (the embedding, the recurrent stack, the head)."""
     gates = {"lstm": 4, "peephole": 4, "layernorm": 4, "gru": 3, "rnn": 1}[config.cell]
     h, e = config.hidden_size, config.embedding_size
-    recurrent = sum(gates * h * ((e if layer == 0 else h) + h + 2) for layer in range(config.num_layers))
+    extra = {"peephole": 3 * h, "layernorm": 2 * (2 * 4 * h) + 2 * h}.get(config.cell, 0)  # diagonals; LN gains and shifts
+    recurrent = sum(gates * h * ((e if layer == 0 else h) + h + 2) + extra for layer in range(config.num_layers))
     return vocab_size * e + recurrent + (h + 1) * vocab_size
 
 

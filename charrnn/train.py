@@ -49,9 +49,19 @@ class Progress:
 
 
 def lr_at(config: TrainConfig, step: int, fraction: float) -> float:
-    """Linear warmup over warmup_steps, then cosine decay to min_lr_ratio by fraction = 1."""
+    """Linear warmup over warmup_steps, the peak held, then cosine decay to min_lr_ratio
+    over the last decay_frac of the run (fraction = how far the run is, 0..1)::
+
+        lr |   ______________
+           |  /              `-.
+           | /                  `-._  min_lr_ratio
+           +---------------------------> fraction
+            warmup           1 - decay_frac   1
+    """
     warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, fraction)))
+    start = 1.0 - config.decay_frac
+    decayed = min(1.0, max(0.0, (fraction - start) / config.decay_frac)) if config.decay_frac else 0.0
+    cosine = 0.5 * (1.0 + math.cos(math.pi * decayed))
     return config.learning_rate * warm * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
 
 
@@ -117,8 +127,7 @@ class Trainer:
         self.train_ids, self.val_ids = split(ids, self.config.val_frac)
         self.rows = self.group.rows(self.config.batch_size)  # this rank's streams
         if self.config.stateless:
-            self.batches = RandomWindows(self.train_ids, self.config.batch_size, self.config.seq_len,
-                                         per_rank=self.rows.stop - self.rows.start)
+            self.batches = RandomWindows(self.train_ids, self.config.batch_size, self.config.seq_len, self.rows)
         elif self.config.stream_restart > 0:
             self.batches = RestartingStreams(self.train_ids, self.config.batch_size, self.config.seq_len,
                                              self.config.stream_restart, self.rows)
@@ -133,7 +142,8 @@ class Trainer:
             model_config = replace(model_config, **{k: getattr(sizing, k) for k in auto})
             self.model_config = model_config
         torch.manual_seed(self.config.seed)
-        self.windows_rng = torch.Generator().manual_seed(self.config.seed + 1 + 1000 * self.group.rank)
+        # The same on every rank: each draws the whole batch's windows and reads its rows.
+        self.windows_rng = torch.Generator().manual_seed(self.config.seed + 1)
         self.model = CharRNN(model_config, len(self.vocab)).to(self.device)
         self.forward = self.model
         if self.group.world_size > 1:
@@ -211,11 +221,11 @@ class Trainer:
         # The checkpoint holds the state of all B streams; this rank takes its rows.
         self.state = tuple(s[:, self.rows].to(self.device) for s in carried) or None
         if isinstance(self.batches, RestartingStreams):
-            self.batches.cursors = payload["cursors"][self.rows].clone()
+            self.batches.cursors = payload["cursors"].clone()  # all B streams, as every rank keeps them
         rng = payload["rng"]
-        if self.group.is_main:  # other ranks keep their own dropout and window streams
+        self.windows_rng.set_state(rng["windows"])  # one window stream, the same on every rank
+        if self.group.is_main:  # other ranks keep their own dropout streams
             torch.set_rng_state(rng["torch"])
-            self.windows_rng.set_state(rng["windows"])
             if self.device.type == "cuda" and rng.get("cuda"):
                 torch.cuda.set_rng_state(rng["cuda"][0], self.device)
 
@@ -230,7 +240,7 @@ class Trainer:
         carried = [distributed.gather_rows(s.detach()).cpu() for s in self.state] if self.state is not None else []
         extra = {}
         if isinstance(self.batches, RestartingStreams):
-            extra["cursors"] = distributed.gather_rows(self.batches.cursors.to(self.device), dim=0).cpu()
+            extra["cursors"] = self.batches.cursors.clone()
         weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         if self.average is not None:  # inference uses the average; training resumes from the raw weights
             extra.update(train_weights=weights, ema_updates=self.average.updates)

@@ -172,6 +172,31 @@ def bench_cells(corpus, device, seconds, cells=("lstm", "gru", "rnn", "peephole"
     return rates
 
 
+def bench_options(corpus, device, seconds, rounds=3):
+    """Training chars/s of the LSTM at 2x512 with each newer option on, as a ratio to the
+    same step with it off; the variants take turns, `rounds` times, so a machine that
+    speeds up or slows down meanwhile affects them alike."""
+    variants = {
+        "plain": ({}, {}),
+        "weight_drop": ({"weight_drop": 0.25}, {}),
+        "ema": ({}, {"ema_decay": 0.998}),
+        "stream_restart": ({}, {"stream_restart": 0.1}),
+    }
+    totals = {name: [0, 0.0] for name in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {name: Trainer(corpus, ModelConfig(dropout=0.0, **model),
+                                  TrainConfig(device=str(device), steps=1, sample_length=0, batch_size=64, seq_len=100,
+                                              **train), Path(tmp) / name)
+                    for name, (model, train) in variants.items()}
+        for _ in range(rounds):
+            for name, trainer in trainers.items():
+                calls, elapsed = timed(lambda: _advance(trainer), seconds / rounds, device, warmup=1)
+                totals[name][0] += calls
+                totals[name][1] += elapsed
+    rates = {name: calls * 64 * 100 / elapsed for name, (calls, elapsed) in totals.items()}
+    return {name: {"chars_per_s": rate, "ratio_to_plain": rate / rates["plain"]} for name, rate in rates.items()}
+
+
 def sampling_rate(model, vocab, device, seconds, streams, fast=True, dtype=None):
     """chars/s of charrnn's sampler, all streams together, over about `seconds`."""
     gen = torch.Generator(device).manual_seed(0)
@@ -297,7 +322,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="short runs (about a minute)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--sample-streams", default="1,64", help="comma-separated stream counts to sample")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: train,cells,quality,sample,eval,encode")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: train,cells,options,quality,sample,eval,encode")
     args = parser.parse_args()
     device, reason = resolve_device(args.device)
     dtype, dtype_reason = resolve_dtype("auto", device)
@@ -326,6 +351,8 @@ def main():
                             for h, l, b, t in configs]
     if "cells" not in skip:
         results["cells"] = bench_cells(corpus, device, seconds / 2)
+    if "options" not in skip:
+        results["options"] = bench_options(corpus, device, seconds)
     if "quality" not in skip:
         if args.quick:
             results["quality"] = bench_quality(corpus, 128, 2, 32, 64, 100, device)
@@ -369,6 +396,11 @@ def print_table(results):
     for cell, r in results.get("cells", {}).items():
         rows.append((f"sample chars/s 1 stream --cell {cell}", f"{r['sample_reference']:,.0f} (forward)",
                      f"{r['sample_fast']:,.0f}", f"{r['sample_ratio']:.2f}x"))
+    options = results.get("options", {})
+    for name, r in options.items():
+        if name != "plain":
+            rows.append((f"train chars/s 2x512 with {name}", f"{options['plain']['chars_per_s']:,.0f} (off)",
+                         f"{r['chars_per_s']:,.0f}", f"{r['ratio_to_plain']:.2f}x"))
     if "quality" in results:
         q = results["quality"]
         names = list(q["results"])

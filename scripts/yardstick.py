@@ -134,7 +134,7 @@ def charrnn_run(path: Path, budget: str, extra: list[str]) -> dict:
             raise SystemExit(f"charrnn failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
         summary = json.loads(done.stdout.strip().splitlines()[-1])
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        setup = [line for line in done.stderr.splitlines() if line.startswith(("model:", "defaults:", "data:"))]
+        setup = [line for line in done.stderr.splitlines() if line.startswith(("model:", "size:", "data:"))]
     rates = [r["chars_per_s"] for r in records if r["chars_per_s"] == r["chars_per_s"]]
     return {"best_val_loss": summary["best_val_loss"], "steps": summary["steps"],
             "chars_per_s": sum(rates) / len(rates) if rates else float("nan"), "setup": setup}

@@ -30,11 +30,22 @@ def test_tiny_model_overfits_a_short_text(tmp_path):
 
 
 def test_learning_rate_warms_up_then_decays():
-    config = TrainConfig(learning_rate=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    config = TrainConfig(learning_rate=1.0, warmup_steps=10, min_lr_ratio=0.1, decay_frac=1.0)
     assert lr_at(config, 0, 0.0) == pytest.approx(0.1)
     assert lr_at(config, 9, 0.0) == pytest.approx(1.0)
     assert lr_at(config, 100, 0.5) == pytest.approx(0.55)
     assert lr_at(config, 100, 1.0) == pytest.approx(0.1)
+
+
+def test_learning_rate_holds_its_peak_then_decays_over_the_last_decay_frac():
+    config = TrainConfig(learning_rate=1.0, warmup_steps=0, min_lr_ratio=0.1, decay_frac=0.2)
+    assert lr_at(config, 50, 0.0) == lr_at(config, 500, 0.8) == 1.0
+    assert lr_at(config, 900, 0.9) == pytest.approx(0.55)
+    assert lr_at(config, 1000, 1.0) == pytest.approx(0.1)
+    constant = TrainConfig(learning_rate=1.0, warmup_steps=0, decay_frac=0.0)
+    assert lr_at(constant, 1000, 1.0) == 1.0
+    whole = TrainConfig(learning_rate=1.0, warmup_steps=0, min_lr_ratio=0.1, decay_frac=1.0)
+    assert lr_at(whole, 100, 0.5) == pytest.approx(0.55)
 
 
 @pytest.mark.parametrize("stateless", [False, True])
@@ -148,7 +159,7 @@ def test_burn_in_needs_stateless_mode():
     from charrnn.errors import UsageError
 
     with pytest.raises(UsageError, match="stateless"):
-        build(TrainConfig, {"burn_in": 4})
+        build(TrainConfig, {"burn_in": 4, "stateless": False})
 
 
 @pytest.mark.parametrize("mode", ["norm", "value"])

@@ -1,0 +1,82 @@
+"""Defaults that fit the corpus and the budget (charrnn.sizing) and how train uses them."""
+
+import pytest
+import torch
+
+from charrnn import checkpoint, sizing
+from charrnn.config import ModelConfig, TrainConfig
+from charrnn.model import CharRNN, count_parameters
+
+from conftest import VERSE, run_cli
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "peephole", "layernorm"])
+def test_parameter_count_matches_the_model(cell):
+    config = ModelConfig(cell=cell, hidden_size=48, num_layers=3, embedding_size=16)
+    assert sizing.parameters(config, 70) == count_parameters(CharRNN(config, 70)) - CharRNN(config, 70).start_state.numel()
+
+
+def _choose(train_chars, **train):
+    return sizing.choose(ModelConfig(), TrainConfig(**train), train_chars, 100, CPU, None, probe=False)
+
+
+def test_a_short_budget_on_a_big_text_gets_a_smaller_less_regularised_model():
+    big_short = _choose(30_000_000, time="2m")
+    small_long = _choose(1_000_000, time="1h")
+    assert big_short.hidden_size < small_long.hidden_size
+    assert big_short.dropout == 0.0 < small_long.dropout
+    assert big_short.epochs < 1 < small_long.epochs
+
+
+def test_the_width_is_the_widest_that_reads_enough_characters_per_parameter():
+    choice = _choose(5_000_000, steps=2000, batch_size=64, seq_len=128)
+    chars = 2000 * 64 * 128
+    assert choice.chars == chars
+    fits = [h for h in sizing.WIDTHS
+            if chars >= sizing.CHARS_PER_PARAMETER * sizing.parameters(ModelConfig(hidden_size=h), 100)]
+    assert choice.hidden_size == max(fits)
+
+
+def test_dropout_grows_with_the_passes_over_the_text():
+    assert sizing.dropout_for(0.5) == sizing.dropout_for(2.0) == 0.0
+    assert 0.0 < sizing.dropout_for(5.0) < sizing.dropout_for(9.0) < sizing.MAX_DROPOUT
+    assert sizing.dropout_for(50.0) == sizing.MAX_DROPOUT
+
+
+def test_the_probe_leaves_the_random_streams_as_they_were():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    rate = sizing.probe_speed(ModelConfig(hidden_size=16, embedding_size=8), TrainConfig(batch_size=2, seq_len=8),
+                              30, CPU, None, steps=1)
+    assert rate > 0 and torch.equal(torch.rand(3), expected)
+
+
+def test_train_chooses_what_no_flag_set_says_why_and_resume_keeps_it(tmp_path):
+    corpus = tmp_path / "verse.txt"
+    corpus.write_text(VERSE * 200, encoding="utf-8")
+    out = tmp_path / "run"
+    done = run_cli("train", corpus, "--out", out, "--steps", "3", "--batch-size", "4", "--seq-len", "16",
+                   "--dropout", "0.05", "--sample-length", "0")
+    assert done.returncode == 0, done.stderr
+    size_lines = [line for line in done.stderr.splitlines() if line.startswith("size: ")]
+    assert len(size_lines) == 1 and "auto" in size_lines[0] and "--hidden-size" in size_lines[0]
+    assert "--dropout" not in size_lines[0]  # given, so not chosen
+    saved = checkpoint.load(out / "last.pt")["model_config"]
+    expected = _choose(len(VERSE * 200) * 9 // 10, steps=3, batch_size=4, seq_len=16)
+    assert saved["hidden_size"] == expected.hidden_size and saved["dropout"] == 0.05
+    resumed = run_cli("train", "--resume", out, "--steps", "5")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "size: " not in resumed.stderr
+    assert checkpoint.load(out / "last.pt")["model_config"] == saved
+
+
+def test_an_explicit_width_is_not_chosen(tmp_path):
+    corpus = tmp_path / "verse.txt"
+    corpus.write_text(VERSE * 50, encoding="utf-8")
+    done = run_cli("train", corpus, "--out", tmp_path / "run", "--steps", "2", "--batch-size", "4", "--seq-len", "16",
+                   "--hidden-size", "24", "--dropout", "0", "--sample-length", "0")
+    assert done.returncode == 0, done.stderr
+    assert "size: " not in done.stderr and "2x24 lstm" in done.stderr
