@@ -7,11 +7,15 @@ Layout (format_version 1)::
     charrnn_version   version that wrote it
     model_config      dict of ModelConfig fields
     vocab             str, the sorted vocabulary
-    model             state_dict of CharRNN
+    model             state_dict of CharRNN (with --ema-decay: the averaged weights), with
+                      start_state, the learned start state (zeros when an older file lacks it)
+    train_weights     the raw training weights, with --ema-decay only (resume continues them)
+    ema_updates       how many updates the average has had, with --ema-decay only
     optimizer         AdamW state_dict (training checkpoints)
     train_config      dict of TrainConfig fields, as resolved
     progress          {step, epoch, batch, elapsed_s, chars_seen, best_val_loss, val_loss}
     carried_state     list of (L, B, H) tensors: the stateful-training state at `batch`
+    cursors           (B,) positions of the streams, with --stream-restart only
     rng               {"torch": ByteTensor, "windows": ByteTensor, "cuda": [ByteTensor]}
     corpus            {name, sources, sha256, chars}
 
@@ -22,17 +26,20 @@ instant leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
 from charrnn import __version__
 from charrnn.config import ModelConfig, build
 from charrnn.data import Vocab
-from charrnn.errors import CheckpointError
+from charrnn.errors import CharRNNError, CheckpointError
 from charrnn.model import LSTM_CELLS, CharRNN
 
 FORMAT = "charrnn-checkpoint"
@@ -42,19 +49,63 @@ REQUIRED = ("model_config", "vocab", "model")
 
 def save(path: str | Path, payload: dict[str, Any]) -> None:
     """Write payload to path atomically (temp file in the same directory, fsync, rename)."""
-    path = Path(path)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "charrnn_version": __version__, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Every file a run writes goes through here: written to a temporary file in the same
+    directory, fsynced and renamed over `path`, so a kill or a full disk at any instant
+    leaves the old file or the new one, never half of one. A full disk or a read-only
+    file system is a CheckpointError naming the file and saying what is left."""
+    path = Path(path)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        problem = write_problem(err)
+        if problem is None:
+            raise
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise CheckpointError(f"could not write {path}: {problem}; {kept}") from None
     _fsync_dir(path.parent)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line (metrics.jsonl); a full disk is named as for atomic writes."""
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+    except OSError as err:
+        problem = write_problem(err)
+        if problem is None:
+            raise
+        raise CheckpointError(f"could not write {path}: {problem}; its earlier lines are intact") from None
+
+
+def write_problem(err: BaseException) -> str | None:
+    """A user's words for a failed write, or None when it is not one of the disk's doing."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full (free some space, then charrnn train --resume)"
+    if isinstance(err, OSError) and err.errno == errno.EROFS:
+        return "the file system is read-only (choose another --out)"
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied (choose another --out)"
+    # torch.save reports a short write from its C++ writer as a RuntimeError.
+    if isinstance(err, RuntimeError) and any(s in str(err) for s in ("unexpected pos", "file write failed")):
+        return "the disk is full (free some space, then charrnn train --resume)"
+    return None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -96,8 +147,16 @@ def load(path: str | Path) -> dict[str, Any]:
     path = resolve(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" ({blocked.group(1)})" if blocked else ""
+        raise CheckpointError(
+            f"{path} holds Python code or objects{what} that a charrnn checkpoint never contains; "
+            "it was not loaded. Use a checkpoint written by charrnn train"
+        ) from None
     except Exception as err:  # torch raises many kinds for truncated or foreign files
-        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+        reason = text.splitlines()[0][:120] if text else type(err).__name__
         raise CheckpointError(
             f"{path} is not a readable charrnn checkpoint (truncated or another kind of file: {reason})"
         ) from None
@@ -114,8 +173,48 @@ def load(path: str | Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path} is missing {', '.join(missing)}; it is damaged")
     _upgrade(payload)
+    problem = _structure_problem(payload)
+    if problem:
+        raise CheckpointError(f"{path} is damaged or not a charrnn checkpoint: {problem}")
     payload["path"] = str(path)
     return payload
+
+
+def _structure_problem(payload: dict[str, Any]) -> str | None:
+    """What is wrong with a loaded checkpoint's config, vocabulary and weights, or None.
+
+    Checked once, here, so that nothing later meets a wrong type or shape."""
+    config = payload["model_config"]
+    if not isinstance(config, dict):
+        return "its model config is not a table"
+    try:
+        model_config = build(ModelConfig, config)
+    except CharRNNError as err:
+        return f"its model config is invalid ({err})"
+    vocab = payload["vocab"]
+    if not isinstance(vocab, str) or not vocab:
+        return "its vocabulary is not a string of characters"
+    try:
+        Vocab(vocab)
+    except CharRNNError:
+        return "its vocabulary is not a sorted string of distinct characters"
+    expected = {k: tuple(v.shape) for k, v in CharRNN(model_config, len(vocab)).state_dict().items()}
+    for part in ("model", "train_weights"):
+        weights = payload.get(part)
+        if weights is None and part == "train_weights":
+            continue
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            return f"its {part} weights are not a table of tensors"
+        lacking = sorted(expected.keys() - weights.keys())
+        extra = sorted(weights.keys() - expected.keys())
+        wrong = [k for k in expected.keys() & weights.keys() if tuple(weights[k].shape) != expected[k]]
+        if lacking or extra or wrong:
+            details = [f"{len(lacking)} missing (first {lacking[0]})" if lacking else "",
+                       f"{len(extra)} unexpected (first {extra[0]})" if extra else "",
+                       f"{len(wrong)} of the wrong shape (first {wrong[0]}: {tuple(weights[wrong[0]].shape)}, "
+                       f"config says {expected[wrong[0]]})" if wrong else ""]
+            return f"its {part} weights do not fit its config: " + ", ".join(d for d in details if d)
+    return None
 
 
 def _upgrade(payload: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from typing import List, Optional
 import typer
 
 from charrnn import __version__
-from charrnn.config import DynamicSettings, ModelConfig, TrainConfig
+from charrnn.config import DynamicSettings, ModelConfig, TrainConfig, check_seed
 from charrnn.errors import CharRNNError, TrainingInterrupted, UsageError
 
 app = typer.Typer(
@@ -138,6 +138,7 @@ def train(
     steps: Optional[int] = typer.Option(None, help="Stop after this many steps.", show_default="no limit", rich_help_panel=PANEL_TRAIN),
     epochs: Optional[float] = typer.Option(None, help="Stop after this many epochs.", show_default="10 when no --steps/--time", rich_help_panel=PANEL_TRAIN),
     time: Optional[str] = typer.Option(None, "--time", help="Stop after this wall-clock time: 90s, 10m, 1h30m.", show_default="no limit", rich_help_panel=PANEL_TRAIN),
+    save_every: Optional[str] = typer.Option(None, help="Also save last.pt after this much training time without a validation: 90s, 5m ('' = only at validations).", show_default=str(T.save_every), rich_help_panel=PANEL_TRAIN),
     eval_every: Optional[int] = typer.Option(None, help="Validate (and save last.pt) every N steps.", show_default=str(T.eval_every), rich_help_panel=PANEL_TRAIN),
     val_frac: Optional[float] = typer.Option(None, help="Fraction of the corpus (its end) held out for validation.", show_default=str(T.val_frac), rich_help_panel=PANEL_TRAIN),
     seed: Optional[int] = typer.Option(None, help="Random seed.", show_default=str(T.seed), rich_help_panel=PANEL_TRAIN),
@@ -159,7 +160,7 @@ def train(
                            embedding_dropout=embedding_dropout, weight_drop=weight_drop, init=init, forget_bias=forget_bias)
         train_flags = dict(batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate,
                            min_lr_ratio=min_lr_ratio, decay_frac=decay_frac, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                           grad_clip=grad_clip, clip_mode=clip_mode, burn_in=burn_in, stream_restart=stream_restart, ema_decay=ema_decay, steps=steps, epochs=epochs, time=time, eval_every=eval_every,
+                           grad_clip=grad_clip, clip_mode=clip_mode, burn_in=burn_in, stream_restart=stream_restart, ema_decay=ema_decay, steps=steps, epochs=epochs, time=time, save_every=save_every, eval_every=eval_every,
                            val_frac=val_frac, seed=seed, stateless=stateless, dtype=dtype, device=device,
                            sample_length=sample_length)
         file_model, file_train = load_toml(config) if config else ({}, {})
@@ -224,6 +225,8 @@ class _TrainView:
     def __call__(self, kind: str, info: dict) -> None:
         if kind == "setup":
             self._setup(info)
+        elif kind == "warning":
+            self._write(f"warning: {info['message']}")
         elif self.quiet:
             return
         elif kind == "step":
@@ -324,6 +327,8 @@ def sample(
         settings.validate()
         if num_samples < 1:
             raise UsageError(f"--num-samples must be >= 1, not {num_samples}")
+        if seed is not None:
+            check_seed(seed)
         if prime == "-":
             prime = sys.stdin.read()
         _, model, vocab, device_ = _load_for_inference(checkpoint_path, device)
@@ -437,6 +442,7 @@ def gradients(
 
         if span < 1 or windows < 1:
             raise UsageError("--span and --windows must be >= 1")
+        check_seed(seed)
         curves = {}
         corpus_text = read_corpus([str(text)]).data.decode("utf-8")
         for path in checkpoints:

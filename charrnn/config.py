@@ -10,12 +10,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from charrnn.errors import UsageError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
+    import tomli as tomllib
 
 CELLS = ("lstm", "gru", "rnn", "peephole", "layernorm")
 
@@ -59,10 +63,11 @@ class ModelConfig:
     forget_bias: float = 1.0
 
     def validate(self) -> None:
+        _check_finite(self)
         _check(self.cell in CELLS, "cell", f"must be one of {', '.join(CELLS)}, not {self.cell!r}")
-        _check(self.embedding_size >= 1, "embedding_size", "must be >= 1")
-        _check(self.hidden_size >= 1, "hidden_size", "must be >= 1")
-        _check(self.num_layers >= 1, "num_layers", "must be >= 1")
+        _check(1 <= self.embedding_size <= MAX_WIDTH, "embedding_size", f"must be from 1 to {MAX_WIDTH}")
+        _check(1 <= self.hidden_size <= MAX_WIDTH, "hidden_size", f"must be from 1 to {MAX_WIDTH}")
+        _check(1 <= self.num_layers <= 64, "num_layers", "must be from 1 to 64")
         _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         _check(0.0 <= self.recurrent_dropout < 1.0, "recurrent_dropout", "must be in [0, 1)")
         _check(0.0 <= self.embedding_dropout < 1.0, "embedding_dropout", "must be in [0, 1)")
@@ -115,6 +120,10 @@ class TrainConfig:
     time: str = ""
     # Evaluate on the whole validation split (and save last.pt) every this many steps.
     eval_every: int = 200
+    # Also save last.pt whenever this much training time has passed since the last save
+    # ("" = only at validations), so a crash or kill -9 loses at most this much work
+    # however far apart validations are; 5 minutes costs a 2x512 run under 1 % of its time.
+    save_every: str = "5m"
     # Fraction of the corpus, taken from its end, held out for validation.
     val_frac: float = 0.1
     # Seed for initialisation, dropout and batch order: same seed, same run.
@@ -133,6 +142,7 @@ class TrainConfig:
     sample_length: int = 200
 
     def validate(self) -> None:
+        _check_finite(self)
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(self.seq_len >= 1, "seq_len", "must be >= 1")
         _check(self.learning_rate > 0, "learning_rate", "must be > 0")
@@ -150,7 +160,12 @@ class TrainConfig:
         _check(self.steps >= 0, "steps", "must be >= 0")
         _check(self.epochs >= 0, "epochs", "must be >= 0")
         parse_duration(self.time)
+        try:
+            parse_duration(self.save_every)
+        except UsageError:
+            _check(False, "save_every", f"must be a positive duration like 90s, 5m or 1h, or \"\" for off, not {self.save_every!r}")
         _check(self.eval_every >= 1, "eval_every", "must be >= 1")
+        _check(0 <= self.seed <= MAX_SEED, "seed", f"must be an integer from 0 to {MAX_SEED}")
         _check(0 < self.val_frac < 1, "val_frac", "must be in (0, 1)")
         _check(self.dtype in ("auto", "fp32", "bf16", "fp16"), "dtype", "must be auto, fp32, bf16 or fp16")
         _check(self.sample_length >= 0, "sample_length", "must be >= 0")
@@ -178,7 +193,9 @@ class DynamicSettings:
     is still scored before the model has trained on it, so the figure is a fair loss of
     a model allowed to learn as it reads, a different protocol from plain eval."""
 
-    step_size: float = 3e-4  # lr above; 0 = static evaluation
+    # lr above; 0 = static evaluation. 1e-3 was best of 1e-4 / 3e-4 / 1e-3 / 3e-3 on Tiny
+    # Shakespeare's validation split with a 10-minute model (docs/benchmarks.md).
+    step_size: float = 1e-3
     decay: float = 0.01  # pull toward the trained weights per step
     segment: int = 50  # characters scored between two updates
     streams: int = 8  # contiguous parts of the text read side by side (fewer: more, smaller steps)
@@ -194,6 +211,23 @@ class DynamicSettings:
             raise UsageError(f"--segment must be >= 1, not {self.segment}")
 
 
+MAX_SEED = 2**62  # torch takes 64-bit seeds; runs add offsets (seed + 1, seed + step)
+MAX_WIDTH = 1 << 16  # hidden and embedding sizes: far beyond what fits in memory
+
+
+def _check_finite(config) -> None:
+    """nan and infinity are never a setting: name the first float field that holds one."""
+    for field in fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            _check(False, field.name, f"must be a finite number, not {value}")
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"{flag} must be an integer from 0 to {MAX_SEED}, not {seed}")
+
+
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise UsageError(f"{key} {message} (flag --{key.replace('_', '-')}, config key {key})")
@@ -203,21 +237,25 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)([hms])")
 
 
 def parse_duration(text: str) -> float:
-    """'90' or '90s' -> 90.0, '10m' -> 600.0, '1h30m' -> 5400.0, '' -> 0.0 (no limit)."""
+    """'90' or '90s' -> 90.0, '10m' -> 600.0, '1h30m' -> 5400.0, '' -> 0.0 (no limit).
+
+    Anything else, a negative, zero, nan or infinite time included, is a usage error
+    that shows the accepted forms."""
     text = str(text).strip().lower()
     if not text:
         return 0.0
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
-        pass
-    parts = _DURATION.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise UsageError(f"time {text!r} is not a duration like 90s, 10m or 1h30m (flag --time)")
-    scale = {"h": 3600.0, "m": 60.0, "s": 1.0}
-    seconds = sum(float(n) * scale[u] for n, u in parts)
-    if not math.isfinite(seconds):
-        raise UsageError(f"time {text!r} is not a finite duration (flag --time)")
+        parts = _DURATION.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise UsageError(f"time {text!r} is not a duration; use seconds or a form like 90s, 10m or 1h30m "
+                             "(flag --time, config key time)") from None
+        scale = {"h": 3600.0, "m": 60.0, "s": 1.0}
+        seconds = sum(float(n) * scale[u] for n, u in parts)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UsageError(f"time {text!r} must be a positive, finite duration like 90s, 10m or 1h30m "
+                         "(flag --time, config key time; leave it out for no time limit)")
     return seconds
 
 
@@ -230,7 +268,7 @@ def _coerce(cls, key: str, value: Any) -> Any:
     kind = {f.name: f.type for f in fields(cls)}[key]
     if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if kind == "str" and key == "time" and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if kind == "str" and key in ("time", "save_every") and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     expected = {"int": int, "float": float, "str": str, "bool": bool}[kind]
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):

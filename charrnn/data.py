@@ -234,12 +234,8 @@ class Vocab:
         dropped = int(missing.sum())
         if dropped:
             if unknown != "skip":
-                bad = sorted({text[i] for i in missing.nonzero().flatten()[:1000].tolist()})
-                shown = ", ".join(repr(c) for c in bad[:10]) + (" ..." if len(bad) > 10 else "")
-                raise DataError(
-                    f"{dropped} character(s) unknown to the model: {shown}; "
-                    "use --unknown skip to drop them"
-                )
+                raise DataError(f"{dropped} character(s) unknown to the model: {_by_count(code_points(text)[missing])}; "
+                                "use --unknown skip to drop them")
             ids = ids[~missing]
         return ids.to(self.dtype), dropped
 
@@ -258,6 +254,16 @@ class Vocab:
             ids = ids.tolist()
         chars = self.chars
         return "".join(chars[i] for i in ids)
+
+
+def _by_count(codes: torch.Tensor, shown: int = 12) -> str:
+    """The distinct characters of codes, the most frequent first, with their counts:
+    "'ñ' x41, 'á' x12, ... and 3 more"."""
+    distinct, counts = torch.unique(codes, return_counts=True)
+    order = counts.argsort(descending=True, stable=True)
+    parts = [f"{chr(int(distinct[i]))!r} x{int(counts[i])}" for i in order[:shown]]
+    rest = len(distinct) - shown
+    return ", ".join(parts) + (f" and {rest} more" if rest > 0 else "")
 
 
 def split(ids: torch.Tensor, val_frac: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,51 +313,6 @@ class StatefulBatches:
         return self.x[:, cols].long(), self.y[:, cols].long()
 
 
-class RestartingStreams:
-    """Stateful batches whose streams restart at random places: B cursors into the text.
-
-    Each step every stream takes the next T characters from its cursor, as in
-    StatefulBatches, so the state carried from one step to the next reads on; but each
-    stream, with probability `restart` per step (and whenever it would run off the end),
-    jumps to a random offset and starts again from the model's start state::
-
-        stream b:  ...|--T--|--T--|--T--|  jump  |--T--|--T--| ...
-                            carried state    start state, carried again
-
-    A stream thus runs 1/restart windows on average: long context for the state to carry,
-    a start from the start state often enough for the model to learn reading from it, and
-    batches that, unlike fixed streams, are not the same B places of the text in the same
-    order every epoch. `restart` = 1 is random windows from the start state.
-    """
-
-    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, restart: float, rows: slice = slice(None)):
-        if len(ids) < seq_len + 1 or len(ids) < batch_size * seq_len + 1:
-            raise _too_short(len(ids), batch_size, seq_len)
-        self.ids = ids
-        self.seq_len = seq_len
-        self.restart = restart
-        self.rows = rows
-        self.steps_per_epoch = max(1, (len(ids) - 1) // (batch_size * seq_len))
-        spacing = (len(ids) - 1) // batch_size
-        # All B cursors, on every rank (the same generator draws the same jumps there), so
-        # N ranks read what one process reads; this rank takes its rows.
-        self.cursors = torch.arange(batch_size) * spacing  # (B,) evenly spaced at first
-        self._offsets = torch.arange(seq_len + 1)
-
-    def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's next (x, y), each (rows, T) int64, and which of its streams restarted."""
-        streams = len(self.cursors)
-        last = len(self.ids) - self.seq_len - 1  # the largest cursor with a whole window after it
-        jump = torch.rand(streams, generator=generator) < self.restart
-        jump |= self.cursors > last
-        fresh = torch.randint(0, last + 1, (streams,), generator=generator)
-        self.cursors = torch.where(jump, fresh, self.cursors)
-        mine = self.cursors[self.rows]
-        window = self.ids[(mine[:, None] + self._offsets).to(self.ids.device)].long()  # (rows, T + 1)
-        self.cursors = self.cursors + self.seq_len
-        return window[:, :-1], window[:, 1:], jump[self.rows].to(self.ids.device)
-
-
 class RandomWindows:
     """Stateless batches: B windows of T characters at random offsets, from a generator.
 
@@ -373,3 +334,41 @@ class RandomWindows:
         starts = torch.randint(0, len(self.ids) - self.seq_len, (self.batch_size, 1), generator=generator)[self.rows]
         window = self.ids[starts.to(self.ids.device) + self._offsets].long()  # (rows, T + 1)
         return window[:, :-1], window[:, 1:]
+
+
+class RestartingStreams(RandomWindows):
+    """Stateful batches whose streams restart at random places: B cursors into the text.
+
+    Each step every stream takes the next T characters from its cursor, as in
+    StatefulBatches, so the state carried from one step to the next reads on; but each
+    stream, with probability `restart` per step (and whenever it would run off the end),
+    jumps to a random offset and starts again from the model's start state::
+
+        stream b:  ...|--T--|--T--|--T--|  jump  |--T--|--T--| ...
+                            carried state    start state, carried again
+
+    A stream thus runs 1/restart windows on average: long context for the state to carry,
+    a start from the start state often enough for the model to learn reading from it, and
+    batches that, unlike fixed streams, are not the same B places of the text in the same
+    order every epoch. `restart` = 1 is random windows from the start state.
+    """
+
+    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, restart: float, rows: slice = slice(None)):
+        super().__init__(ids, batch_size, seq_len, rows)
+        self.restart = restart
+        # All B cursors, on every rank (the same generator draws the same jumps there), so
+        # N ranks read what one process reads; this rank takes its rows.
+        self.cursors = torch.arange(batch_size) * ((len(ids) - 1) // batch_size)  # (B,) evenly spaced at first
+
+    def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's next (x, y), each (rows, T) int64, and which of its streams restarted."""
+        streams = len(self.cursors)
+        last = len(self.ids) - self.seq_len - 1  # the largest cursor with a whole window after it
+        jump = torch.rand(streams, generator=generator) < self.restart
+        jump |= self.cursors > last
+        fresh = torch.randint(0, last + 1, (streams,), generator=generator)
+        self.cursors = torch.where(jump, fresh, self.cursors)
+        mine = self.cursors[self.rows]
+        window = self.ids[mine[:, None].to(self.ids.device) + self._offsets].long()  # (rows, T + 1)
+        self.cursors = self.cursors + self.seq_len
+        return window[:, :-1], window[:, 1:], jump[self.rows].to(self.ids.device)

@@ -31,8 +31,8 @@ class SampleSettings:
     def validate(self) -> None:
         if self.length < 0:
             raise UsageError(f"--length must be >= 0, not {self.length}")
-        if not self.temperature >= 0:
-            raise UsageError(f"--temperature must be >= 0 (0 = greedy), not {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):
+            raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), not {self.temperature}")
         if self.top_k < 0:
             raise UsageError(f"--top-k must be >= 0 (0 = off), not {self.top_k}")
         if not 0 < self.top_p <= 1:

@@ -15,7 +15,13 @@ So when neither a flag nor a config file sets them, `charrnn train` chooses:
    each character is seen about twice or less (nothing to overfit yet), rising to
    MAX_DROPOUT once it is seen ~12 times (small texts, long budgets).
 
-The measurements behind K and the dropout curve are in docs/benchmarks.md.
+Where K = 3 and the dropout curve come from (a first calibration, not yet a sweep; see
+docs/benchmarks.md): on a fast day of this 2-core CPU, 10 minutes of Tiny Shakespeare
+read ~13M characters at 2x512 (3.5 per parameter) with dropout 0.35 against ~13 passes,
+the best of the fixed settings tried there; on 3 MB of prose in 5 minutes, an
+undropped 2x256 (~10 characters per parameter, ~4 passes) beat 2x512 with dropout 0.35.
+K = 3 picks 2x512 for the first and a small model (2x256-384) for the second; the dropout
+ramp joins the two dropouts.
 """
 
 from __future__ import annotations

@@ -2,14 +2,13 @@
 
 Progress reaches the caller through `on_event(kind, info)`; the library never prints.
 Kinds: "setup" (once), "step" (every LOG_EVERY steps), "eval" (each validation, with
-the record appended to metrics.jsonl), "sample" (text drawn at each validation).
-"""
+the record appended to metrics.jsonl), "sample" (text drawn at each validation),
+"warning" (something the user should know, e.g. a repaired file)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -23,10 +22,10 @@ import torch.nn.functional as F
 
 from charrnn import checkpoint, distributed, sizing
 from charrnn.average import WeightAverage
-from charrnn.config import ModelConfig, TrainConfig, build, to_toml
+from charrnn.config import ModelConfig, TrainConfig, build, parse_duration, to_toml
 from charrnn.data import Corpus, RandomWindows, RestartingStreams, StatefulBatches, Vocab, split
 from charrnn.device import autocast, dtype_name, resolve_device, resolve_dtype
-from charrnn.errors import CharRNNError, DataError, TrainingInterrupted, UsageError
+from charrnn.errors import CharRNNError, CheckpointError, DataError, TrainingInterrupted, UsageError
 from charrnn.evaluate import evaluate
 from charrnn.model import CharRNN, count_parameters, detach
 from charrnn.sample import SampleSettings, generate
@@ -81,6 +80,8 @@ def choose_run_dir(out: str | None, corpus_name: str, root: str | Path = "runs")
     """--out as given (it must not hold a run), else runs/<corpus name>[-N], never reused."""
     if out:
         path = Path(out)
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"--out {path} is a file, not a directory; give a new or empty directory")
         if any((path / name).exists() for name in ("last.pt", "best.pt", "metrics.jsonl")):
             raise UsageError(f"{path} already holds a run; continue it with --resume {path} or pick another --out")
         return path, "asked for"
@@ -136,10 +137,10 @@ class Trainer:
         if len(self.val_ids) < 2:
             raise DataError(f"the validation split has {len(self.val_ids)} character(s); use a longer corpus or a larger --val-frac")
 
-        sizing = None
+        choice = None
         if auto and resume is None:
-            sizing = self._choose_size(model_config, auto)
-            model_config = replace(model_config, **{k: getattr(sizing, k) for k in auto})
+            choice = self._choose_size(model_config, auto)
+            model_config = replace(model_config, **{k: getattr(choice, k) for k in auto})
             self.model_config = model_config
         torch.manual_seed(self.config.seed)
         # The same on every rank: each draws the whole batch's windows and reads its rows.
@@ -155,7 +156,7 @@ class Trainer:
             self.forward = DistributedDataParallel(self.model, device_ids=ids_arg)
         self.optimizer = self._make_optimizer()
         self.average = WeightAverage(self.model, self.config.ema_decay) if self.config.ema_decay else None
-        self.progress = Progress(elapsed_s=sizing.probe_s if sizing else 0.0)  # the probe spends the budget too
+        self.progress = Progress(elapsed_s=choice.probe_s if choice else 0.0)  # the probe spends the budget too
         self.state = None  # carried recurrent state (stateful mode)
         if resume is not None:
             self._restore(resume)
@@ -172,8 +173,8 @@ class Trainer:
             "train_chars": len(self.train_ids), "val_chars": len(self.val_ids),
             "steps_per_epoch": self.batches.steps_per_epoch, "run_dir": str(self.run_dir),
             "resumed_step": self.progress.step if resume is not None else None,
-            "sizing": None if sizing is None else {
-                "fields": list(auto), "reason": sizing.reason(len(self.train_ids), self._budget_text())},
+            "sizing": None if choice is None else {
+                "fields": list(auto), "reason": choice.reason(len(self.train_ids), self._budget_text())},
             "config": asdict(self.config), "model_config": asdict(model_config),
         })
 
@@ -269,16 +270,20 @@ class Trainer:
     def _prepare_run_dir(self, resuming: bool) -> None:
         if not self.group.is_main:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            problem = checkpoint.write_problem(err) or err.strerror
+            raise CheckpointError(f"cannot create the run directory {self.run_dir}: {problem}") from None
         for stale in self.run_dir.glob(".*.tmp"):  # left by a process killed mid-write
             stale.unlink(missing_ok=True)
-        _atomic_write_text(self.run_dir / "config.toml", to_toml(self.model_config, self.config))
+        checkpoint.write_text(self.run_dir / "config.toml", to_toml(self.model_config, self.config))
         metrics = self.run_dir / "metrics.jsonl"
         if resuming and metrics.exists():
             # Drop records written after the checkpoint we resume from (a killed run's last eval).
-            kept = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.progress.step]
-            _atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+            records = _read_metrics(metrics, self.on_event)
+            kept = [line for line, record in records if record["step"] <= self.progress.step]
+            checkpoint.write_text(metrics, "".join(line + "\n" for line in kept))
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -288,14 +293,16 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         config, progress = self.config, self.progress
-        self._prepare_run_dir(resuming=progress.step > 0)
         self.model.train()
         steps_per_epoch = self.batches.steps_per_epoch
         log_loss, log_steps = torch.zeros((), device=self.device), 0
         last_eval_step = progress.step
+        save_every, last_save_s = parse_duration(config.save_every), progress.elapsed_s
         clock, start_elapsed = time.perf_counter(), progress.elapsed_s
         stop_now = False
         with _sigint_requests_stop(self):
+            # Inside the handler: a Ctrl-C from the moment config.toml exists finishes a step and saves.
+            self._prepare_run_dir(resuming=progress.step > 0)
             while fraction_done(config, progress, steps_per_epoch) < 1.0:
                 if stop_now:
                     self.save()
@@ -335,8 +342,14 @@ class Trainer:
                 stop_now = self._agree_on_stop()
                 done = fraction_done(config, progress, steps_per_epoch) >= 1.0
                 if progress.step % config.eval_every == 0 or done:
-                    self._validate(lr, float(grad_norm))
+                    self._validate(lr, float(grad_norm))  # saves last.pt too
                     last_eval_step = progress.step
+                    last_save_s = progress.elapsed_s
+                elif save_every and progress.elapsed_s - last_save_s >= save_every:
+                    # A crash loses at most save_every of work even when validations are far
+                    # apart; elapsed_s is the same on every rank, so they save together.
+                    self.save()
+                    last_save_s = progress.elapsed_s
             if last_eval_step != progress.step or progress.step == 0:
                 self._validate(0.0, math.nan)
         return {"run_dir": str(self.run_dir), "steps": progress.step, "best_val_loss": progress.best_val_loss,
@@ -419,8 +432,7 @@ class Trainer:
         self.save(best=improved)
         if not self.group.is_main:
             return
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        checkpoint.append_line(self.run_dir / "metrics.jsonl", json.dumps(record))
         self.on_event("eval", record)
         if self.config.sample_length:
             self.on_event("sample", {"step": progress.step, "text": self._sample_text()})
@@ -455,10 +467,29 @@ def _sigint_requests_stop(trainer: Trainer):
         signal.signal(signal.SIGINT, previous)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _read_metrics(path: Path, on_event: Event) -> list[tuple[str, dict]]:
+    """The (line, record) pairs of metrics.jsonl. A torn last line (a crash or a full disk
+    mid-write) is dropped with a warning; damage anywhere else is an error naming the line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read {path}: {err}; move it away to resume without its history") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("no step")
+        except ValueError:
+            if number == len(lines):
+                on_event("warning", {"message": f"{path}: dropped its last line, cut off mid-write"})
+                break
+            raise DataError(f"{path} is damaged at line {number} (not a metrics record); "
+                            "fix or remove that line, or move the file away, to resume") from None
+        records.append((line, record))
+    return records
 
 
 def resume_configs(payload: dict[str, Any], overrides: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:

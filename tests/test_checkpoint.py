@@ -111,3 +111,133 @@ def test_kill_minus_9_never_leaves_a_half_written_checkpoint(tmp_path):
     assert done.returncode == 0, done.stderr
     assert checkpoint.load(run_dir / "last.pt")["progress"]["step"] == target
     assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]  # stale temp files cleaned
+
+
+def _tampered(trained_run, tmp_path, change):
+    payload = torch.load(trained_run / "last.pt", weights_only=True)
+    change(payload)
+    path = tmp_path / "tampered.pt"
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda p: p["model"].__setitem__("head.weight", torch.zeros(3, 3)), "head.weight: (3, 3), config says"),
+    (lambda p: p["model"].pop("head.bias"), "1 missing (first head.bias)"),
+    (lambda p: p.__setitem__("vocab", 7), "vocabulary is not a string"),
+    (lambda p: p.__setitem__("vocab", "ba"), "not a sorted string"),
+    (lambda p: p.__setitem__("model", [torch.zeros(2)]), "weights are not a table of tensors"),
+    (lambda p: p.__setitem__("model_config", {"hidden_size": "big"}), "model config is invalid"),
+    (lambda p: p.__setitem__("model_config", 3), "model config is not a table"),
+])
+def test_a_checkpoint_whose_structure_is_wrong_is_named_in_one_line(trained_run, tmp_path, change, expected):
+    path = _tampered(trained_run, tmp_path, change)
+    with pytest.raises(CheckpointError) as caught:
+        checkpoint.load(path)
+    message = str(caught.value)
+    assert "damaged or not a charrnn checkpoint" in message and expected in message
+    assert str(path) in message and "\n" not in message
+
+
+def test_a_pickled_payload_is_refused_in_charrnns_words(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "charrnn-checkpoint", "x": Payload()}, path)
+    done = subprocess.run([sys.executable, "-m", "charrnn", "sample", "-m", str(path)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 1 and "pwned" not in done.stdout
+    line = done.stderr.strip()
+    assert "\n" not in line and "system" in line and "was not loaded" in line
+    assert "weights_only" not in line and "\x1b" not in line and "trusted" not in line
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def _train(*args):
+    return subprocess.run([sys.executable, "-m", "charrnn", "train", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+TINY = ["--hidden-size", "32", "--embedding-size", "16", "--dropout", "0", "--batch-size", "4", "--seq-len", "16",
+        "--sample-length", "0", "--eval-every", "2", "--quiet"]
+
+
+def _digests(run):
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.iterdir())}
+
+
+def test_a_full_disk_is_named_and_the_previous_files_are_intact(small_disk, tmp_path):
+    corpus = tmp_path / "verse.txt"
+    corpus.write_text(VERSE * 50, encoding="utf-8")
+    run = small_disk / "run"
+    assert _train(corpus, "--out", run, "--steps", "4", *TINY).returncode == 0
+    before = _digests(run)
+    with open(small_disk / "filler", "wb") as handle:  # fill the disk to the last byte
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+                handle.flush()
+        except OSError:
+            pass
+    done = _train("--resume", run, "--steps", "8", "--quiet")
+    assert done.returncode == 1, done.stderr
+    line = done.stderr.strip()
+    assert "\n" not in line and "the disk is full" in line and "is intact" in line and str(run) in line
+    assert "Error:" not in line and "debug" not in line
+    assert _digests(run) == before  # nothing changed, nothing half-written left behind
+
+
+def test_a_read_only_disk_and_an_out_that_is_a_file_get_their_own_messages(small_disk, tmp_path):
+    corpus = tmp_path / "verse.txt"
+    corpus.write_text(VERSE * 50, encoding="utf-8")
+    assert subprocess.run(["mount", "-o", "remount,ro", str(small_disk)]).returncode == 0
+    done = _train(corpus, "--out", small_disk / "run", "--steps", "2", *TINY)
+    assert done.returncode == 1 and "read-only" in done.stderr and "\n" not in done.stderr.strip()
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    done = _train(corpus, "--out", a_file, "--steps", "2", *TINY)
+    assert done.returncode == 2 and "is a file, not a directory" in done.stderr
+    assert a_file.read_text() == "x"
+
+
+def test_kill_9_before_the_first_validation_loses_only_the_time_since_the_last_timed_save(tmp_path):
+    corpus = tmp_path / "verse.txt"
+    corpus.write_text(VERSE * 50, encoding="utf-8")
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "charrnn", "train", str(corpus), "--out", str(run), "--steps", "1000000",
+            "--save-every", "2s", *[a for a in TINY if a not in ("--eval-every", "2")], "--eval-every", "1000000"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.time() + 120
+        while not (run / "last.pt").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        assert (run / "last.pt").exists(), "no timed save within 2 minutes"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert not (run / "metrics.jsonl").exists()  # no validation had run
+    saved = checkpoint.load(run / "last.pt")["progress"]["step"]
+    assert saved > 0
+    done = _train("--resume", run, "--steps", saved + 3, "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert checkpoint.load(run / "last.pt")["progress"]["step"] == saved + 3

@@ -1,4 +1,5 @@
 import dataclasses
+import math
 
 import pytest
 
@@ -65,3 +66,42 @@ def test_default_stop_is_ten_epochs_only_without_another_limit():
     assert TrainConfig().with_default_stop().epochs == 10
     assert TrainConfig(time="5m").with_default_stop().epochs == 0
     assert dataclasses.replace(TrainConfig(), steps=5).with_default_stop().epochs == 0
+
+
+@pytest.mark.parametrize("text", ["-5", "-1", "0", "0s", "nan", "inf", "-inf", "1e400", "5x", "m", "-1m"])
+def test_every_duration_must_be_positive_and_finite(text):
+    with pytest.raises(UsageError, match=r"90s, 10m or 1h30m") as caught:
+        build(TrainConfig, {"time": text})
+    assert "--time" in str(caught.value)
+
+
+@pytest.mark.parametrize("text,seconds", [("90", 90.0), ("90s", 90.0), ("10m", 600.0), ("1h30m", 5400.0),
+                                          ("0.5s", 0.5), ("", 0.0)])
+def test_accepted_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+def test_a_duration_in_toml_is_checked_like_the_flag(tmp_path):
+    for value in ("-5", "0", "nan", "inf"):
+        path = tmp_path / "c.toml"
+        path.write_text(f"[train]\ntime = {value}\n")
+        _, train = load_toml(path)
+        with pytest.raises(UsageError, match="positive, finite duration"):
+            build(TrainConfig, train)
+
+
+@pytest.mark.parametrize("cls,key", [(TrainConfig, "learning_rate"), (TrainConfig, "epochs"),
+                                     (TrainConfig, "grad_clip"), (TrainConfig, "ema_decay"),
+                                     (ModelConfig, "dropout"), (ModelConfig, "forget_bias")])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_no_float_setting_takes_nan_or_infinity(cls, key, value):
+    with pytest.raises(UsageError, match=f"{key} must be a finite number"):
+        build(cls, {key: value})
+
+
+@pytest.mark.parametrize("cls,key,value", [(TrainConfig, "seed", 10**30), (TrainConfig, "seed", -1),
+                                           (ModelConfig, "hidden_size", 10**9), (ModelConfig, "embedding_size", 0),
+                                           (ModelConfig, "num_layers", 1000)])
+def test_integers_out_of_range_are_usage_errors(cls, key, value):
+    with pytest.raises(UsageError, match=f"{key} must be"):
+        build(cls, {key: value})

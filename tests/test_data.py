@@ -37,6 +37,17 @@ def test_unknown_characters_error_names_them():
     assert dropped == 2 and vocab.decode(ids) == "hello orld"
 
 
+def test_unknown_characters_are_named_by_how_often_they_occur_with_counts():
+    vocab = Vocab.from_text("abcdefghijklmnopqrstuvwxyz .")
+    # A Spanish text: 'ñ' (above 'z') is the most frequent stranger, after a dozen rarer ones.
+    text = "año niño señor mañana " * 5 + "ABCDEFGHIJKLMN"
+    with pytest.raises(DataError) as caught:
+        vocab.encode(text)
+    message = str(caught.value)
+    assert message.index("'ñ' x20") < message.index("'A' x1")
+    assert "and 3 more" in message and f"{20 + 14} character(s)" in message
+
+
 def test_character_above_every_known_code_point_is_unknown():
     vocab = Vocab.from_text("ab")
     ids, dropped = vocab.encode("a😀b", unknown="skip")

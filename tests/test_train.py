@@ -21,6 +21,17 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _interrupt_at(step, corpus, model_config, train_config, run_dir):
+    """Train until `step`, then stop as Ctrl-C does (last.pt saved)."""
+    def stop(kind, info):
+        if kind == "step" and info["step"] >= step:
+            trainer.request_stop()
+
+    trainer = Trainer(corpus, model_config, train_config, run_dir, on_event=stop)
+    with pytest.raises(Exception, match=f"interrupted at step {step}"):
+        trainer.run()
+
+
 def test_tiny_model_overfits_a_short_text(tmp_path):
     text = "the cat sat on the mat. " * 60
     model_config, train_config = tiny_configs(train={"steps": 150, "eval_every": 50, "val_frac": 0.2})
@@ -60,13 +71,7 @@ def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path, stateless, cel
     straight = Trainer(corpus, model_config, train_config, tmp_path / "a")
     straight.run()
 
-    def stop_at_half(kind, info):
-        if kind == "step" and info["step"] >= 10:
-            first.request_stop()
-
-    first = Trainer(corpus, model_config, train_config, tmp_path / "b", on_event=stop_at_half)
-    with pytest.raises(Exception, match="interrupted at step 10"):
-        first.run()
+    _interrupt_at(10, corpus, model_config, train_config, tmp_path / "b")
     payload = checkpoint.load(tmp_path / "b" / "last.pt")
     assert payload["progress"]["step"] == 10
     Trainer(corpus, model_config, train_config, tmp_path / "b", resume=payload).run()
@@ -185,13 +190,7 @@ def test_resume_is_exact_with_weight_drop_averaging_and_restarting_streams(tmp_p
                                               train={"steps": 24, "eval_every": 4, "ema_decay": 0.9, **layout})
     Trainer(corpus, model_config, train_config, tmp_path / "a").run()
 
-    def stop_at_half(kind, info):
-        if kind == "step" and info["step"] >= 10:
-            first.request_stop()
-
-    first = Trainer(corpus, model_config, train_config, tmp_path / "b", on_event=stop_at_half)
-    with pytest.raises(Exception, match="interrupted at step 10"):
-        first.run()
+    _interrupt_at(10, corpus, model_config, train_config, tmp_path / "b")
     Trainer(corpus, model_config, train_config, tmp_path / "b", resume=checkpoint.load(tmp_path / "b" / "last.pt")).run()
     losses = lambda run: [(m["step"], m["train_loss"], m["val_loss"]) for m in _metrics(run)]
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
@@ -239,3 +238,30 @@ def test_weight_average_follows_its_definition():
     with average.applied():
         assert all(torch.equal(p, a) for p, a in zip(layer.parameters(), average.averaged))
     assert not any(torch.equal(p, a) for p, a in zip(layer.parameters(), average.averaged))
+
+
+def test_resume_heals_a_torn_last_line_of_metrics_and_names_damage_elsewhere(tmp_path):
+    from charrnn.errors import DataError
+
+    corpus = corpus_of(VERSE * 20)
+    model_config, train_config = tiny_configs(train={"steps": 8, "eval_every": 4})
+    run_dir = tmp_path / "run"
+    Trainer(corpus, model_config, train_config, run_dir).run()
+    metrics = run_dir / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole + '{"step": 12, "train_lo')  # what a crash or a full disk leaves
+    warnings = []
+    on_event = lambda kind, info: warnings.append(info["message"]) if kind == "warning" else None
+    longer = TrainConfig(**{**train_config.__dict__, "steps": 12})
+    Trainer(corpus, model_config, longer, run_dir, on_event=on_event,
+            resume=checkpoint.load(run_dir / "last.pt")).run()
+    assert len(warnings) == 1 and "metrics.jsonl" in warnings[0] and "last line" in warnings[0]
+    assert [m["step"] for m in _metrics(run_dir)] == [4, 8, 12]
+
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    before = metrics.read_bytes()
+    evenlonger = TrainConfig(**{**train_config.__dict__, "steps": 16})
+    with pytest.raises(DataError, match=r"metrics.jsonl is damaged at line 2"):
+        Trainer(corpus, model_config, evenlonger, run_dir, resume=checkpoint.load(run_dir / "last.pt")).run()
+    assert metrics.read_bytes() == before
