@@ -209,10 +209,8 @@ class Trainer:
         # With weight averaging, "model" holds the averaged weights and "train_weights" the raw ones.
         self.model.load_state_dict(payload.get("train_weights") or payload["model"])
         if self.average is not None:
-            if "train_weights" in payload:
-                self.average.load(payload["model"], payload["ema_updates"])
-            else:  # weight averaging turned on when resuming: start the average here
-                self.average.load(payload["model"], 0)
+            # Without ema_updates, averaging was turned on at this resume: it starts here.
+            self.average.load(payload["model"], payload.get("ema_updates", 0))
         self.optimizer.load_state_dict(payload["optimizer"])
         saved = payload["progress"]
         self.progress = Progress(**{k: saved[k] for k in Progress.__dataclass_fields__})

@@ -45,7 +45,6 @@ def main() -> None:
     text = read_corpus([s for s in sources if not s.startswith("<embedded")] or []).data.decode("utf-8")
     ids, _ = vocab.encode(text, "skip")
     _, val = split(ids, args.val_frac)
-    torch.manual_seed(args.seed)
     cold, warm = cold_start(model, val, args.windows, args.context, 10, torch.Generator().manual_seed(args.seed))
     gaps = [c - w for c, w in zip(cold, warm)]
     prime_ids, _ = vocab.encode(args.prime, "skip")
