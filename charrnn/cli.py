@@ -20,7 +20,7 @@ from typing import List, Optional
 import typer
 
 from charrnn import __version__
-from charrnn.config import DynamicSettings, ModelConfig, TrainConfig, check_seed
+from charrnn.config import MAX_BATCH, DynamicSettings, ModelConfig, TrainConfig, check_seed
 from charrnn.errors import CharRNNError, TrainingInterrupted, UsageError
 
 app = typer.Typer(
@@ -61,8 +61,19 @@ def _errors_to_exit_codes():
     except Exception as err:  # an unexpected failure: still one line unless --debug
         if _debug:
             raise
+        if _out_of_memory(err):
+            _err("error: not enough memory for this model and batch; lower --batch-size, --seq-len, "
+                 "--hidden-size or --num-samples, or use a device with more memory")
+            raise typer.Exit(1) from None
         _err(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)")
         raise typer.Exit(1) from None
+
+
+def _out_of_memory(err: Exception) -> bool:
+    """Python's MemoryError, torch.OutOfMemoryError (CUDA), or the CPU allocator's refusal."""
+    text = str(err)
+    return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or (isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)))
 
 
 def _silence_stdout() -> None:
@@ -135,7 +146,7 @@ def train(
     burn_in: Optional[int] = typer.Option(None, help="Stateless mode: predictions left out of the loss at the start of each window.", show_default=str(T.burn_in), rich_help_panel=PANEL_TRAIN),
     ema_decay: Optional[float] = typer.Option(None, help="Validate, keep best.pt and sample with a moving average of the weights of this decay (0 = off).", show_default=str(T.ema_decay), rich_help_panel=PANEL_TRAIN),
     stream_restart: Optional[float] = typer.Option(None, help="Stateful: chance per step that a stream restarts from the start state at a random place.", show_default=str(T.stream_restart), rich_help_panel=PANEL_TRAIN),
-    steps: Optional[int] = typer.Option(None, help="Stop after this many steps.", show_default="no limit", rich_help_panel=PANEL_TRAIN),
+    steps: Optional[int] = typer.Option(None, help="Stop after this many steps (0 = no step limit; with no --epochs or --time either, 10 epochs).", show_default="0", rich_help_panel=PANEL_TRAIN),
     epochs: Optional[float] = typer.Option(None, help="Stop after this many epochs.", show_default="10 when no --steps/--time", rich_help_panel=PANEL_TRAIN),
     time: Optional[str] = typer.Option(None, "--time", help="Stop after this wall-clock time: 90s, 10m, 1h30m.", show_default="no limit", rich_help_panel=PANEL_TRAIN),
     save_every: Optional[str] = typer.Option(None, help="Also save last.pt after this much training time without a validation: 90s, 5m ('' = only at validations).", show_default=str(T.save_every), rich_help_panel=PANEL_TRAIN),
@@ -320,13 +331,12 @@ def sample(
         import torch
 
         from charrnn.device import resolve_dtype
-        from charrnn.sample import SampleSettings, generate
+        from charrnn.sample import SampleSettings, check_num_samples, generate
 
         settings = SampleSettings(length=length, temperature=temperature, top_k=top_k, top_p=top_p,
                                   stop=_unescape(stop))
         settings.validate()
-        if num_samples < 1:
-            raise UsageError(f"--num-samples must be >= 1, not {num_samples}")
+        check_num_samples(num_samples)
         if seed is not None:
             check_seed(seed)
         if prime == "-":
@@ -440,8 +450,8 @@ def gradients(
         from charrnn.data import read_corpus
         from charrnn.gradients import gradient_reach, plot, table
 
-        if span < 1 or windows < 1:
-            raise UsageError("--span and --windows must be >= 1")
+        if not (1 <= span <= MAX_BATCH and 1 <= windows <= MAX_BATCH):
+            raise UsageError(f"--span and --windows must be from 1 to {MAX_BATCH}, not {span} and {windows}")
         check_seed(seed)
         curves = {}
         corpus_text = read_corpus([str(text)]).data.decode("utf-8")

@@ -72,6 +72,7 @@ class ModelConfig:
         _check(0.0 <= self.recurrent_dropout < 1.0, "recurrent_dropout", "must be in [0, 1)")
         _check(0.0 <= self.embedding_dropout < 1.0, "embedding_dropout", "must be in [0, 1)")
         _check(0.0 <= self.weight_drop < 1.0, "weight_drop", "must be in [0, 1)")
+        _check(abs(self.forget_bias) <= 100, "forget_bias", "must be from -100 to 100 (sigmoid(20) is already 1 in float32)")
         _check(self.init in ("default", "orthogonal", "uniform"), "init", "must be default, orthogonal or uniform")
         _check(self.recurrent_dropout == 0.0 or self.cell in ("peephole", "layernorm"), "recurrent_dropout",
                "needs a hand-written cell (--cell peephole or layernorm)")
@@ -143,12 +144,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check_finite(self)
-        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _check(self.seq_len >= 1, "seq_len", "must be >= 1")
-        _check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _check(1 <= self.batch_size <= MAX_BATCH, "batch_size", f"must be from 1 to {MAX_BATCH}")
+        _check(1 <= self.seq_len <= MAX_BATCH, "seq_len", f"must be from 1 to {MAX_BATCH}")
+        _check(0 < self.learning_rate <= 1, "learning_rate", "must be in (0, 1]")
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         _check(0 <= self.decay_frac <= 1, "decay_frac", "must be in [0, 1]")
-        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _check(0 <= self.warmup_steps <= MAX_COUNT, "warmup_steps", f"must be from 0 to {MAX_COUNT}")
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
         _check(self.clip_mode in ("norm", "value"), "clip_mode", "must be norm or value")
@@ -157,18 +158,18 @@ class TrainConfig:
         _check(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1) (0 = off)")
         _check(0 <= self.stream_restart <= 1, "stream_restart", "must be in [0, 1]")
         _check(self.stream_restart == 0 or not self.stateless, "stream_restart", "applies to stateful training only (add --stateful)")
-        _check(self.steps >= 0, "steps", "must be >= 0")
+        _check(0 <= self.steps <= MAX_COUNT, "steps", f"must be from 0 (no step limit) to {MAX_COUNT}")
         _check(self.epochs >= 0, "epochs", "must be >= 0")
         parse_duration(self.time)
         try:
             parse_duration(self.save_every)
         except UsageError:
             _check(False, "save_every", f"must be a positive duration like 90s, 5m or 1h, or \"\" for off, not {self.save_every!r}")
-        _check(self.eval_every >= 1, "eval_every", "must be >= 1")
+        _check(1 <= self.eval_every <= MAX_COUNT, "eval_every", f"must be from 1 to {MAX_COUNT}")
         _check(0 <= self.seed <= MAX_SEED, "seed", f"must be an integer from 0 to {MAX_SEED}")
         _check(0 < self.val_frac < 1, "val_frac", "must be in (0, 1)")
         _check(self.dtype in ("auto", "fp32", "bf16", "fp16"), "dtype", "must be auto, fp32, bf16 or fp16")
-        _check(self.sample_length >= 0, "sample_length", "must be >= 0")
+        _check(0 <= self.sample_length <= MAX_SAMPLE, "sample_length", f"must be from 0 to {MAX_SAMPLE}")
 
     @property
     def time_budget_s(self) -> float:
@@ -203,16 +204,19 @@ class DynamicSettings:
     eps: float = 1e-8
 
     def validate(self) -> None:
-        if not (self.step_size >= 0 and math.isfinite(self.step_size)):
-            raise UsageError(f"--step-size must be a finite number >= 0, not {self.step_size}")
+        if not 0 <= self.step_size <= 1:  # RMS-normalised: a step of 1 already moves every weight by ~1
+            raise UsageError(f"--step-size must be in [0, 1] (0 = static), not {self.step_size}")
         if not 0 <= self.decay <= 1:
             raise UsageError(f"--decay must be in [0, 1], not {self.decay}")
-        if self.segment < 1:
-            raise UsageError(f"--segment must be >= 1, not {self.segment}")
+        if not 1 <= self.segment <= MAX_BATCH:
+            raise UsageError(f"--segment must be from 1 to {MAX_BATCH}, not {self.segment}")
 
 
 MAX_SEED = 2**62  # torch takes 64-bit seeds; runs add offsets (seed + 1, seed + step)
 MAX_WIDTH = 1 << 16  # hidden and embedding sizes: far beyond what fits in memory
+MAX_BATCH = 1 << 20  # sequences per batch, characters per sequence, samples per call
+MAX_COUNT = 2**62  # steps and step counts: "no practical limit" that still fits int64
+MAX_SAMPLE = 100_000  # characters sampled to stderr at each validation
 
 
 def _check_finite(config) -> None:
@@ -299,7 +303,11 @@ def load_toml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+    except IsADirectoryError:
+        raise UsageError(f"config file {str(path)!r} is a directory; give a .toml file (see configs/)") from None
+    except OSError as err:
+        raise UsageError(f"config file {path} cannot be read: {err.strerror}") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise UsageError(f"config file {path} is not valid TOML: {err}") from None
     unknown = set(data) - {"model", "train"}
     if unknown:

@@ -39,6 +39,14 @@ class SampleSettings:
             raise UsageError(f"--top-p must be in (0, 1], not {self.top_p}")
 
 
+def check_num_samples(num_samples: int) -> None:
+    if not 1 <= num_samples <= MAX_SAMPLES:
+        raise UsageError(f"--num-samples must be from 1 to {MAX_SAMPLES}, not {num_samples}")
+
+
+MAX_SAMPLES = 1 << 16  # streams decoded together: memory grows with it
+
+
 def next_ids(logits: torch.Tensor, settings: SampleSettings, generator: torch.Generator | None) -> torch.Tensor:
     """Draw one id per row of (N, V) logits under the settings -> (N,) int64."""
     if settings.temperature == 0:
@@ -89,8 +97,7 @@ def generate(
     the decoder's matmul precision (None = fp32; see charrnn.decode.matmul_dtype).
     """
     settings.validate()
-    if num_samples < 1:
-        raise UsageError(f"--num-samples must be >= 1, not {num_samples}")
+    check_num_samples(num_samples)
     with _threads_for(num_samples, device):
         yield from _generate(model, vocab, prime_ids, settings, num_samples, generator, device, fast, dtype)
 

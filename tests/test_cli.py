@@ -179,6 +179,53 @@ def test_bad_config_values_are_usage_errors(tmp_path):
     assert "hidden_size" in result.stderr  # lists the valid keys
 
 
+def test_huge_and_edge_values_of_sample_eval_and_gradients(trained_run, tmp_path):
+    """Each of these reached the catch-all (MemoryError, OverflowError, a float overflow)."""
+    text = tmp_path / "t.txt"
+    text.write_text(VERSE)
+    before = {p.name: p.read_bytes() for p in trained_run.iterdir() if p.is_file()}
+    for args in (["sample", "-m", trained_run, "--num-samples", 10**11],
+                 ["sample", "-m", trained_run, "--num-samples", 10**23],
+                 ["eval", text, "-m", trained_run, "--dynamic", "--step-size", 1e308],
+                 ["eval", text, "-m", trained_run, "--dynamic", "--segment", 10**23],
+                 ["gradients", trained_run / "best.pt", "--text", text, "--windows", 10**23]):
+        result = invoke(*args)
+        _one_line_error(result, 2)
+        assert "must be" in result.stderr and "--debug" not in result.stderr
+    assert before == {p.name: p.read_bytes() for p in trained_run.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("failure", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] "
+                                     "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB")])
+def test_running_out_of_memory_is_its_own_one_line_error(trained_run, monkeypatch, failure):
+    import charrnn.sample
+
+    def refuse(*args, **kwargs):
+        raise failure
+        yield
+
+    monkeypatch.setattr(charrnn.sample, "generate", refuse)
+    result = invoke("sample", "-m", trained_run, "--seed", 1)
+    _one_line_error(result, 1)
+    assert "not enough memory" in result.stderr and "--batch-size" in result.stderr
+
+
+def test_steps_0_means_no_step_limit_and_the_stop_line_says_what_applies(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(VERSE * 10)
+    result = invoke("train", corpus, "--out", tmp_path / "r", "--steps", 0, "--epochs", 0.05, "--device", "cpu",
+                    "--hidden-size", 8, "--embedding-size", 8, "--batch-size", 2, "--seq-len", 8, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert "stop: 0.05 epochs\n" in result.stderr
+    assert "0 = no step limit" in invoke("train", "--help").stdout.replace("\n", " ").replace("│", "")
+
+
+def test_a_directory_as_config_file(tmp_path):
+    result = invoke("train", tmp_path, "--config", tmp_path)
+    _one_line_error(result, 2)
+    assert "is a directory" in result.stderr
+
+
 def test_usage_errors_from_the_parser_are_one_line_exit_2():
     result = run_cli("sample", "--length", "many")
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -101,7 +101,11 @@ def test_no_float_setting_takes_nan_or_infinity(cls, key, value):
 
 @pytest.mark.parametrize("cls,key,value", [(TrainConfig, "seed", 10**30), (TrainConfig, "seed", -1),
                                            (ModelConfig, "hidden_size", 10**9), (ModelConfig, "embedding_size", 0),
-                                           (ModelConfig, "num_layers", 1000)])
+                                           (ModelConfig, "num_layers", 1000), (TrainConfig, "batch_size", 10**11),
+                                           (TrainConfig, "seq_len", 10**11), (TrainConfig, "steps", 10**23),
+                                           (TrainConfig, "eval_every", 2**63), (TrainConfig, "warmup_steps", 2**63),
+                                           (TrainConfig, "sample_length", 10**11), (TrainConfig, "learning_rate", 1e300),
+                                           (ModelConfig, "forget_bias", 1e300)])
 def test_integers_out_of_range_are_usage_errors(cls, key, value):
     with pytest.raises(UsageError, match=f"{key} must be"):
         build(cls, {key: value})
