@@ -399,6 +399,8 @@ def eval_(
         from charrnn.device import resolve_dtype
         from charrnn.evaluate import evaluate
 
+        settings = DynamicSettings(step_size=step_size, decay=decay, segment=segment)
+        settings.validate()  # before the static pass, which can take minutes
         payload, model, vocab, device_ = _load_for_inference(checkpoint_path, device)
         dtype_, _ = resolve_dtype(dtype, device_)
         text = read_corpus(files, encoding).data.decode("utf-8")
@@ -412,8 +414,6 @@ def eval_(
 
             from charrnn.evaluate import dynamic_evaluate
 
-            settings = DynamicSettings(step_size=step_size, decay=decay, segment=segment)
-            settings.validate()
             started = time.perf_counter()
             adapted = dynamic_evaluate(model, ids, device_, settings, dtype_, dropped)
             seconds = time.perf_counter() - started

@@ -124,9 +124,9 @@ def plain_loop(path: Path, seconds: float, seed: int = 1337) -> dict:
             "elapsed_s": time.perf_counter() - start}
 
 
-def charrnn_run(path: Path, budget: str, extra: list[str]) -> dict:
+def charrnn_run(path: Path, budget: str, extra: list[str], keep: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "run"
+        out = keep / f"{path.stem}-{budget}" if keep else Path(tmp) / "run"
         cmd = [sys.executable, "-m", "charrnn", "train", str(path), "--time", budget, "--out", str(out),
                "--quiet", "--json", *extra]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--only", choices=("loop", "charrnn"), help="run one side only")
     parser.add_argument("--charrnn-args", default="", help="extra flags for charrnn train")
     parser.add_argument("--json", action="store_true", help="one JSON line per row as well")
+    parser.add_argument("--keep", type=Path, help="keep charrnn's run directories under this folder")
     args = parser.parse_args()
     extra = shlex.split(args.charrnn_args)
     print(f"{'corpus':12s} {'budget':>6s} | {'loop val':>8s} {'steps':>6s} {'chars/s':>8s} | "
@@ -156,7 +157,7 @@ def main() -> None:
         for budget in args.time.split(","):
             seconds = parse_duration(budget)
             loop = plain_loop(path, seconds) if args.only != "charrnn" else None
-            ours = charrnn_run(path, budget, extra) if args.only != "loop" else None
+            ours = charrnn_run(path, budget, extra, args.keep) if args.only != "loop" else None
             row = {"corpus": name, "budget": budget, "loop": loop, "charrnn": ours,
                    "charrnn_args": args.charrnn_args}
             cells = [f"{name[:12]:12s} {budget:>6s}"]
