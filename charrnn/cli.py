@@ -124,6 +124,7 @@ def train(
     encoding: str = typer.Option("utf-8", help="Text encoding of the corpus files.", rich_help_panel=PANEL_RUN),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or samples on stderr.", rich_help_panel=PANEL_RUN),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout at the end.", rich_help_panel=PANEL_RUN),
+    tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="Also write the metrics and samples as TensorBoard events to this directory (pip install 'charrnn[tensorboard]').", rich_help_panel=PANEL_RUN),
     cell: Optional[str] = typer.Option(None, help="Recurrent cell: lstm, gru, rnn, peephole or layernorm.", show_default=str(M.cell), rich_help_panel=PANEL_MODEL),
     hidden_size: Optional[int] = typer.Option(None, help="Units per layer.", show_default=str(M.hidden_size), rich_help_panel=PANEL_MODEL),
     num_layers: Optional[int] = typer.Option(None, help="Stacked recurrent layers.", show_default=str(M.num_layers), rich_help_panel=PANEL_MODEL),
@@ -206,16 +207,22 @@ def train(
         for skipped in corpus_data.skipped if group.is_main else []:
             _err(f"warning: skipped {skipped}: not a UTF-8 text file")
         view = _TrainView(quiet)
+        sinks = [view]
+        if tensorboard is not None and group.is_main:
+            from charrnn.tensorboard import TensorBoardLog
+
+            sinks.append(TensorBoardLog(tensorboard))
         clean = False
         try:
-            summary = Trainer(corpus_data, model_config, train_config, run_dir, on_event=view, resume=payload,
-                              auto=auto).run()
+            summary = Trainer(corpus_data, model_config, train_config, run_dir, resume=payload, auto=auto,
+                              on_event=lambda kind, info: [sink(kind, info) for sink in sinks]).run()
             clean = True
         except TrainingInterrupted:
             clean = True  # every rank agreed to stop at the same step
             raise
         finally:
-            view.close()
+            for sink in sinks:
+                sink.close()
             distributed.shutdown(clean)
         if not group.is_main:
             return
@@ -472,6 +479,72 @@ def gradients(
                 _err(f"plot: {plot_path}")
             else:
                 _err("warning: matplotlib is not installed (pip install 'charrnn[plot]'); printed the table only")
+
+
+@app.command()
+def viz(
+    checkpoint_path: Optional[Path] = typer.Argument(None, help="A run directory or a .pt file.", show_default="the most recent run under runs/"),
+    text: Optional[str] = typer.Option(None, "--text", help="A text file to analyse, or - for stdin.", show_default="the run's validation split"),
+    chars: int = typer.Option(3000, "--chars", help="Characters analysed (from the start of the text). The page's size grows with chars x layers x units: ~1.4 bytes each, ~4 MB for 2x512 at 3000."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The HTML file to write.", show_default="report.html in the run directory (or here, for a .pt alone)"),
+    open_page: bool = typer.Option(False, "--open", help="Open the report in the default browser."),
+    unknown: Unknown = typer.Option(Unknown.error, help="Characters the model does not know: error, or skip them."),
+    seed: int = typer.Option(1, help="Seed of the sample drawn for section 6."),
+    temperature: float = typer.Option(0.8, "--temperature", "-T", help="Temperature of that sample."),
+    encoding: str = typer.Option("utf-8", help="Text encoding of --text."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+):
+    """Write one self-contained HTML page of what the model learned: training curves,
+    surprisal, every unit's activation, units that track quotes, brackets or line
+    position, gate saturation, and a sample coloured by its probability."""
+    with _errors_to_exit_codes():
+        import time
+
+        from charrnn import checkpoint, report
+        from charrnn.data import read_corpus, split
+
+        if not 2 <= chars <= MAX_BATCH:
+            raise UsageError(f"--chars must be from 2 to {MAX_BATCH}, not {chars}")
+        check_seed(seed)
+        if not 0 <= temperature < float("inf"):
+            raise UsageError(f"--temperature must be a finite number >= 0, not {temperature}")
+        if out is not None and out.is_dir():
+            raise UsageError(f"--out {out} is a directory; name the .html file to write")
+        started = time.perf_counter()
+        payload, model, vocab, _ = _load_for_inference(checkpoint_path, device)
+        path = Path(payload["path"])
+        run_dir = path.parent if (path.parent / "metrics.jsonl").exists() or (path.parent / "config.toml").exists() else None
+        if text is not None:
+            corpus = read_corpus([text], encoding)
+            ids, dropped = vocab.encode(corpus.data.decode("utf-8")[: chars * 4 if unknown == Unknown.skip else chars], unknown.value)
+            description = "standard input" if text == "-" else str(text)
+            if dropped:
+                _err(f"skipped {dropped} character(s) the model does not know")
+        elif run_dir is None:
+            raise UsageError(f"{path} has no run directory beside it, so no validation text; give one with --text FILE")
+        else:
+            sources = payload["corpus"]["sources"]
+            if sources == ["-"]:
+                raise UsageError("this run was trained on stdin; give the text to analyse with --text FILE")
+            val_frac = payload["train_config"]["val_frac"]
+            corpus = read_corpus([s for s in sources if not s.startswith("<embedded")], "utf-8")
+            _, val_ids = split(vocab.encode_data(corpus), val_frac)
+            ids = val_ids
+            description = f"validation split of {payload['corpus']['name']} (its last {val_frac:.0%})"
+        ids = [int(i) for i in ids[:chars]]
+        data = report.build(model, vocab, ids, report.ReportSource(str(path), description, run_dir),
+                            seed=seed, temperature=temperature, progress=lambda m: _err(f"viz: {m}"))
+        page = report.render(data)
+        target = out or (run_dir / "report.html" if run_dir else Path("report.html"))
+        if not target.parent.is_dir():
+            raise UsageError(f"--out {target}: the directory {target.parent} does not exist")
+        checkpoint.write_text(target, page)
+        size = len(page.encode("utf-8")) / 1e6
+        _err(f"report: {target} ({size:.1f} MB, {len(ids):,} characters, {time.perf_counter() - started:.0f}s)")
+        if open_page:
+            import webbrowser
+
+            webbrowser.open(target.resolve().as_uri())
 
 
 def main(argv: Optional[List[str]] = None) -> None:

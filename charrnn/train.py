@@ -2,7 +2,7 @@
 
 Progress reaches the caller through `on_event(kind, info)`; the library never prints.
 Kinds: "setup" (once), "step" (every LOG_EVERY steps), "eval" (each validation, with
-the record appended to metrics.jsonl), "sample" (text drawn at each validation),
+the record appended to metrics.jsonl), "sample" (text drawn at each validation, appended to samples.jsonl),
 "warning" (something the user should know, e.g. a repaired file)."""
 
 from __future__ import annotations
@@ -279,9 +279,13 @@ class Trainer:
         metrics = self.run_dir / "metrics.jsonl"
         if resuming and metrics.exists():
             # Drop records written after the checkpoint we resume from (a killed run's last eval).
-            records = _read_metrics(metrics, self.on_event)
+            records = _read_records(metrics, self.on_event)
             kept = [line for line, record in records if record["step"] <= self.progress.step]
             checkpoint.write_text(metrics, "".join(line + "\n" for line in kept))
+        samples = self.run_dir / "samples.jsonl"
+        if resuming and samples.exists():  # a record per validation, trimmed the same way
+            kept = [line for line, record in _read_records(samples, self.on_event) if record["step"] <= self.progress.step]
+            checkpoint.write_text(samples, "".join(line + "\n" for line in kept))
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -433,7 +437,9 @@ class Trainer:
         checkpoint.append_line(self.run_dir / "metrics.jsonl", json.dumps(record))
         self.on_event("eval", record)
         if self.config.sample_length:
-            self.on_event("sample", {"step": progress.step, "text": self._sample_text()})
+            sample = {"step": progress.step, "text": self._sample_text()}
+            checkpoint.append_line(self.run_dir / "samples.jsonl", json.dumps(sample))  # for charrnn viz
+            self.on_event("sample", sample)
 
     def _sample_text(self) -> str:
         generator = torch.Generator(self.device).manual_seed(self.config.seed + self.progress.step)
@@ -465,8 +471,8 @@ def _sigint_requests_stop(trainer: Trainer):
         signal.signal(signal.SIGINT, previous)
 
 
-def _read_metrics(path: Path, on_event: Event) -> list[tuple[str, dict]]:
-    """The (line, record) pairs of metrics.jsonl. A torn last line (a crash or a full disk
+def _read_records(path: Path, on_event: Event) -> list[tuple[str, dict]]:
+    """The (line, record) pairs of metrics.jsonl or samples.jsonl. A torn last line (a crash or a full disk
     mid-write) is dropped with a warning; damage anywhere else is an error naming the line."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -484,7 +490,7 @@ def _read_metrics(path: Path, on_event: Event) -> list[tuple[str, dict]]:
             if number == len(lines):
                 on_event("warning", {"message": f"{path}: dropped its last line, cut off mid-write"})
                 break
-            raise DataError(f"{path} is damaged at line {number} (not a metrics record); "
+            raise DataError(f"{path} is damaged at line {number} (not a record with a step); "
                             "fix or remove that line, or move the file away, to resume") from None
         records.append((line, record))
     return records
