@@ -99,7 +99,7 @@ def test_train_writes_run_directory_and_nothing_on_stdout(tmp_path, monkeypatch)
     assert first.exit_code == 0, first.stderr
     assert first.stdout == ""
     run = tmp_path / "runs" / "poem"
-    assert {p.name for p in run.iterdir()} == {"config.toml", "metrics.jsonl", "last.pt", "best.pt"}
+    assert {p.name for p in run.iterdir()} == {"config.toml", "metrics.jsonl", "last.pt", "best.pt", "samples.jsonl"}
     second = invoke(*args, "--json")  # never overwrites the first run
     assert json.loads(second.stdout)["run_dir"] == str(Path("runs") / "poem-2")
     assert invoke(*args, "--out", run).exit_code == 2  # --out holding a run is refused
