@@ -124,6 +124,11 @@ def test_every_cell_trains_samples_and_evaluates(tmp_path, cell, stateless):
     evaluated = invoke("eval", corpus, "-m", tmp_path / "run" / "best.pt", "--json")
     assert evaluated.exit_code == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["chars"] == len(VERSE * 10) - 1
+    if stateless:  # the report, once per cell
+        shown = invoke("viz", tmp_path / "run", "--chars", 100)
+        assert shown.exit_code == 0, shown.stderr
+        page = (tmp_path / "run" / "report.html").read_text()
+        assert ('"saturation": [{}, {}]' in page) == (cell == "rnn")  # no gates to show and f'"cell": "{cell}"' in page
 
 
 def _one_line_error(result, code):

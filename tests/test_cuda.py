@@ -58,3 +58,17 @@ def test_cuda_graph_decoder_equals_reference(streams, cell):
         return ["".join(c) for c in zip(*steps)]
 
     assert run(True) == run(False)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "peephole", "layernorm"])
+def test_viz_trace_on_cuda_equals_cpu(cell):
+    from charrnn import analysis
+
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(cell=cell, hidden_size=32, num_layers=2, embedding_size=16, dropout=0.0), 30)
+    ids = torch.randint(0, 30, (200,)).tolist()
+    cpu = analysis.trace(model, ids)
+    gpu = analysis.trace(model.cuda(), ids)
+    torch.testing.assert_close(gpu.loss, cpu.loss, atol=1e-4, rtol=1e-4, equal_nan=True)
+    for a, b in zip(gpu.activations, cpu.activations):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
