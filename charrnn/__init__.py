@@ -1,4 +1,13 @@
-"""charrnn: character-level language models (LSTM, GRU, RNN) you train, sample and evaluate."""
+"""charrnn: character-level language models (LSTM, GRU, RNN) you train, sample and evaluate.
+
+    import charrnn
+    model = charrnn.load("runs/tinyshakespeare")     # a run directory or a .pt
+    print(model.sample(prime="ROMEO:", length=300, temperature=0.7, seed=1))
+    print(model.score(open("held_out.txt").read()).bpc)
+    summary = charrnn.train("corpus.txt", time="5m", hidden_size=256, out="runs/x")
+
+See charrnn.api for the details; errors are CharRNNError subclasses.
+"""
 
 import warnings
 
@@ -6,3 +15,22 @@ import warnings
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 __version__ = "0.1.0"
+__all__ = ["load", "train", "Model", "EvalResult", "CharRNNError", "UsageError", "DataError", "CheckpointError",
+           "TrainingInterrupted", "__version__"]
+
+from charrnn.errors import CharRNNError, CheckpointError, DataError, TrainingInterrupted, UsageError  # noqa: E402
+
+
+def __getattr__(name: str):
+    # The API imports torch: loaded on first use, so `charrnn --version` and the CLI's
+    # usage errors stay fast.
+    if name in ("load", "train", "Model", "EvalResult"):
+        from charrnn import api
+
+        globals().update(load=api.load, train=api.train, Model=api.Model, EvalResult=api.EvalResult)
+        return getattr(api, name)
+    raise AttributeError(f"module 'charrnn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -21,7 +21,7 @@ import typer
 
 from charrnn import __version__
 from charrnn.config import MAX_BATCH, DynamicSettings, ModelConfig, TrainConfig, check_seed
-from charrnn.errors import CharRNNError, TrainingInterrupted, UsageError
+from charrnn.errors import CharRNNError, UsageError
 
 app = typer.Typer(
     name="charrnn",
@@ -121,6 +121,7 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file with model and train tables (see configs/).", rich_help_panel=PANEL_RUN),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory.", show_default="runs/<corpus name>, never reusing one", rich_help_panel=PANEL_RUN),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory exactly where its last.pt left off.", rich_help_panel=PANEL_RUN),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Fine-tune: start a new run from this run's (or .pt's) weights; new characters extend its vocabulary.", rich_help_panel=PANEL_RUN),
     encoding: str = typer.Option("utf-8", help="Text encoding of the corpus files.", rich_help_panel=PANEL_RUN),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or samples on stderr.", rich_help_panel=PANEL_RUN),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout at the end.", rich_help_panel=PANEL_RUN),
@@ -161,71 +162,31 @@ def train(
 ):
     """Train a model on a corpus (or continue one with --resume)."""
     with _errors_to_exit_codes():
-        from charrnn import checkpoint, distributed
-        from charrnn.config import ModelConfig, TrainConfig, build, load_toml
-        from charrnn.data import read_corpus
-        from charrnn.sizing import SIZED
-        from charrnn.train import Trainer, choose_run_dir, resume_configs
+        from charrnn import run
 
-        model_flags = dict(cell=cell, hidden_size=hidden_size, num_layers=num_layers,
-                           embedding_size=embedding_size, dropout=dropout, recurrent_dropout=recurrent_dropout,
-                           embedding_dropout=embedding_dropout, weight_drop=weight_drop, init=init, forget_bias=forget_bias)
-        train_flags = dict(batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate,
-                           min_lr_ratio=min_lr_ratio, decay_frac=decay_frac, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                           grad_clip=grad_clip, clip_mode=clip_mode, burn_in=burn_in, stream_restart=stream_restart, ema_decay=ema_decay, steps=steps, epochs=epochs, time=time, save_every=save_every, eval_every=eval_every,
-                           val_frac=val_frac, seed=seed, stateless=stateless, dtype=dtype, device=device,
-                           sample_length=sample_length)
-        file_model, file_train = load_toml(config) if config else ({}, {})
-        payload = None
-        if resume is not None:
-            payload = checkpoint.load(resume / "last.pt" if resume.is_dir() else resume)
-            changed = [k for k, v in {**file_model, **model_flags}.items()
-                       if v is not None and payload["model_config"].get(k) != v]
-            if changed:
-                raise UsageError(f"the model cannot change when resuming ({', '.join(changed)}); drop those flags")
-            model_config, train_config = resume_configs(payload, {**file_train, **train_flags})
-            auto = ()
-            run_dir = Path(payload["path"]).parent
-            sources = corpus or [s for s in payload["corpus"]["sources"] if not s.startswith("<embedded")]
-            if sources == ["-"]:
-                raise UsageError("this run was trained on stdin; pipe the same text again with: charrnn train - --resume DIR")
-            corpus_data = read_corpus(sources, encoding)
-            where = "resumed"
-        else:
-            model_config = build(ModelConfig, file_model, model_flags)
-            train_config = build(TrainConfig, file_train, train_flags)
-            given = {k for k, v in {**file_model, **model_flags}.items() if v is not None}
-            auto = tuple(k for k in SIZED if k not in given)  # chosen for the corpus and budget
-            corpus_data = read_corpus(corpus or [], encoding)
-            run_dir = None
-        group = distributed.init_from_env(train_config.device)  # a group of one without torchrun
-        if run_dir is None:  # rank 0 picks the directory and tells the others
-            run_dir, where = choose_run_dir(out, corpus_data.name) if group.is_main else (None, "")
-            run_dir = Path(distributed.broadcast_text(str(run_dir) if run_dir else None))
-        if not corpus and group.is_main:
-            _err(f"corpus: {corpus_data.sources[0]} ({corpus_data.size:,} bytes); pass files to train on your own text")
-        for skipped in corpus_data.skipped if group.is_main else []:
-            _err(f"warning: skipped {skipped}: not a UTF-8 text file")
-        view = _TrainView(quiet)
-        sinks = [view]
-        if tensorboard is not None and group.is_main:
+        settings = dict(cell=cell, hidden_size=hidden_size, num_layers=num_layers,
+                        embedding_size=embedding_size, dropout=dropout, recurrent_dropout=recurrent_dropout,
+                        embedding_dropout=embedding_dropout, weight_drop=weight_drop, init=init, forget_bias=forget_bias,
+                        batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate,
+                        min_lr_ratio=min_lr_ratio, decay_frac=decay_frac, warmup_steps=warmup_steps, weight_decay=weight_decay,
+                        grad_clip=grad_clip, clip_mode=clip_mode, burn_in=burn_in, stream_restart=stream_restart,
+                        ema_decay=ema_decay, steps=steps, epochs=epochs, time=time, save_every=save_every,
+                        eval_every=eval_every, val_frac=val_frac, seed=seed, stateless=stateless, dtype=dtype,
+                        device=device, sample_length=sample_length)
+        sinks = [_TrainView(quiet)]
+        if tensorboard is not None and int(os.environ.get("RANK", "0")) == 0:
             from charrnn.tensorboard import TensorBoardLog
 
             sinks.append(TensorBoardLog(tensorboard))
-        clean = False
         try:
-            summary = Trainer(corpus_data, model_config, train_config, run_dir, resume=payload, auto=auto,
-                              on_event=lambda kind, info: [sink(kind, info) for sink in sinks]).run()
-            clean = True
-        except TrainingInterrupted:
-            clean = True  # every rank agreed to stop at the same step
-            raise
+            summary = run.train(corpus, config=config, out=out, resume=resume, init_from=init_from, encoding=encoding,
+                                on_event=lambda kind, info: [sink(kind, info) for sink in sinks], **settings)
         finally:
             for sink in sinks:
                 sink.close()
-            distributed.shutdown(clean)
-        if not group.is_main:
+        if summary is None:  # another rank under torchrun: rank 0 reports
             return
+        where = summary.pop("run_dir_reason")
         _err(f"done: {summary['steps']} steps in {summary['elapsed_s']:.0f}s, best val loss "
              f"{summary['best_val_loss']:.4f} nats/char; run directory {summary['run_dir']} ({where})")
         _err(f"sample it with: charrnn sample --checkpoint {summary['run_dir']}")
@@ -245,6 +206,8 @@ class _TrainView:
             self._setup(info)
         elif kind == "warning":
             self._write(f"warning: {info['message']}")
+        elif kind == "info":
+            self._write(info["message"])
         elif self.quiet:
             return
         elif kind == "step":
@@ -272,6 +235,10 @@ class _TrainView:
                                               f"{config['epochs']:g} epochs" if config["epochs"] else "",
                                               f"{config['time']}" if config["time"] else "") if p),
         ]
+        if info.get("parent"):
+            added = info["parent"]["added_chars"]
+            lines.insert(2, f"init: weights from {info['parent']['path']}; " + (
+                f"vocabulary extended by {len(added)} character(s): {added!r}" if added else "no new characters"))
         if info.get("sizing"):
             flags = " / ".join("--" + k.replace("_", "-") for k in info["sizing"]["fields"])
             lines.insert(3, f"size: {model['hidden_size']} units, dropout {model['dropout']:g} (auto: "

@@ -39,7 +39,7 @@ from charrnn.device import dtype_name, resolve_device, resolve_dtype  # noqa: E4
 from charrnn.evaluate import evaluate  # noqa: E402
 from charrnn.model import CharRNN  # noqa: E402
 from charrnn.sample import SampleSettings, generate  # noqa: E402
-from charrnn.train import Trainer  # noqa: E402
+from charrnn.trainer import Trainer  # noqa: E402
 
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 

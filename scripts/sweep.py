@@ -34,7 +34,7 @@ from charrnn.config import ModelConfig, TrainConfig, build, tomllib  # noqa: E40
 from charrnn.data import read_corpus  # noqa: E402
 from charrnn.device import autocast  # noqa: E402
 from charrnn.evaluate import evaluate  # noqa: E402
-from charrnn.train import Trainer  # noqa: E402
+from charrnn.trainer import Trainer  # noqa: E402
 from yardstick import corpus_path  # noqa: E402
 
 

@@ -8,7 +8,7 @@ import torch
 
 from charrnn.config import ModelConfig, TrainConfig
 from charrnn.data import Corpus
-from charrnn.train import Trainer
+from charrnn.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"

@@ -13,7 +13,7 @@ from charrnn.device import resolve_device, resolve_dtype
 from charrnn.evaluate import evaluate
 from charrnn.model import CharRNN
 from charrnn.sample import SampleSettings, generate
-from charrnn.train import Trainer
+from charrnn.trainer import Trainer
 
 from conftest import VERSE, corpus_of, tiny_configs
 

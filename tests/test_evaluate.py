@@ -105,7 +105,7 @@ def _play(lines: int = 400) -> str:
 def test_training_from_the_start_state_closes_most_of_the_cold_start_gap(tmp_path):
     """The first characters read from the start state (a prime, an eval) lose much less
     to the same characters read in context once training starts sequences from it."""
-    from charrnn.train import Trainer
+    from charrnn.trainer import Trainer
 
     from conftest import corpus_of, tiny_configs
 

@@ -12,7 +12,7 @@ from charrnn import checkpoint
 from charrnn.config import TrainConfig
 from charrnn.data import split
 from charrnn.evaluate import evaluate
-from charrnn.train import Trainer, lr_at
+from charrnn.trainer import Trainer, lr_at
 
 from conftest import ROOT, SHAKESPEARE, VERSE, corpus_of, tiny_configs
 

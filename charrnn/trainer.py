@@ -1,5 +1,8 @@
 """The one training loop: truncated BPTT with AdamW, clipping, warmup + cosine decay.
 
+(The module is `trainer`, not `train`, so that `charrnn.train` stays the API's function:
+importing a submodule named `train` would rebind that attribute of the package.)
+
 Progress reaches the caller through `on_event(kind, info)`; the library never prints.
 Kinds: "setup" (once), "step" (every LOG_EVERY steps), "eval" (each validation, with
 the record appended to metrics.jsonl), "sample" (text drawn at each validation, appended to samples.jsonl),
@@ -98,9 +101,11 @@ class Trainer:
 
     def __init__(self, corpus: Corpus, model_config: ModelConfig, train_config: TrainConfig, run_dir: Path,
                  on_event: Event | None = None, resume: dict[str, Any] | None = None,
-                 auto: tuple[str, ...] = ()):
+                 auto: tuple[str, ...] = (), init_from: dict[str, Any] | None = None):
         """`auto`: the model fields (of charrnn.sizing.SIZED) to choose for this corpus and
-        budget rather than take from model_config; a resumed run keeps its own."""
+        budget rather than take from model_config; a resumed run keeps its own.
+        `init_from`: a loaded checkpoint whose weights start this run (fine-tuning; the
+        model_config must be its own), with the vocabulary extended by this corpus's new characters."""
         self.on_event = on_event or (lambda kind, info: None)
         self.config = train_config.with_default_stop()
         self.model_config = model_config
@@ -120,8 +125,15 @@ class Trainer:
                 raise DataError(
                     "this corpus differs from the one the run was trained on; give the same files to --resume"
                 )
+            self.parent = resume.get("parent")
+        elif init_from is not None:
+            base_vocab = Vocab(init_from["vocab"])
+            added = "".join(c for c in Vocab.from_data(corpus).chars if c not in base_vocab)
+            self.vocab = Vocab("".join(sorted(base_vocab.chars + added)))
+            self.parent = {"path": init_from["path"], "added_chars": added}
         else:
             self.vocab = Vocab.from_data(corpus)
+            self.parent = None
         # The encoded corpus is small (1 byte a character): on a GPU it lives there whole,
         # so a step copies nothing from the host.
         ids = self.vocab.encode_data(corpus).to(self.device)
@@ -145,7 +157,10 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         # The same on every rank: each draws the whole batch's windows and reads its rows.
         self.windows_rng = torch.Generator().manual_seed(self.config.seed + 1)
-        self.model = CharRNN(model_config, len(self.vocab)).to(self.device)
+        self.model = CharRNN(model_config, len(self.vocab))
+        if init_from is not None:
+            self._start_from(init_from["model"], base_vocab)
+        self.model.to(self.device)
         self.forward = self.model
         if self.group.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -173,10 +188,27 @@ class Trainer:
             "train_chars": len(self.train_ids), "val_chars": len(self.val_ids),
             "steps_per_epoch": self.batches.steps_per_epoch, "run_dir": str(self.run_dir),
             "resumed_step": self.progress.step if resume is not None else None,
+            "parent": self.parent if init_from is not None else None,
             "sizing": None if choice is None else {
                 "fields": list(auto), "reason": choice.reason(len(self.train_ids), self._budget_text())},
             "config": asdict(self.config), "model_config": asdict(model_config),
         })
+
+    def _start_from(self, weights: dict[str, torch.Tensor], base_vocab: Vocab) -> None:
+        """Fine-tuning: every weight from the base model (the averaged ones, if it averaged:
+        what it samples with). The embedding and output rows of characters it never saw are
+        new: embedding rows as a fresh model draws them, output rows at zero weight and the
+        base's lowest bias, so a new character starts as the rarest one and is learned."""
+        kept = torch.tensor([self.vocab.chars.index(c) for c in base_vocab.chars])  # base id -> new id
+        state = self.model.state_dict()
+        for key, value in weights.items():
+            if key == "embedding.weight" or key.startswith("head."):
+                row = state[key].clone() if key == "embedding.weight" else (
+                    torch.zeros_like(state[key]) if key == "head.weight" else torch.full_like(state[key], float(value.min())))
+                row[kept] = value
+                value = row
+            state[key] = value
+        self.model.load_state_dict(state)
 
     def _choose_size(self, model_config: ModelConfig, auto: tuple[str, ...]) -> sizing.Choice:
         """Rank 0 chooses (its probe times this machine) and every rank takes its choice."""
@@ -255,6 +287,7 @@ class Trainer:
             "rng": rng,
             "corpus": {"name": self.corpus.name, "sources": [str(s) for s in self.corpus.sources],
                        "sha256": self.corpus.sha256, "chars": len(self.train_ids) + len(self.val_ids)},
+            **({"parent": self.parent} if self.parent else {}),
         }
 
     def save(self, best: bool = False) -> None:

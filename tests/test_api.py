@@ -1,0 +1,60 @@
+"""The Python API: the README's examples run, and the API gives what the CLI gives."""
+
+import contextlib
+import io
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+import charrnn
+from charrnn.cli import app
+
+from conftest import ROOT, VERSE
+
+
+def test_the_readme_python_blocks_run(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks, "the README has a Python example"
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(block, "README.md", "exec"), {})
+        assert "nats/char" in out.getvalue() and "<charrnn.Model 2x64 lstm" in out.getvalue()
+
+
+def test_sample_and_score_equal_the_cli(trained_run):
+    model = charrnn.load(trained_run, device="cpu")
+    cli = CliRunner().invoke(app, ["sample", "-m", str(trained_run), "--prime", "The", "--length", "80",
+                                   "--seed", "7", "--device", "cpu", "--dtype", "fp32"])
+    assert cli.exit_code == 0, cli.stderr
+    assert model.sample(prime="The", length=80, seed=7) == cli.stdout.rstrip("\n")
+    assert "".join(model.stream("The", 80, seed=7)) == cli.stdout.rstrip("\n")[3:]
+    text = VERSE * 3
+    scored = model.score(text)
+    (trained_run.parent / "v.txt").write_text(text)
+    evaluated = CliRunner().invoke(app, ["eval", str(trained_run.parent / "v.txt"), "-m", str(trained_run), "--json",
+                                         "--device", "cpu"])
+    assert evaluated.exit_code == 0, evaluated.stderr
+    assert f'"loss": {scored.loss}' in evaluated.stdout or abs(
+        __import__("json").loads(evaluated.stdout)["loss"] - scored.loss) < 1e-9
+
+
+def test_errors_are_charrnn_errors_and_nothing_is_printed(trained_run, tmp_path, capsys):
+    with pytest.raises(charrnn.CheckpointError):
+        charrnn.load(tmp_path / "nowhere")
+    model = charrnn.load(trained_run)
+    with pytest.raises(charrnn.DataError, match="unknown"):
+        model.sample(prime="\u2603", length=5)
+    with pytest.raises(charrnn.UsageError, match="temperature"):
+        model.sample(length=5, temperature=-1)
+    with pytest.raises(charrnn.UsageError, match="unknown setting"):
+        charrnn.train(tmp_path / "x.txt", hiden_size=3)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_public_surface_is_listed_and_documented():
+    for name in ("load", "train", "Model", "EvalResult", "CharRNNError"):
+        assert name in charrnn.__all__ and getattr(charrnn, name).__doc__
+    assert "run directory" in charrnn.load.__doc__ and "settings" in charrnn.train.__doc__
