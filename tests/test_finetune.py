@@ -1,0 +1,71 @@
+"""--init-from: fine-tuning a trained model on a new text, new characters included."""
+
+import hashlib
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import charrnn
+from charrnn import checkpoint
+from charrnn.cli import app
+from charrnn.evaluate import evaluate
+from charrnn.trainer import Trainer
+
+from conftest import VERSE, corpus_of, tiny_configs
+
+SPANISH = "El niño soñó con la montaña; ¿qué año es? ¡Mañana será otoño!\n" * 40
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_new_characters_extend_the_vocabulary_train_and_sample(trained_run, tmp_path):
+    base = trained_run / "best.pt"
+    before = _digest(base)
+    corpus = tmp_path / "es.txt"
+    corpus.write_text(SPANISH)
+    result = invoke("train", corpus, "--init-from", trained_run, "--out", tmp_path / "es", "--steps", 60,
+                    "--eval-every", 30, "--batch-size", 8, "--seq-len", 32, "--learning-rate", 1e-2, "--device", "cpu",
+                    "--dtype", "fp32")
+    assert result.exit_code == 0, result.stderr
+    base_chars = checkpoint.load(base)["vocab"]
+    added = "".join(sorted(set(SPANISH) - set(base_chars)))
+    assert "ñ" in added and "¿" in added
+    assert f"vocabulary extended by {len(added)} character(s): {added!r}" in result.stderr
+    payload = checkpoint.load(tmp_path / "es" / "best.pt")
+    assert payload["vocab"] == "".join(sorted(set(base_chars) | set(added)))
+    assert payload["parent"] == {"path": str(base), "added_chars": added}
+    # The base model's rows are kept where its characters moved to in the larger vocabulary.
+    base_weights = checkpoint.load(base)["model"]["layers.1.weight_hh_l0"]
+    assert not torch.equal(payload["model"]["layers.1.weight_hh_l0"], base_weights)  # it trained
+    text = charrnn.load(tmp_path / "es").sample(prime="El ni", length=400, seed=3, temperature=0.8)
+    assert "ñ" in text[5:]  # a character the base model never saw, now written
+    assert _digest(base) == before
+
+
+def test_with_no_new_characters_step_0_scores_as_the_base_model(trained_run):
+    payload = checkpoint.load(trained_run / "best.pt")
+    base, _ = checkpoint.restore_model(payload)
+    model_config = base.config
+    _, train_config = tiny_configs(train={"steps": 5})
+    trainer = Trainer(corpus_of(VERSE * 10), model_config, train_config, trained_run.parent / "ft", init_from=payload)
+    assert trainer.vocab.chars == payload["vocab"]
+    ours = evaluate(trainer.model, trainer.val_ids, torch.device("cpu"))
+    theirs = evaluate(base, trainer.val_ids, torch.device("cpu"))
+    assert ours.loss == theirs.loss
+
+
+def test_a_model_flag_that_differs_is_named_and_resume_with_init_from_is_refused(trained_run, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(VERSE * 10)
+    result = invoke("train", corpus, "--init-from", trained_run, "--hidden-size", 999, "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "hidden_size" in result.stderr and "--init-from" in result.stderr
+    result = invoke("train", corpus, "--init-from", trained_run, "--resume", trained_run)
+    assert result.exit_code == 2 and "give one of them" in result.stderr
+    assert not (tmp_path / "x").exists()
