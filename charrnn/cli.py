@@ -26,12 +26,28 @@ from charrnn.errors import CharRNNError, UsageError
 app = typer.Typer(
     name="charrnn",
     help="Learn to write like any text, one character at a time: train, sample, eval.",
-    add_completion=False,
+    add_completion=True,  # charrnn --install-completion (bash, zsh, fish, PowerShell)
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 
 _debug = bool(os.environ.get("CHARRNN_DEBUG"))
+
+
+def _flags_take_no_value() -> None:
+    """Typer 0.2x prints `<bool>` after on/off flags in --help, as if they took a value."""
+    option = getattr(getattr(typer, "core", None), "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None:
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    option.display_type_rich = display_type_rich
+
+
+_flags_take_no_value()
 
 
 def _err(message: str) -> None:

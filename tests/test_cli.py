@@ -246,3 +246,18 @@ def test_python_m_charrnn_and_broken_pipe(trained_run):
 
 def test_version():
     assert run_cli("--version").stdout.startswith("charrnn ")
+
+
+def test_help_shows_no_value_after_on_off_flags():
+    for command in ("train", "sample", "eval", "viz"):
+        shown = invoke(command, "--help").stdout
+        assert "--quiet" in shown or "--json" in shown or "--open" in shown
+        assert "<bool>" not in shown, command
+
+
+def test_shell_completion_completes_commands_and_flags():
+    env = {"_CHARRNN_COMPLETE": "complete_bash", "COMP_WORDS": "charrnn tr", "COMP_CWORD": "1"}
+    assert run_cli(env=env).stdout.split() == ["train"]
+    env.update(COMP_WORDS="charrnn sample --tem", COMP_CWORD="2")
+    assert run_cli(env=env).stdout.split() == ["--temperature"]
+    assert "_CHARRNN_COMPLETE" in run_cli("--show-completion", "bash").stdout
