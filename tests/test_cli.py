@@ -260,4 +260,3 @@ def test_shell_completion_completes_commands_and_flags():
     assert run_cli(env=env).stdout.split() == ["train"]
     env.update(COMP_WORDS="charrnn sample --tem", COMP_CWORD="2")
     assert run_cli(env=env).stdout.split() == ["--temperature"]
-    assert "_CHARRNN_COMPLETE" in run_cli("--show-completion", "bash").stdout
