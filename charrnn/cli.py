@@ -8,6 +8,8 @@ prints or exits.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import re
@@ -124,14 +126,12 @@ class Unknown(str, Enum):
 
 # -- train -------------------------------------------------------------------------------
 
-M, T = ModelConfig, TrainConfig  # their class attributes are the defaults shown in --help
 DYN = DynamicSettings
 PANEL_MODEL = "Model (stored in the checkpoint)"
 PANEL_TRAIN = "Training"
 PANEL_RUN = "Run and output"
 
 
-@app.command()
 def train(
     corpus: Optional[List[str]] = typer.Argument(None, help="Text files, directories or - (stdin). None: the embedded Python docs.", show_default=False),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file with model and train tables (see configs/).", rich_help_panel=PANEL_RUN),
@@ -141,54 +141,13 @@ def train(
     encoding: str = typer.Option("utf-8", help="Text encoding of the corpus files.", rich_help_panel=PANEL_RUN),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or samples on stderr.", rich_help_panel=PANEL_RUN),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout at the end.", rich_help_panel=PANEL_RUN),
-    tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="Also write the metrics and samples as TensorBoard events to this directory (pip install 'charrnn[tensorboard]').", rich_help_panel=PANEL_RUN),
-    cell: Optional[str] = typer.Option(None, help="Recurrent cell: lstm, gru, rnn, peephole or layernorm.", show_default=str(M.cell), rich_help_panel=PANEL_MODEL),
-    hidden_size: Optional[int] = typer.Option(None, help="Units per layer.", show_default=str(M.hidden_size), rich_help_panel=PANEL_MODEL),
-    num_layers: Optional[int] = typer.Option(None, help="Stacked recurrent layers.", show_default=str(M.num_layers), rich_help_panel=PANEL_MODEL),
-    embedding_size: Optional[int] = typer.Option(None, help="Character embedding width.", show_default=str(M.embedding_size), rich_help_panel=PANEL_MODEL),
-    dropout: Optional[float] = typer.Option(None, help="Dropout between layers and before the head.", show_default=str(M.dropout), rich_help_panel=PANEL_MODEL),
-    embedding_dropout: Optional[float] = typer.Option(None, help="Dropout on the character embeddings.", show_default=str(M.embedding_dropout), rich_help_panel=PANEL_MODEL),
-    weight_drop: Optional[float] = typer.Option(None, help="DropConnect on the recurrent weights W_hh (AWD-LSTM weight drop), one mask per forward.", show_default=str(M.weight_drop), rich_help_panel=PANEL_MODEL),
-    init: Optional[str] = typer.Option(None, help="Weight init: default (PyTorch), orthogonal (recurrent) or uniform (char-rnn's +-0.08).", show_default=str(M.init), rich_help_panel=PANEL_MODEL),
-    forget_bias: Optional[float] = typer.Option(None, help="Initial forget-gate bias of LSTM cells.", show_default=str(M.forget_bias), rich_help_panel=PANEL_MODEL),
-    recurrent_dropout: Optional[float] = typer.Option(None, help="Dropout on h_{t-1}, one mask per sequence (peephole/layernorm cells).", show_default=str(M.recurrent_dropout), rich_help_panel=PANEL_MODEL),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Sequences (streams) per step.", show_default=str(T.batch_size), rich_help_panel=PANEL_TRAIN),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", "-t", help="BPTT length in characters.", show_default=str(T.seq_len), rich_help_panel=PANEL_TRAIN),
-    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Peak AdamW learning rate.", show_default=str(T.learning_rate), rich_help_panel=PANEL_TRAIN),
-    min_lr_ratio: Optional[float] = typer.Option(None, help="Final learning rate as a fraction of the peak (cosine decay).", show_default=str(T.min_lr_ratio), rich_help_panel=PANEL_TRAIN),
-    decay_frac: Optional[float] = typer.Option(None, help="Hold the peak learning rate, then decay over this last fraction of the run (1 = cosine over all of it).", show_default=str(T.decay_frac), rich_help_panel=PANEL_TRAIN),
-    warmup_steps: Optional[int] = typer.Option(None, help="Linear warmup steps.", show_default=str(T.warmup_steps), rich_help_panel=PANEL_TRAIN),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay on weight matrices.", show_default=str(T.weight_decay), rich_help_panel=PANEL_TRAIN),
-    grad_clip: Optional[float] = typer.Option(None, help="Clip the global gradient norm (0 = off).", show_default=str(T.grad_clip), rich_help_panel=PANEL_TRAIN),
-    clip_mode: Optional[str] = typer.Option(None, help="Clip the global norm (norm) or each element (value, as char-rnn).", show_default=str(T.clip_mode), rich_help_panel=PANEL_TRAIN),
-    burn_in: Optional[int] = typer.Option(None, help="Stateless mode: predictions left out of the loss at the start of each window.", show_default=str(T.burn_in), rich_help_panel=PANEL_TRAIN),
-    ema_decay: Optional[float] = typer.Option(None, help="Validate, keep best.pt and sample with a moving average of the weights of this decay (0 = off).", show_default=str(T.ema_decay), rich_help_panel=PANEL_TRAIN),
-    stream_restart: Optional[float] = typer.Option(None, help="Stateful: chance per step that a stream restarts from the start state at a random place.", show_default=str(T.stream_restart), rich_help_panel=PANEL_TRAIN),
-    steps: Optional[int] = typer.Option(None, help="Stop after this many steps (0 = no step limit; with no --epochs or --time either, 10 epochs).", show_default="0", rich_help_panel=PANEL_TRAIN),
-    epochs: Optional[float] = typer.Option(None, help="Stop after this many epochs.", show_default="10 when no --steps/--time", rich_help_panel=PANEL_TRAIN),
-    time: Optional[str] = typer.Option(None, "--time", help="Stop after this wall-clock time: 90s, 10m, 1h30m.", show_default="no limit", rich_help_panel=PANEL_TRAIN),
-    save_every: Optional[str] = typer.Option(None, help="Also save last.pt after this much training time without a validation: 90s, 5m ('' = only at validations).", show_default=str(T.save_every), rich_help_panel=PANEL_TRAIN),
-    eval_every: Optional[int] = typer.Option(None, help="Validate (and save last.pt) every N steps.", show_default=str(T.eval_every), rich_help_panel=PANEL_TRAIN),
-    val_frac: Optional[float] = typer.Option(None, help="Fraction of the corpus (its end) held out for validation.", show_default=str(T.val_frac), rich_help_panel=PANEL_TRAIN),
-    seed: Optional[int] = typer.Option(None, help="Random seed.", show_default=str(T.seed), rich_help_panel=PANEL_TRAIN),
-    stateless: Optional[bool] = typer.Option(None, "--stateless/--stateful", help="Random windows read from the learned start state, or streams with state carried across batches.", show_default="stateless", rich_help_panel=PANEL_TRAIN),
-    dtype: Optional[str] = typer.Option(None, help="Precision: auto, fp32, bf16 or fp16.", show_default=str(T.dtype), rich_help_panel=PANEL_TRAIN),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps.", show_default=str(T.device), rich_help_panel=PANEL_TRAIN),
-    sample_length: Optional[int] = typer.Option(None, help="Characters sampled to stderr at each validation (0 = none).", show_default=str(T.sample_length), rich_help_panel=PANEL_TRAIN),
+    tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="Also write the metrics and samples as TensorBoard events to this directory (needs the tensorboard package, charrnn's tensorboard extra).", rich_help_panel=PANEL_RUN),
+    **settings,  # one flag per ModelConfig / TrainConfig field, derived from the fields (see below)
 ):
-    """Train a model on a corpus (or continue one with --resume)."""
+    """Train a model on a corpus (or continue one with --resume, or fine-tune one with --init-from)."""
     with _errors_to_exit_codes():
         from charrnn import run
 
-        settings = dict(cell=cell, hidden_size=hidden_size, num_layers=num_layers,
-                        embedding_size=embedding_size, dropout=dropout, recurrent_dropout=recurrent_dropout,
-                        embedding_dropout=embedding_dropout, weight_drop=weight_drop, init=init, forget_bias=forget_bias,
-                        batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate,
-                        min_lr_ratio=min_lr_ratio, decay_frac=decay_frac, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                        grad_clip=grad_clip, clip_mode=clip_mode, burn_in=burn_in, stream_restart=stream_restart,
-                        ema_decay=ema_decay, steps=steps, epochs=epochs, time=time, save_every=save_every,
-                        eval_every=eval_every, val_frac=val_frac, seed=seed, stateless=stateless, dtype=dtype,
-                        device=device, sample_length=sample_length)
         sinks = [_TrainView(quiet)]
         if tensorboard is not None and int(os.environ.get("RANK", "0")) == 0:
             from charrnn.tensorboard import TensorBoardLog
@@ -208,6 +167,28 @@ def train(
         _err(f"sample it with: charrnn sample --checkpoint {summary['run_dir']}")
         if json_out:
             print(json.dumps(summary))
+
+
+def _setting_flags(cls, panel: str) -> list[inspect.Parameter]:
+    """A `--flag` for each field of a config class, from the field's own declaration
+    (charrnn.config.setting): its help, spellings and default as shown in --help. None
+    means "not given", so the TOML file's value or the default applies."""
+    kinds = {"int": int, "float": float, "str": str, "bool": bool}
+    parameters = []
+    for field in dataclasses.fields(cls):
+        meta = field.metadata
+        names = meta["flags"] or ("--" + field.name.replace("_", "-"),)
+        shown = meta["show"] if meta["show"] is not None else str(field.default)
+        option = typer.Option(None, *names, help=meta["help"], show_default=shown, rich_help_panel=panel)
+        parameters.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                            annotation=Optional[kinds[field.type]]))
+    return parameters
+
+
+_fixed = [p for p in inspect.signature(train).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+train.__signature__ = inspect.Signature(_fixed + _setting_flags(ModelConfig, PANEL_MODEL)
+                                        + _setting_flags(TrainConfig, PANEL_TRAIN))
+app.command()(train)
 
 
 class _TrainView:
@@ -430,7 +411,7 @@ def gradients(
     windows: int = typer.Option(32, help="Random windows averaged over."),
     seed: int = typer.Option(0, help="Seed for the window positions."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG (needs matplotlib; a table is printed either way)."),
-    json_out: bool = typer.Option(False, "--json", help="Print {name: [norm for k = 1..span]} as JSON."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object: each checkpoint name with its list of norms for k = 1..span."),
 ):
     """Measure how far back gradients reach: ||d loss_T / d h_(T-k)|| for k = 1..span."""
     with _errors_to_exit_codes():

@@ -24,43 +24,51 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
 CELLS = ("lstm", "gru", "rnn", "peephole", "layernorm")
 
 
+def setting(default: Any, help: str, *, flags: tuple[str, ...] = (), show: str | None = None) -> Any:
+    """A config field declared once: its default, the one-line help its flag shows, the
+    flag's spellings when they are not just `--field-name`, and what --help shows as the
+    default when that is not the value itself. The CLI derives `charrnn train`'s flags from
+    these; TOML keys are the field names; validation names both (see _check)."""
+    return dataclasses.field(default=default, metadata={"help": help, "flags": flags, "show": show})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     # Recurrent cell: lstm (default, cuDNN on CUDA), gru or rnn (tanh) as baselines,
     # peephole or layernorm (hand-written LSTMs, charrnn.cells).
-    cell: str = "lstm"
+    cell: str = setting("lstm", "Recurrent cell: lstm, gru, rnn, peephole or layernorm.")
     # Width of the character embedding. 256, not the 64 a vocabulary of ~100 symbols seems
     # to need: at equal steps a 64-wide embedding ended 0.21 nats behind (2x256, 500 steps
     # on 3 MB of prose), most of it because 64 N(0, 1) inputs drive the gates too weakly
     # at first; the wider one costs ~12 % more compute at 2x512.
-    embedding_size: int = 256
+    embedding_size: int = setting(256, "Character embedding width.")
     # Units per recurrent layer. `charrnn train` chooses it for the corpus and the budget
     # unless given (charrnn.sizing); 512 is what the library builds when asked for nothing.
-    hidden_size: int = 512
+    hidden_size: int = setting(512, "Units per layer.", show="chosen for the text and budget (512 in the library)")
     # Stacked recurrent layers; 2 is char-rnn's default and the sweet spot for ~1 MB.
-    num_layers: int = 2
+    num_layers: int = setting(2, "Stacked recurrent layers.")
     # Dropout between layers and before the output head. `charrnn train` chooses it from
     # the passes the run makes over the text unless given (charrnn.sizing); 0.35 measured
     # best against overfitting of 2x512 on ~1 MB in 10 minutes.
-    dropout: float = 0.35
+    dropout: float = setting(0.35, "Dropout between layers and before the head.", show="chosen for the text and budget (0.35 in the library)")
     # Dropout on h_{t-1} inside the recurrence, one mask per sequence (peephole and
     # layernorm cells only); 0 = off.
-    recurrent_dropout: float = 0.0
+    recurrent_dropout: float = setting(0.0, "Dropout on h_{t-1}, one mask per sequence (peephole/layernorm cells).")
     # DropConnect on the recurrent weights W_hh (AWD-LSTM's weight drop): one mask per
     # forward call, shared by every time step and sequence; regularises the recurrence
     # without touching the fused nn.LSTM kernel. 0 = off.
-    weight_drop: float = 0.0
+    weight_drop: float = setting(0.0, "DropConnect on the recurrent weights W_hh (AWD-LSTM weight drop), one mask per forward.")
     # Dropout on the character embeddings (whole vectors' entries, like the other dropouts).
-    embedding_dropout: float = 0.0
+    embedding_dropout: float = setting(0.0, "Dropout on the character embeddings.")
     # Weight initialisation. "default": PyTorch's uniform(+-1/sqrt(H)), which keeps the
     # gates out of saturation at any width; "orthogonal": orthogonal recurrent matrices
     # (per gate), whose singular values of 1 neither shrink nor blow up h across steps at
     # the start, the usual remedy for vanishing/exploding gradients in plain RNNs;
     # "uniform": char-rnn's uniform(+-0.08), for comparisons with it.
-    init: str = "default"
+    init: str = setting("default", "Weight init: default (PyTorch), orthogonal (recurrent) or uniform (char-rnn's +-0.08).")
     # Initial forget-gate bias of LSTM cells: 1 keeps the gates open so gradients flow
     # back through time from the first step (Gers et al. 2000; Jozefowicz et al. 2015).
-    forget_bias: float = 1.0
+    forget_bias: float = setting(1.0, "Initial forget-gate bias of LSTM cells.")
 
     def validate(self) -> None:
         _check_finite(self)
@@ -81,66 +89,66 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     # Sequences per step; in stateful mode, the number of parallel streams of the corpus.
-    batch_size: int = 64
+    batch_size: int = setting(64, "Sequences (streams) per step.", flags=("--batch-size", "-b"))
     # Characters per sequence: how far back-propagation through time is truncated.
-    seq_len: int = 100
+    seq_len: int = setting(100, "BPTT length in characters.", flags=("--seq-len", "-t"))
     # Peak AdamW learning rate, reached after warmup; 3e-3 held constant ended 0.05 nats
     # ahead of 2e-3 after 500 steps (2x256 on 3 MB of prose) and is stable with clipping.
-    learning_rate: float = 3e-3
+    learning_rate: float = setting(3e-3, "Peak AdamW learning rate.", flags=("--learning-rate", "--lr"))
     # The learning rate decays (cosine) to learning_rate * min_lr_ratio at the end.
-    min_lr_ratio: float = 0.05
+    min_lr_ratio: float = setting(0.05, "Final learning rate as a fraction of the peak (cosine decay).")
     # The learning rate holds its peak, then decays (cosine) over this last fraction of the
     # run: 1 = cosine over the whole run; less keeps the rate high while the model is far
     # from done (over a short budget a whole-run decay lost 0.14 nats at 500 steps).
-    decay_frac: float = 0.2
+    decay_frac: float = setting(0.2, "Hold the peak learning rate, then decay over this last fraction of the run (1 = cosine over all of it).")
     # Linear warmup steps: keeps the first updates of a fresh model from overshooting.
-    warmup_steps: int = 50
+    warmup_steps: int = setting(50, "Linear warmup steps.")
     # AdamW decoupled weight decay on weight matrices (not biases or norms).
-    weight_decay: float = 0.01
+    weight_decay: float = setting(0.01, "AdamW weight decay on weight matrices.")
     # Clip the global gradient norm to this (0 = off): the cure for exploding gradients.
-    grad_clip: float = 1.0
+    grad_clip: float = setting(1.0, "Clip the global gradient norm (0 = off).")
     # "norm" clips the global gradient norm; "value" clips each element to
     # [-grad_clip, grad_clip], as char-rnn does.
-    clip_mode: str = "norm"
+    clip_mode: str = setting("norm", "Clip the global norm (norm) or each element (value, as char-rnn).")
     # Stateless mode: leave the first burn_in predictions of each window out of the loss
     # (they were made from an all-zero state, with almost no context).
-    burn_in: int = 0
+    burn_in: int = setting(0, "Stateless mode: predictions left out of the loss at the start of each window.")
     # Weight averaging: validation, best.pt and sampling use an exponential moving average
     # of the weights with this decay (0 = off; see charrnn.average).
-    ema_decay: float = 0.0
+    ema_decay: float = setting(0.0, "Validate, keep best.pt and sample with a moving average of the weights of this decay (0 = off).")
     # Stateful mode: the chance per step that a stream jumps to a random place in the text
     # and starts again from the learned start state (0 = fixed streams, reset each epoch,
     # as char-rnn). See charrnn.data.RestartingStreams.
-    stream_restart: float = 0.0
+    stream_restart: float = setting(0.0, "Stateful: chance per step that a stream restarts from the start state at a random place.")
     # Stop after this many optimizer steps (0 = no step limit).
-    steps: int = 0
+    steps: int = setting(0, "Stop after this many steps (0 = no step limit; with no --epochs or --time either, 10 epochs).")
     # Stop after this many passes over the training split (0 = no epoch limit).
-    epochs: float = 0.0
+    epochs: float = setting(0.0, "Stop after this many epochs.", show="10 when no --steps/--time")
     # Stop after this much wall-clock time, e.g. "90s", "10m", "1h30m" ("" = no limit).
     # With no steps, epochs or time given, training runs for 10 epochs.
-    time: str = ""
+    time: str = setting("", "Stop after this wall-clock time: 90s, 10m, 1h30m.", show="no limit")
     # Evaluate on the whole validation split (and save last.pt) every this many steps.
-    eval_every: int = 200
+    eval_every: int = setting(200, "Validate (and save last.pt) every N steps.")
     # Also save last.pt whenever this much training time has passed since the last save
     # ("" = only at validations), so a crash or kill -9 loses at most this much work
     # however far apart validations are; 5 minutes costs a 2x512 run under 1 % of its time.
-    save_every: str = "5m"
+    save_every: str = setting("5m", "Also save last.pt after this much training time without a validation: 90s, 5m ('' = only at validations).")
     # Fraction of the corpus, taken from its end, held out for validation.
-    val_frac: float = 0.1
+    val_frac: float = setting(0.1, "Fraction of the corpus (its end) held out for validation.")
     # Seed for initialisation, dropout and batch order: same seed, same run.
-    seed: int = 1337
+    seed: int = setting(1337, "Random seed.")
     # Random windows, each read from the learned start state (default), instead of
     # streams whose state is carried across batches. At equal steps random windows ended
     # 0.02 nats ahead of carried streams (500 steps, 3 MB of prose): a batch of 64 random
     # places of the text teaches more than the next 100 characters of 64 fixed places;
     # and every window trains the start state that sampling and eval begin from.
-    stateless: bool = True
+    stateless: bool = setting(True, "Random windows read from the learned start state, or streams with state carried across batches.", flags=("--stateless/--stateful",), show="stateless")
     # Autocast precision: auto picks bf16 where the hardware runs it fast, else fp32.
-    dtype: str = "auto"
+    dtype: str = setting("auto", "Precision: auto, fp32, bf16 or fp16.")
     # auto, cpu, cuda, cuda:N or mps.
-    device: str = "auto"
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps.")
     # Characters sampled to stderr at each evaluation (0 = none).
-    sample_length: int = 200
+    sample_length: int = setting(200, "Characters sampled to stderr at each validation (0 = none).")
 
     def validate(self) -> None:
         _check_finite(self)
