@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from charrnn.celltypes import CELL_TYPES
 from charrnn.model import LSTM_CELLS, CharRNN
 
-GATES = {"lstm": ("input", "forget", "output"), "peephole": ("input", "forget", "output"),
-         "layernorm": ("input", "forget", "output"), "gru": ("reset", "update"), "rnn": ()}
 
 
 @dataclass
@@ -81,12 +80,13 @@ def trace(model: CharRNN, ids: list[int]) -> Trace:
 def _run_layer(rnn, cell: str, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None):
     """One layer over x (N, I) from (h, c) (H,) -> outputs (N, H), activations (N, H), gates."""
     weight_hh = rnn.weight_hh_l0.float()
-    if cell in ("peephole", "layernorm"):
+    kind = CELL_TYPES[cell]
+    if kind.hand_written:
         projected = rnn._project(x)  # W_ih x + b (LN_x in a layernorm cell), as the layer computes it
     else:
         projected = F.linear(x, rnn.weight_ih_l0.float(), rnn.bias_ih_l0.float())
     outputs, acts = [], []
-    names = GATES[cell]
+    names = kind.gate_names
     recorded: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for step in projected:
         if cell == "gru":
@@ -102,19 +102,19 @@ def _run_layer(rnn, cell: str, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor
             acts.append(h)
         else:
             recurrent = F.linear(h, weight_hh)
-            if cell == "layernorm":
+            if kind.layer_norm:
                 recurrent = rnn.norm_h(recurrent)
-            elif cell == "lstm":
+            elif not kind.hand_written:  # nn.LSTM keeps b_hh apart; HandLSTM folded it into the projection
                 recurrent = recurrent + rnn.bias_hh_l0.float()
             i, f, g, o = (step + recurrent).split(h.shape[0])
-            if cell == "peephole":
+            if kind.peephole:
                 i, f = i + rnn.peephole_i * c, f + rnn.peephole_f * c
             i, f = torch.sigmoid(i), torch.sigmoid(f)
             c = f * c + i * torch.tanh(g)
-            if cell == "peephole":
+            if kind.peephole:
                 o = o + rnn.peephole_o * c
             o = torch.sigmoid(o)
-            squashed = torch.tanh(rnn.norm_c(c) if cell == "layernorm" else c)
+            squashed = torch.tanh(rnn.norm_c(c) if kind.layer_norm else c)
             h = o * squashed
             recorded["input"].append(i)
             recorded["forget"].append(f)

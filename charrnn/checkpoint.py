@@ -40,7 +40,8 @@ from charrnn import __version__
 from charrnn.config import ModelConfig, build
 from charrnn.data import Vocab
 from charrnn.errors import CharRNNError, CheckpointError
-from charrnn.model import LSTM_CELLS, CharRNN
+from charrnn.celltypes import CELL_TYPES
+from charrnn.model import CharRNN
 
 FORMAT = "charrnn-checkpoint"
 FORMAT_VERSION = 1
@@ -222,7 +223,8 @@ def _upgrade(payload: dict[str, Any]) -> None:
     what they did then: no learned start state is the all-zero one."""
     weights, config = payload["model"], payload["model_config"]
     if isinstance(weights, dict) and isinstance(config, dict) and "start_state" not in weights:
-        count = 2 if config.get("cell", "lstm") in LSTM_CELLS else 1
+        cell = CELL_TYPES.get(config.get("cell", "lstm"))
+        count = cell.state_size if cell else 2
         shape = (count, config.get("num_layers", 2), config.get("hidden_size", 512))
         weights["start_state"] = torch.zeros(shape)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from charrnn.celltypes import CELL_TYPES, CELLS
 from charrnn.errors import UsageError
 
 try:
@@ -21,7 +22,6 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
     import tomli as tomllib
 
-CELLS = ("lstm", "gru", "rnn", "peephole", "layernorm")
 
 
 def setting(default: Any, help: str, *, flags: tuple[str, ...] = (), show: str | None = None) -> Any:
@@ -82,7 +82,7 @@ class ModelConfig:
         _check(0.0 <= self.weight_drop < 1.0, "weight_drop", "must be in [0, 1)")
         _check(abs(self.forget_bias) <= 100, "forget_bias", "must be from -100 to 100 (sigmoid(20) is already 1 in float32)")
         _check(self.init in ("default", "orthogonal", "uniform"), "init", "must be default, orthogonal or uniform")
-        _check(self.recurrent_dropout == 0.0 or self.cell in ("peephole", "layernorm"), "recurrent_dropout",
+        _check(self.recurrent_dropout == 0.0 or self.cell not in CELL_TYPES or CELL_TYPES[self.cell].hand_written, "recurrent_dropout",
                "needs a hand-written cell (--cell peephole or layernorm)")
 
 

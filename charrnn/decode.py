@@ -24,12 +24,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from charrnn.model import LSTM_CELLS, CharRNN
+from charrnn.celltypes import CELL_TYPES
+from charrnn.model import CharRNN
 
 
 def make_decoder(model: CharRNN, num_streams: int, device: torch.device | str = "cpu",
                  cuda_graph: bool = True, dtype: torch.dtype | None = None) -> "Decoder":
-    kind = LSTMDecoder if model.config.cell == "lstm" else CellDecoder
+    kind = LSTMDecoder if CELL_TYPES[model.config.cell].decoder == "lstm" else CellDecoder
     return kind(model, num_streams, device, cuda_graph, dtype)
 
 
@@ -94,7 +95,7 @@ class Decoder:
 class LSTMDecoder(Decoder):
     def __init__(self, model: CharRNN, num_streams: int, device: torch.device | str = "cpu",
                  cuda_graph: bool = True, dtype: torch.dtype | None = None):
-        if model.config.cell != "lstm":
+        if CELL_TYPES[model.config.cell].decoder != "lstm":
             raise ValueError("LSTMDecoder packs nn.LSTM weights only")
         super().__init__(model, num_streams, device, cuda_graph, dtype)
         hidden, layers = self.hidden, self.layers
@@ -166,7 +167,7 @@ class CellDecoder(Decoder):
                  cuda_graph: bool = True, dtype: torch.dtype | None = None):
         super().__init__(model, num_streams, device, cuda_graph, dtype)
         self.cell = model.config.cell
-        if self.cell == "lstm":
+        if CELL_TYPES[self.cell].decoder == "lstm":
             raise ValueError("use LSTMDecoder for nn.LSTM models")
         to = dict(device=self.device)
         with torch.no_grad():
@@ -183,14 +184,14 @@ class CellDecoder(Decoder):
                 table = F.layer_norm(table, table.shape[1:], *self.norms[0][0])
             self.table = (table + self.in_bias[0]).to(**to).contiguous()
             self.peepholes = [tuple(getattr(l, f"peephole_{g}").float().to(**to) for g in "ifo")
-                              if self.cell == "peephole" else None for l in layers]
+                              if CELL_TYPES[self.cell].peephole else None for l in layers]
         n, hidden = num_streams, self.hidden
         self.h = torch.zeros(self.layers, n, hidden, **to)
-        self.c = torch.zeros(self.layers, n, hidden, **to) if self.cell in LSTM_CELLS else None
+        self.c = torch.zeros(self.layers, n, hidden, **to) if CELL_TYPES[self.cell].has_cell_state else None
 
     def _norms(self, layer) -> list[tuple] | None:
         """(weight, bias, eps) of norm_x, norm_h, norm_c for a layernorm layer, else None."""
-        if self.cell != "layernorm":
+        if not CELL_TYPES[self.cell].layer_norm:
             return None
         return [(norm.weight.float().to(self.device), norm.bias.float().to(self.device), norm.eps)
                 for norm in (layer.norm_x, layer.norm_h, layer.norm_c)]

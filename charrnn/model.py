@@ -13,20 +13,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from charrnn.cells import HandLSTM
+from charrnn.celltypes import CELL_TYPES
 from charrnn.config import ModelConfig
 
 State = tuple[torch.Tensor, ...]
 
-_RECURRENT = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
-LSTM_CELLS = ("lstm", "peephole", "layernorm")  # cells whose state is (h, c)
+LSTM_CELLS = tuple(name for name, cell in CELL_TYPES.items() if cell.has_cell_state)  # state (h, c)
 
 
 def _layer(config: ModelConfig, input_size: int) -> nn.Module:
     """One recurrent layer of the configured cell."""
-    if config.cell in ("peephole", "layernorm"):
-        return HandLSTM(input_size, config.hidden_size, peephole=config.cell == "peephole",
-                        layer_norm=config.cell == "layernorm", recurrent_dropout=config.recurrent_dropout)
-    return _RECURRENT[config.cell](input_size, config.hidden_size, 1, batch_first=True)
+    cell = CELL_TYPES[config.cell]
+    if cell.hand_written:
+        return HandLSTM(input_size, config.hidden_size, peephole=cell.peephole, layer_norm=cell.layer_norm,
+                        recurrent_dropout=config.recurrent_dropout)
+    return getattr(nn, cell.fused)(input_size, config.hidden_size, 1, batch_first=True)
 
 
 class CharRNN(nn.Module):
@@ -47,7 +48,7 @@ class CharRNN(nn.Module):
         # stream). It starts at zero, the classic start, and training moves it to a state
         # the model reads well from: from zero a model trained on carried state alone has
         # hardly ever started, so its first characters after a short prime were garbage.
-        count = 2 if config.cell in LSTM_CELLS else 1
+        count = CELL_TYPES[config.cell].state_size
         self.start_state = nn.Parameter(torch.zeros(count, config.num_layers, config.hidden_size))  # (S, L, H)
         self._initialise()
         self.reset_forget_bias(config.forget_bias)

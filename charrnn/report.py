@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from charrnn import analysis
+from charrnn.celltypes import CELL_TYPES
 from charrnn.data import Vocab
 from charrnn.errors import DataError
 from charrnn.model import CharRNN, count_parameters
@@ -81,8 +82,7 @@ def build(model: CharRNN, vocab: Vocab, ids: list[int], source: ReportSource, *,
                 for ids_, probs in zip(found.top_ids.tolist(), found.top_probs.tolist())],
         "classes": analysis.loss_by_class(text, found.loss),
         "layers": [{"units": a.shape[1], "activations": _int8(a)} for a in found.activations],
-        "activation": "tanh(c), the cell state" if config.cell in analysis.GATES and config.cell not in ("gru", "rnn")
-        else "h, the hidden state",
+        "activation": "tanh(c), the cell state" if CELL_TYPES[config.cell].has_cell_state else "h, the hidden state",
         "findings": [asdict(f) | {"auroc": analysis.auroc_of(f.score) if f.binary else None} for f in findings],
         "saturation": [{name: {k: [round(x, 4) for x in v.tolist()] for k, v in parts.items()}
                         for name, parts in layer.items()} for layer in analysis.saturation(found.gates)],

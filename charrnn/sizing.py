@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from charrnn.celltypes import CELL_TYPES
 from charrnn.config import ModelConfig, TrainConfig
 from charrnn.device import autocast
 
@@ -60,9 +61,9 @@ class Choice:
 
 def parameters(config: ModelConfig, vocab_size: int) -> int:
     """Parameters of a CharRNN with this config (the embedding, the recurrent stack, the head)."""
-    gates = {"lstm": 4, "peephole": 4, "layernorm": 4, "gru": 3, "rnn": 1}[config.cell]
-    h, e = config.hidden_size, config.embedding_size
-    extra = {"peephole": 3 * h, "layernorm": 2 * (2 * 4 * h) + 2 * h}.get(config.cell, 0)  # diagonals; LN gains and shifts
+    cell = CELL_TYPES[config.cell]
+    gates, h, e = cell.gates, config.hidden_size, config.embedding_size
+    extra = cell.extra_parameters(h)  # peephole diagonals; layer-norm gains and shifts
     recurrent = sum(gates * h * ((e if layer == 0 else h) + h + 2) + extra for layer in range(config.num_layers))
     return vocab_size * e + recurrent + (h + 1) * vocab_size
 

@@ -345,23 +345,10 @@ class Trainer:
                         f"interrupted at step {progress.step}; last.pt saved. "
                         f"Resume with: charrnn train --resume {self.run_dir}"
                     )
-                if progress.batch >= steps_per_epoch:
-                    progress.epoch, progress.batch = progress.epoch + 1, 0
-                    if isinstance(self.batches, StatefulBatches):
-                        self.state = None  # fixed streams start each epoch from the start state
                 step_start = time.perf_counter()
-                lr = lr_at(config, progress.step, fraction_done(config, progress, steps_per_epoch))
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                loss, grad_norm = self.train_step()
-                progress.step += 1
-                progress.batch += 1
-                progress.chars_seen += config.batch_size * config.seq_len
-                self._loss_sum += loss
-                self._loss_steps += 1
+                loss, grad_norm, lr = self.step()
                 log_loss += loss
                 log_steps += 1
-                self._chars += config.batch_size * config.seq_len
                 now = time.perf_counter()
                 self._train_time += now - step_start
                 progress.elapsed_s = start_elapsed + now - clock
@@ -389,6 +376,29 @@ class Trainer:
                 self._validate(0.0, math.nan)
         return {"run_dir": str(self.run_dir), "steps": progress.step, "best_val_loss": progress.best_val_loss,
                 "val_loss": progress.val_loss, "elapsed_s": progress.elapsed_s}
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One training step where the run stands: past the epoch's end, the next epoch; the
+        schedule's learning rate; the update; the counters. Returns the loss, the pre-clip
+        gradient norm and the learning rate. `run()` is this in a loop with validations,
+        saves and stop conditions; scripts/bench.py times it alone."""
+        config, progress = self.config, self.progress
+        steps_per_epoch = self.batches.steps_per_epoch
+        if progress.batch >= steps_per_epoch:
+            progress.epoch, progress.batch = progress.epoch + 1, 0
+            if isinstance(self.batches, StatefulBatches):
+                self.state = None  # fixed streams start each epoch from the start state
+        lr = lr_at(config, progress.step, fraction_done(config, progress, steps_per_epoch))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss, grad_norm = self.train_step()
+        progress.step += 1
+        progress.batch += 1
+        progress.chars_seen += config.batch_size * config.seq_len
+        self._loss_sum += loss
+        self._loss_steps += 1
+        self._chars += config.batch_size * config.seq_len
+        return loss, grad_norm, lr
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on the next batch; returns the loss and pre-clip gradient norm."""

@@ -130,7 +130,7 @@ def bench_training(corpus, ids, vocab_size, hidden, layers, batch, seq, device, 
         trainer = Trainer(corpus, ModelConfig(hidden_size=hidden, num_layers=layers, dropout=0.0),
                           TrainConfig(batch_size=batch, seq_len=seq, device=str(device), steps=1, sample_length=0),
                           Path(tmp) / "run")
-        calls, elapsed = timed(lambda: _advance(trainer), seconds, device)
+        calls, elapsed = timed(trainer.step, seconds, device)
     rate = calls * batch * seq / elapsed
     dtype = dtype_name(trainer.dtype)
     peak = peaks["bf16" if dtype == "bf16" else "fp32"] if dtype != "fp16" else peaks.get("fp16", peaks["fp32"])
@@ -143,14 +143,6 @@ def bench_training(corpus, ids, vocab_size, hidden, layers, batch, seq, device, 
     }
 
 
-def _advance(trainer):
-    if trainer.progress.batch >= trainer.batches.steps_per_epoch:
-        trainer.progress.batch = 0
-        trainer.state = None
-    trainer.train_step()
-    trainer.progress.batch += 1
-
-
 def bench_cells(corpus, device, seconds, cells=("lstm", "gru", "rnn", "peephole", "layernorm")):
     """Per cell at 2x512: training chars/s (charrnn's step, default precision) vs nn.LSTM,
     and 1-stream sampling chars/s through the packed decoder vs the per-character forward."""
@@ -160,7 +152,7 @@ def bench_cells(corpus, device, seconds, cells=("lstm", "gru", "rnn", "peephole"
             trainer = Trainer(corpus, ModelConfig(cell=cell),
                               TrainConfig(device=str(device), steps=1, sample_length=0, batch_size=64, seq_len=100),
                               Path(tmp) / "run")
-            calls, elapsed = timed(lambda: _advance(trainer), seconds, device)
+            calls, elapsed = timed(trainer.step, seconds, device)
             model, vocab = trainer.model.eval(), trainer.vocab
         rates[cell] = {"chars_per_s": calls * 64 * 100 / elapsed}
         for fast in (True, False):
@@ -190,7 +182,7 @@ def bench_options(corpus, device, seconds, rounds=3):
                     for name, (model, train) in variants.items()}
         for _ in range(rounds):
             for name, trainer in trainers.items():
-                calls, elapsed = timed(lambda: _advance(trainer), seconds / rounds, device, warmup=1)
+                calls, elapsed = timed(trainer.step, seconds / rounds, device, warmup=1)
                 totals[name][0] += calls
                 totals[name][1] += elapsed
     rates = {name: calls * 64 * 100 / elapsed for name, (calls, elapsed) in totals.items()}

@@ -265,3 +265,16 @@ def test_resume_heals_a_torn_last_line_of_metrics_and_names_damage_elsewhere(tmp
     with pytest.raises(DataError, match=r"metrics.jsonl is damaged at line 2"):
         Trainer(corpus, model_config, evenlonger, run_dir, resume=checkpoint.load(run_dir / "last.pt")).run()
     assert metrics.read_bytes() == before
+
+
+def test_public_step_is_the_step_run_takes(tmp_path):
+    """run() is step() in a loop (plus validations and saves): the same weights after N steps."""
+    model_config, train_config = tiny_configs(train={"steps": 6, "eval_every": 100, "sample_length": 0})
+    ran = Trainer(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "a")
+    ran.run()
+    stepped = Trainer(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "b")
+    lrs = [stepped.step()[2] for _ in range(6)]
+    assert lrs == [lr_at(stepped.config, k, k / 6) for k in range(6)]
+    assert stepped.progress.step == 6
+    for key, value in ran.model.state_dict().items():
+        assert torch.equal(value, stepped.model.state_dict()[key]), key
