@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from charrnn.cells import lstm_pointwise
 from charrnn.celltypes import CELL_TYPES
 from charrnn.model import LSTM_CELLS, CharRNN
 
@@ -106,16 +107,8 @@ def _run_layer(rnn, cell: str, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor
                 recurrent = rnn.norm_h(recurrent)
             elif not kind.hand_written:  # nn.LSTM keeps b_hh apart; HandLSTM folded it into the projection
                 recurrent = recurrent + rnn.bias_hh_l0.float()
-            i, f, g, o = (step + recurrent).split(h.shape[0])
-            if kind.peephole:
-                i, f = i + rnn.peephole_i * c, f + rnn.peephole_f * c
-            i, f = torch.sigmoid(i), torch.sigmoid(f)
-            c = f * c + i * torch.tanh(g)
-            if kind.peephole:
-                o = o + rnn.peephole_o * c
-            o = torch.sigmoid(o)
-            squashed = torch.tanh(rnn.norm_c(c) if kind.layer_norm else c)
-            h = o * squashed
+            peephole = (rnn.peephole_i, rnn.peephole_f, rnn.peephole_o) if kind.peephole else None
+            h, c, (i, f, o) = lstm_pointwise(step + recurrent, c, peephole, rnn.norm_c if kind.layer_norm else None)
             recorded["input"].append(i)
             recorded["forget"].append(f)
             recorded["output"].append(o)

@@ -31,13 +31,13 @@ __all__ = ["Model", "load", "train", "EvalResult"]
 class Model:
     """A trained model, ready for inference (see `load`)."""
 
-    def __init__(self, payload: dict[str, Any], device: str = "auto"):
-        self.path = Path(payload["path"])
+    def __init__(self, payload: checkpoint.Checkpoint, device: str = "auto"):
+        self.path = Path(payload.path)
         self.network, self.vocab = checkpoint.restore_model(payload)
         self.device, _ = resolve_device(device)
         self.network.to(self.device).eval()
         self.model_config = self.network.config
-        self.step: int = payload["progress"]["step"]
+        self.step: int = payload.progress.get("step", 0)
 
     def __repr__(self) -> str:
         config = self.model_config

@@ -39,6 +39,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def lstm_pointwise(gates: torch.Tensor, c: torch.Tensor, peephole=None, norm_c=None):
+    """One LSTM step after its matmuls, written once for the hand-written layers, the packed
+    decoder (charrnn.decode) and `charrnn viz` (charrnn.analysis).
+
+    gates (..., 4H): the pre-activations in nn.LSTM's order i, f, C~, o; c (..., H): C_{t-1};
+    peephole: (p_i, p_f, p_o) or None; norm_c: applied to C_t before the output tanh
+    (LN_c of the layer-norm cell) or None. Returns h_t, C_t and the gates (i, f, o) after
+    their sigmoids."""
+    i, f, g, o = gates.chunk(4, dim=-1)
+    if peephole is not None:
+        i = i + peephole[0] * c
+        f = f + peephole[1] * c
+    i, f = torch.sigmoid(i), torch.sigmoid(f)
+    c = f * c + i * torch.tanh(g)
+    if peephole is not None:
+        o = o + peephole[2] * c
+    o = torch.sigmoid(o)
+    h = o * torch.tanh(norm_c(c) if norm_c is not None else c)
+    return h, c, (i, f, o)
+
+
 class HandLSTM(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, peephole: bool = False, layer_norm: bool = False,
                  recurrent_dropout: float = 0.0):
@@ -69,7 +90,6 @@ class HandLSTM(nn.Module):
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
         """x: (B, T, I), state: (h, c) each (1, B, H) -> output (B, T, H), (h, c)."""
         h, c = state[0][0], state[1][0]  # (B, H)
-        hidden = self.hidden_size
         projected = self._project(x)  # (B, T, 4H): every step's input part at once
         mask = None
         if self.training and self.recurrent_dropout > 0:
@@ -77,6 +97,8 @@ class HandLSTM(nn.Module):
             mask = (torch.rand(h.shape, device=h.device) < keep).to(h.dtype) / keep  # (B, H), one per sequence
         self.last_mask = mask
         outputs = []
+        peephole = (self.peephole_i, self.peephole_f, self.peephole_o) if self.peephole else None
+        norm_c = self.norm_c if self.layer_norm else None
         # unbind, not projected[:, t]: indexing's backward would build and fill a whole
         # (B, T, 4H) zero tensor per step (measured: 2/3 of a training step).
         for step_input in projected.unbind(1):
@@ -84,15 +106,7 @@ class HandLSTM(nn.Module):
             recurrent = F.linear(h_in, self.weight_hh_l0)  # (B, 4H); autocast caches the bf16 weight
             if self.layer_norm:
                 recurrent = self.norm_h(recurrent)
-            gates = step_input + recurrent
-            i, f, g, o = gates.split(hidden, dim=1)
-            if self.peephole:
-                i = i + self.peephole_i * c
-                f = f + self.peephole_f * c
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            if self.peephole:
-                o = o + self.peephole_o * c
-            h = torch.sigmoid(o) * torch.tanh(self.norm_c(c) if self.layer_norm else c)
+            h, c, _ = lstm_pointwise(step_input + recurrent, c, peephole, norm_c)
             outputs.append(h)
         return torch.stack(outputs, dim=1), (h[None], c[None])
 

@@ -31,6 +31,7 @@ import os
 import pickle
 import re
 import tempfile
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -48,9 +49,45 @@ FORMAT_VERSION = 1
 REQUIRED = ("model_config", "vocab", "model")
 
 
-def save(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write payload to path atomically (temp file in the same directory, fsync, rename)."""
-    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "charrnn_version": __version__, **payload}
+@dataclass
+class Checkpoint:
+    """What one checkpoint file holds (the layout above), typed: built by the trainer
+    (Trainer.payload), written by `save` as the plain dict above, read back by `load`
+    after validation. Only model_config, vocab and model are needed for inference."""
+
+    model_config: dict[str, Any]
+    vocab: str
+    model: dict[str, torch.Tensor]  # the weights inference uses (averaged with --ema-decay)
+    train_config: dict[str, Any] = field(default_factory=dict)
+    progress: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict[str, Any] | None = None
+    rng: dict[str, Any] = field(default_factory=dict)
+    corpus: dict[str, Any] = field(default_factory=dict)
+    carried_state: list[torch.Tensor] = field(default_factory=list)
+    train_weights: dict[str, torch.Tensor] | None = None  # --ema-decay: the raw weights training continues
+    ema_updates: int | None = None
+    cursors: torch.Tensor | None = None  # --stream-restart: the streams' positions
+    parent: dict[str, Any] | None = None  # fine-tuned: {"path", "added_chars"} of the base model
+    path: str = ""  # the file it was read from (not stored)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form: the fields that hold something, beside the format header."""
+        stored = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "path"}
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "charrnn_version": __version__,
+                **{k: v for k, v in stored.items() if v is not None}}
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any], path: str = "") -> "Checkpoint":
+        known = {f.name for f in fields(cls)} - {"path"}
+        return cls(**{k: v for k, v in payload.items() if k in known}, path=path)
+
+
+def save(path: str | Path, payload: Checkpoint | dict[str, Any]) -> None:
+    """Write a checkpoint to path atomically (temp file in the same directory, fsync, rename)."""
+    if isinstance(payload, Checkpoint):
+        payload = payload.to_dict()
+    else:
+        payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "charrnn_version": __version__, **payload}
     atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
@@ -143,7 +180,7 @@ def latest_run(root: str | Path = "runs") -> Path:
     return max(candidates, key=lambda p: p.stat().st_mtime).parent
 
 
-def load(path: str | Path) -> dict[str, Any]:
+def load(path: str | Path) -> Checkpoint:
     """Load and check a checkpoint on the CPU, whatever device wrote it."""
     path = resolve(path)
     try:
@@ -177,8 +214,7 @@ def load(path: str | Path) -> dict[str, Any]:
     problem = _structure_problem(payload)
     if problem:
         raise CheckpointError(f"{path} is damaged or not a charrnn checkpoint: {problem}")
-    payload["path"] = str(path)
-    return payload
+    return Checkpoint.from_dict(payload, str(path))
 
 
 def _structure_problem(payload: dict[str, Any]) -> str | None:
@@ -229,14 +265,14 @@ def _upgrade(payload: dict[str, Any]) -> None:
         weights["start_state"] = torch.zeros(shape)
 
 
-def restore_model(payload: dict[str, Any]) -> tuple[CharRNN, Vocab]:
+def restore_model(payload: Checkpoint) -> tuple[CharRNN, Vocab]:
     """The model (eval mode, CPU) and vocabulary stored in a loaded checkpoint."""
-    config = build(ModelConfig, payload["model_config"])
-    vocab = Vocab(payload["vocab"])
+    config = build(ModelConfig, payload.model_config)
+    vocab = Vocab(payload.vocab)
     model = CharRNN(config, len(vocab))
     try:
-        model.load_state_dict(payload["model"])
+        model.load_state_dict(payload.model)
     except RuntimeError as err:
-        raise CheckpointError(f"{payload.get('path', 'checkpoint')} has weights that do not fit its config: {err}") from None
+        raise CheckpointError(f"{payload.path or 'checkpoint'} has weights that do not fit its config: {err}") from None
     model.eval()
     return model, vocab

@@ -155,7 +155,7 @@ def train(
             sinks.append(TensorBoardLog(tensorboard))
         try:
             summary = run.train(corpus, config=config, out=out, resume=resume, init_from=init_from, encoding=encoding,
-                                on_event=lambda kind, info: [sink(kind, info) for sink in sinks], **settings)
+                                on_event=lambda event: [sink(event) for sink in sinks], **settings)
         finally:
             for sink in sinks:
                 sink.close()
@@ -198,24 +198,23 @@ class _TrainView:
         self.quiet = quiet
         self.bar = None
 
-    def __call__(self, kind: str, info: dict) -> None:
-        if kind == "setup":
-            self._setup(info)
-        elif kind == "warning":
-            self._write(f"warning: {info['message']}")
-        elif kind == "info":
-            self._write(info["message"])
+    def __call__(self, event) -> None:
+        from charrnn import events
+
+        if isinstance(event, events.Setup):
+            self._setup(dataclasses.asdict(event))
+        elif isinstance(event, events.Notice):
+            self._write(f"warning: {event.message}" if event.warning else event.message)
         elif self.quiet:
             return
-        elif kind == "step":
+        elif isinstance(event, events.Step):
             if sys.stderr.isatty():  # a log file gets the eval lines, not bar redraws
-                self._bar(info)
-        elif kind == "eval":
-            self._write(f"step {info['step']}: train loss {info['train_loss']:.4f}, val loss {info['val_loss']:.4f} "
-                        f"({info['val_bpc']:.3f} bpc), best {info['best_val_loss']:.4f}, "
-                        f"{info['chars_per_s']:,.0f} chars/s")
-        elif kind == "sample":
-            self._write("  | " + info["text"].replace("\n", "\n  | "))
+                self._bar(event)
+        elif isinstance(event, events.Validation):
+            self._write(f"step {event.step}: train loss {event.train_loss:.4f}, val loss {event.val_loss:.4f} "
+                        f"({event.val_bpc:.3f} bpc), best {event.best_val_loss:.4f}, {event.chars_per_s:,.0f} chars/s")
+        elif isinstance(event, events.Sample):
+            self._write("  | " + event.text.replace("\n", "\n  | "))
 
     def _setup(self, info: dict) -> None:
         model = info["model_config"]
@@ -243,16 +242,16 @@ class _TrainView:
         for line in lines:
             _err(line)
 
-    def _bar(self, info: dict) -> None:
+    def _bar(self, info) -> None:  # an events.Step
         if self.bar is None:
             from tqdm import tqdm
 
             self.bar = tqdm(total=1000, file=sys.stderr, unit="‰", dynamic_ncols=True, mininterval=0.5,
                             bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
-        self.bar.n = min(1000, int(info["fraction"] * 1000))
+        self.bar.n = min(1000, int(info.fraction * 1000))
         self.bar.set_postfix_str(
-            f"step {info['step']} ep {info['epoch']:.2f} loss {info['loss']:.3f} lr {info['lr']:.1e} "
-            f"{info['chars_per_s']:,.0f} ch/s", refresh=False)
+            f"step {info.step} ep {info.epoch:.2f} loss {info.loss:.3f} lr {info.lr:.1e} "
+            f"{info.chars_per_s:,.0f} ch/s", refresh=False)
         self.bar.refresh()
 
     def _write(self, text: str) -> None:
@@ -379,7 +378,7 @@ def eval_(
         if len(ids) < 2:
             raise UsageError("eval needs at least 2 known characters to score")
         result = evaluate(model, ids, device_, dtype_, dropped)
-        report = {**result.as_dict(), "files": files, "checkpoint": payload["path"]}
+        report = {**result.as_dict(), "files": files, "checkpoint": payload.path}
         if dynamic:
             import time
 
@@ -432,7 +431,7 @@ def gradients(
             ids, _ = vocab.encode(corpus_text, "skip")
             if len(ids) < span + 2:
                 raise UsageError(f"--text has {len(ids)} known characters; --span {span} needs {span + 2}")
-            name = f"{payload['model_config']['cell']} ({Path(payload['path']).parent.name})"
+            name = f"{payload.model_config['cell']} ({Path(payload.path).parent.name})"
             curves[name] = gradient_reach(model, ids, span, windows, torch.Generator().manual_seed(seed))
         if json_out:
             print(json.dumps(curves))
@@ -476,7 +475,7 @@ def viz(
             raise UsageError(f"--out {out} is a directory; name the .html file to write")
         started = time.perf_counter()
         payload, model, vocab, _ = _load_for_inference(checkpoint_path, device)
-        path = Path(payload["path"])
+        path = Path(payload.path)
         run_dir = path.parent if (path.parent / "metrics.jsonl").exists() or (path.parent / "config.toml").exists() else None
         if text is not None:
             corpus = read_corpus([text], encoding)
@@ -487,14 +486,14 @@ def viz(
         elif run_dir is None:
             raise UsageError(f"{path} has no run directory beside it, so no validation text; give one with --text FILE")
         else:
-            sources = payload["corpus"]["sources"]
+            sources = payload.corpus["sources"]
             if sources == ["-"]:
                 raise UsageError("this run was trained on stdin; give the text to analyse with --text FILE")
-            val_frac = payload["train_config"]["val_frac"]
+            val_frac = payload.train_config["val_frac"]
             corpus = read_corpus([s for s in sources if not s.startswith("<embedded")], "utf-8")
             _, val_ids = split(vocab.encode_data(corpus), val_frac)
             ids = val_ids
-            description = f"validation split of {payload['corpus']['name']} (its last {val_frac:.0%})"
+            description = f"validation split of {payload.corpus['name']} (its last {val_frac:.0%})"
         ids = [int(i) for i in ids[:chars]]
         data = report.build(model, vocab, ids, report.ReportSource(str(path), description, run_dir),
                             seed=seed, temperature=temperature, progress=lambda m: _err(f"viz: {m}"))

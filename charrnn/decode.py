@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from charrnn.cells import lstm_pointwise
 from charrnn.celltypes import CELL_TYPES
 from charrnn.model import CharRNN
 
@@ -241,15 +242,10 @@ class CellDecoder(Decoder):
 
     def _lstm(self, gates, h, c, peepholes, norms) -> None:
         """Gates i, f, C~, o (nn.LSTM's order) with optional peepholes and LN_c."""
-        i, f, g, o = gates.chunk(4, dim=1)
-        if peepholes is not None:
-            i = i + peepholes[0] * c
-            f = f + peepholes[1] * c
-        c.copy_(torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g))
-        if peepholes is not None:
-            o = o + peepholes[2] * c
-        normed = F.layer_norm(c, c.shape[1:], *norms[2]) if norms is not None else c
-        h.copy_(torch.sigmoid(o) * torch.tanh(normed))
+        norm_c = (lambda x: F.layer_norm(x, x.shape[1:], *norms[2])) if norms is not None else None
+        h_new, c_new, _ = lstm_pointwise(gates, c, peepholes, norm_c)
+        c.copy_(c_new)
+        h.copy_(h_new)
 
 
 def matmul_dtype(dtype: torch.dtype | None, num_streams: int, device: torch.device) -> torch.dtype:

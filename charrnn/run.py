@@ -16,7 +16,8 @@ from charrnn.config import ModelConfig, TrainConfig, build, field_names, load_to
 from charrnn.data import read_corpus
 from charrnn.errors import TrainingInterrupted, UsageError
 from charrnn.sizing import SIZED
-from charrnn.trainer import Event, Trainer, choose_run_dir, resume_configs
+from charrnn.events import Notice, OnEvent
+from charrnn.trainer import Trainer, choose_run_dir, resume_configs
 
 MODEL_FIELDS = tuple(field_names(ModelConfig))
 TRAIN_FIELDS = tuple(field_names(TrainConfig))
@@ -33,7 +34,7 @@ def split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
 
 def train(corpus: str | Path | Sequence[str | Path] | None = None, *, config: str | Path | None = None,
           out: str | Path | None = None, resume: str | Path | None = None, init_from: str | Path | None = None,
-          encoding: str = "utf-8", on_event: Event | None = None, **settings: Any) -> dict[str, Any] | None:
+          encoding: str = "utf-8", on_event: OnEvent | None = None, **settings: Any) -> dict[str, Any] | None:
     """Train a model and return the run's summary (None on the other ranks under torchrun).
 
     corpus: text files, directories or "-" (stdin); None: the embedded Python docs (or,
@@ -42,7 +43,7 @@ def train(corpus: str | Path | Sequence[str | Path] | None = None, *, config: st
     resume: a run directory (or its last.pt) to continue exactly. init_from: a run
     directory or .pt whose weights start a new run on this corpus (fine-tuning).
     """
-    emit = on_event or (lambda kind, info: None)
+    emit = on_event or (lambda event: None)
     sources = [str(corpus)] if isinstance(corpus, (str, Path)) else [str(c) for c in corpus or []]
     model_set, train_set = split_settings(settings)
     file_model, file_train = load_toml(config) if config else ({}, {})
@@ -58,14 +59,14 @@ def train(corpus: str | Path | Sequence[str | Path] | None = None, *, config: st
         _refuse_model_changes(payload, model_given, "when resuming")
         model_config, train_config = resume_configs(payload, {**file_train, **train_set})
         auto: tuple[str, ...] = ()
-        run_dir, where = Path(payload["path"]).parent, "resumed"
-        sources = sources or [s for s in payload["corpus"]["sources"] if not s.startswith("<embedded")]
+        run_dir, where = Path(payload.path).parent, "resumed"
+        sources = sources or [s for s in payload.corpus["sources"] if not s.startswith("<embedded")]
         if sources == ["-"]:
             raise UsageError("this run was trained on stdin; pipe the same text again with: charrnn train - --resume DIR")
     elif init_from is not None:
         base = checkpoint.load(init_from)
         _refuse_model_changes(base, model_given, "when fine-tuning (the model comes from --init-from)")
-        model_config = build(ModelConfig, base["model_config"])
+        model_config = build(ModelConfig, base.model_config)
         train_config = build(TrainConfig, file_train, train_set)
         auto = ()
     else:
@@ -79,10 +80,10 @@ def train(corpus: str | Path | Sequence[str | Path] | None = None, *, config: st
         run_dir = Path(distributed.broadcast_text(str(run_dir) if run_dir else None))
     if group.is_main:
         if not sources:
-            emit("info", {"message": f"corpus: {corpus_data.sources[0]} ({corpus_data.size:,} bytes); "
-                                     "pass files to train on your own text"})
+            emit(Notice(f"corpus: {corpus_data.sources[0]} ({corpus_data.size:,} bytes); "
+                        "pass files to train on your own text", warning=False))
         for skipped in corpus_data.skipped:
-            emit("warning", {"message": f"skipped {skipped}: not a UTF-8 text file"})
+            emit(Notice(f"skipped {skipped}: not a UTF-8 text file"))
     clean = False
     try:
         summary = Trainer(corpus_data, model_config, train_config, run_dir, on_event=emit, resume=payload,
@@ -96,7 +97,7 @@ def train(corpus: str | Path | Sequence[str | Path] | None = None, *, config: st
     return {**summary, "run_dir_reason": where} if group.is_main else None
 
 
-def _refuse_model_changes(payload: dict[str, Any], given: dict[str, Any], when: str) -> None:
-    changed = [k for k, v in given.items() if payload["model_config"].get(k) != v]
+def _refuse_model_changes(payload: checkpoint.Checkpoint, given: dict[str, Any], when: str) -> None:
+    changed = [k for k, v in given.items() if payload.model_config.get(k) != v]
     if changed:
         raise UsageError(f"the model cannot change {when} ({', '.join(changed)}); drop those flags")

@@ -9,9 +9,11 @@ torch.utils.tensorboard, which needs the `tensorboard` package (the optional ext
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from charrnn.errors import UsageError
+from charrnn.events import Event, Sample, Validation
 
 
 class TensorBoardLog:
@@ -22,16 +24,15 @@ class TensorBoardLog:
             raise UsageError("--tensorboard needs the tensorboard package: pip install 'charrnn[tensorboard]'") from None
         self.writer = SummaryWriter(str(log_dir))
 
-    def __call__(self, kind: str, info: dict) -> None:
-        if kind == "eval":
-            step = info["step"]
-            for key, value in info.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(key, value, step)
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Validation):
+            for key, value in asdict(event).items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, event.step)
             self.writer.flush()
-        elif kind == "sample":
+        elif isinstance(event, Sample):
             # Markdown would eat the text's line breaks and symbols: a code block keeps them.
-            self.writer.add_text("sample", "    " + info["text"].replace("\n", "\n    "), info["step"])
+            self.writer.add_text("sample", "    " + event.text.replace("\n", "\n    "), event.step)
 
     def close(self) -> None:
         self.writer.close()

@@ -3,10 +3,10 @@
 (The module is `trainer`, not `train`, so that `charrnn.train` stays the API's function:
 importing a submodule named `train` would rebind that attribute of the package.)
 
-Progress reaches the caller through `on_event(kind, info)`; the library never prints.
-Kinds: "setup" (once), "step" (every LOG_EVERY steps), "eval" (each validation, with
-the record appended to metrics.jsonl), "sample" (text drawn at each validation, appended to samples.jsonl),
-"warning" (something the user should know, e.g. a repaired file)."""
+Progress reaches the caller through `on_event(event)`, typed events from charrnn.events:
+Setup (once), Step (every LOG_EVERY steps), Validation (each validation: the record
+appended to metrics.jsonl), Sample (drawn at each validation, appended to samples.jsonl),
+Notice (something the user should know, e.g. a repaired file). The library never prints."""
 
 from __future__ import annotations
 
@@ -25,16 +25,17 @@ import torch.nn.functional as F
 
 from charrnn import checkpoint, distributed, sizing
 from charrnn.average import WeightAverage
+from charrnn.checkpoint import Checkpoint
 from charrnn.config import ModelConfig, TrainConfig, build, parse_duration, to_toml
 from charrnn.data import Corpus, RandomWindows, RestartingStreams, StatefulBatches, Vocab, split
 from charrnn.device import autocast, dtype_name, resolve_device, resolve_dtype
 from charrnn.errors import CharRNNError, CheckpointError, DataError, TrainingInterrupted, UsageError
+from charrnn.events import Notice, OnEvent, Sample, Setup, Step, Validation
 from charrnn.evaluate import evaluate
 from charrnn.model import CharRNN, count_parameters, detach
 from charrnn.sample import SampleSettings, generate
 
 LOG_EVERY = 10
-Event = Callable[[str, dict], None]
 
 
 @dataclass
@@ -100,13 +101,13 @@ class Trainer:
     """One run: set up from a corpus (or a checkpoint to resume), then `run()`."""
 
     def __init__(self, corpus: Corpus, model_config: ModelConfig, train_config: TrainConfig, run_dir: Path,
-                 on_event: Event | None = None, resume: dict[str, Any] | None = None,
-                 auto: tuple[str, ...] = (), init_from: dict[str, Any] | None = None):
+                 on_event: OnEvent | None = None, resume: Checkpoint | None = None,
+                 auto: tuple[str, ...] = (), init_from: Checkpoint | None = None):
         """`auto`: the model fields (of charrnn.sizing.SIZED) to choose for this corpus and
         budget rather than take from model_config; a resumed run keeps its own.
         `init_from`: a loaded checkpoint whose weights start this run (fine-tuning; the
         model_config must be its own), with the vocabulary extended by this corpus's new characters."""
-        self.on_event = on_event or (lambda kind, info: None)
+        self.on_event = on_event or (lambda event: None)
         self.config = train_config.with_default_stop()
         self.model_config = model_config
         self.run_dir = Path(run_dir)
@@ -114,61 +115,15 @@ class Trainer:
         self._stop = threading.Event()
         self.group = distributed.current()
         if not self.group.is_main:  # rank 0 alone reports, writes metrics and checkpoints
-            self.on_event = lambda kind, info: None
+            self.on_event = lambda event: None
 
-        self.device, device_reason = resolve_device(self.config.device)
-        self.device = distributed.rank_device(self.device)
-        self.dtype, dtype_reason = resolve_dtype(self.config.dtype, self.device)
-        if resume is not None:
-            self.vocab = Vocab(resume["vocab"])
-            if resume.get("corpus", {}).get("sha256") not in (None, corpus.sha256):
-                raise DataError(
-                    "this corpus differs from the one the run was trained on; give the same files to --resume"
-                )
-            self.parent = resume.get("parent")
-        elif init_from is not None:
-            base_vocab = Vocab(init_from["vocab"])
-            added = "".join(c for c in Vocab.from_data(corpus).chars if c not in base_vocab)
-            self.vocab = Vocab("".join(sorted(base_vocab.chars + added)))
-            self.parent = {"path": init_from["path"], "added_chars": added}
-        else:
-            self.vocab = Vocab.from_data(corpus)
-            self.parent = None
-        # The encoded corpus is small (1 byte a character): on a GPU it lives there whole,
-        # so a step copies nothing from the host.
-        ids = self.vocab.encode_data(corpus).to(self.device)
-        self.train_ids, self.val_ids = split(ids, self.config.val_frac)
-        self.rows = self.group.rows(self.config.batch_size)  # this rank's streams
-        if self.config.stateless:
-            self.batches = RandomWindows(self.train_ids, self.config.batch_size, self.config.seq_len, self.rows)
-        elif self.config.stream_restart > 0:
-            self.batches = RestartingStreams(self.train_ids, self.config.batch_size, self.config.seq_len,
-                                             self.config.stream_restart, self.rows)
-        else:
-            self.batches = StatefulBatches(self.train_ids, self.config.batch_size, self.config.seq_len, self.rows)
-        if len(self.val_ids) < 2:
-            raise DataError(f"the validation split has {len(self.val_ids)} character(s); use a longer corpus or a larger --val-frac")
-
+        device_reason, dtype_reason = self._setup_device()
+        base_vocab = self._setup_data(corpus, resume, init_from)
         choice = None
         if auto and resume is None:
             choice = self._choose_size(model_config, auto)
-            model_config = replace(model_config, **{k: getattr(choice, k) for k in auto})
-            self.model_config = model_config
-        torch.manual_seed(self.config.seed)
-        # The same on every rank: each draws the whole batch's windows and reads its rows.
-        self.windows_rng = torch.Generator().manual_seed(self.config.seed + 1)
-        self.model = CharRNN(model_config, len(self.vocab))
-        if init_from is not None:
-            self._start_from(init_from["model"], base_vocab)
-        self.model.to(self.device)
-        self.forward = self.model
-        if self.group.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # DDP averages the gradients across ranks during backward; clipping then sees the
-            # all-reduced gradient, as in one process.
-            ids_arg = [self.device.index] if self.device.type == "cuda" else None
-            self.forward = DistributedDataParallel(self.model, device_ids=ids_arg)
+            self.model_config = replace(model_config, **{k: getattr(choice, k) for k in auto})
+        self._setup_model(init_from, base_vocab)
         self.optimizer = self._make_optimizer()
         self.average = WeightAverage(self.model, self.config.ema_decay) if self.config.ema_decay else None
         self.progress = Progress(elapsed_s=choice.probe_s if choice else 0.0)  # the probe spends the budget too
@@ -181,18 +136,82 @@ class Trainer:
         self._loss_steps = self.progress.window_steps
         self._chars, self._train_time = 0, 0.0
 
-        self.on_event("setup", {
-            "device": str(self.device), "device_reason": device_reason,
-            "dtype": dtype_name(self.dtype), "dtype_reason": dtype_reason,
-            "parameters": count_parameters(self.model), "vocab_size": len(self.vocab),
-            "train_chars": len(self.train_ids), "val_chars": len(self.val_ids),
-            "steps_per_epoch": self.batches.steps_per_epoch, "run_dir": str(self.run_dir),
-            "resumed_step": self.progress.step if resume is not None else None,
-            "parent": self.parent if init_from is not None else None,
-            "sizing": None if choice is None else {
+        self.on_event(Setup(
+            device=str(self.device), device_reason=device_reason,
+            dtype=dtype_name(self.dtype), dtype_reason=dtype_reason,
+            parameters=count_parameters(self.model), vocab_size=len(self.vocab),
+            train_chars=len(self.train_ids), val_chars=len(self.val_ids),
+            steps_per_epoch=self.batches.steps_per_epoch, run_dir=str(self.run_dir),
+            resumed_step=self.progress.step if resume is not None else None,
+            parent=self.parent if init_from is not None else None,
+            sizing=None if choice is None else {
                 "fields": list(auto), "reason": choice.reason(len(self.train_ids), self._budget_text())},
-            "config": asdict(self.config), "model_config": asdict(model_config),
-        })
+            config=asdict(self.config), model_config=asdict(self.model_config),
+        ))
+
+    # -- setup, phase by phase: device, data, (size), model, optimizer, restore ------------
+
+    def _setup_device(self) -> tuple[str, str]:
+        """The device (this rank's, under DDP) and the autocast dtype; their reasons."""
+        device, device_reason = resolve_device(self.config.device)
+        self.device = distributed.rank_device(device)
+        self.dtype, dtype_reason = resolve_dtype(self.config.dtype, self.device)
+        return device_reason, dtype_reason
+
+    def _setup_data(self, corpus: Corpus, resume: Checkpoint | None, init_from: Checkpoint | None) -> Vocab | None:
+        """The vocabulary (the run's own, the base model's extended, or the corpus's), the
+        train/validation split and the batch layout. Returns the base vocabulary when fine-tuning."""
+        base_vocab = None
+        if resume is not None:
+            self.vocab = Vocab(resume.vocab)
+            if resume.corpus.get("sha256") not in (None, corpus.sha256):
+                raise DataError(
+                    "this corpus differs from the one the run was trained on; give the same files to --resume"
+                )
+            self.parent = resume.parent
+        elif init_from is not None:
+            base_vocab = Vocab(init_from.vocab)
+            added = "".join(c for c in Vocab.from_data(corpus).chars if c not in base_vocab)
+            self.vocab = Vocab("".join(sorted(base_vocab.chars + added)))
+            self.parent = {"path": init_from.path, "added_chars": added}
+        else:
+            self.vocab = Vocab.from_data(corpus)
+            self.parent = None
+        # The encoded corpus is small (1 byte a character): on a GPU it lives there whole,
+        # so a step copies nothing from the host.
+        ids = self.vocab.encode_data(corpus).to(self.device)
+        self.train_ids, self.val_ids = split(ids, self.config.val_frac)
+        self.rows = self.group.rows(self.config.batch_size)  # this rank's streams
+        config = self.config
+        if config.stateless:
+            self.batches = RandomWindows(self.train_ids, config.batch_size, config.seq_len, self.rows)
+        elif config.stream_restart > 0:
+            self.batches = RestartingStreams(self.train_ids, config.batch_size, config.seq_len,
+                                             config.stream_restart, self.rows)
+        else:
+            self.batches = StatefulBatches(self.train_ids, config.batch_size, config.seq_len, self.rows)
+        if len(self.val_ids) < 2:
+            raise DataError(f"the validation split has {len(self.val_ids)} character(s); use a longer corpus or a larger --val-frac")
+        return base_vocab
+
+    def _setup_model(self, init_from: Checkpoint | None, base_vocab: Vocab | None) -> None:
+        """The seeded model (from the base model's weights when fine-tuning) on its device,
+        wrapped for DDP when there are several ranks."""
+        torch.manual_seed(self.config.seed)
+        # The same on every rank: each draws the whole batch's windows and reads its rows.
+        self.windows_rng = torch.Generator().manual_seed(self.config.seed + 1)
+        self.model = CharRNN(self.model_config, len(self.vocab))
+        if init_from is not None:
+            self._start_from(init_from.model, base_vocab)
+        self.model.to(self.device)
+        self.forward = self.model
+        if self.group.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # DDP averages the gradients across ranks during backward; clipping then sees the
+            # all-reduced gradient, as in one process.
+            ids_arg = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(self.model, device_ids=ids_arg)
 
     def _start_from(self, weights: dict[str, torch.Tensor], base_vocab: Vocab) -> None:
         """Fine-tuning: every weight from the base model (the averaged ones, if it averaged:
@@ -237,23 +256,23 @@ class Trainer:
         fast = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
         return torch.optim.AdamW(groups, lr=self.config.learning_rate, betas=(0.9, 0.99), **fast)
 
-    def _restore(self, payload: dict[str, Any]) -> None:
+    def _restore(self, payload: Checkpoint) -> None:
         # With weight averaging, "model" holds the averaged weights and "train_weights" the raw ones.
-        self.model.load_state_dict(payload.get("train_weights") or payload["model"])
+        self.model.load_state_dict(payload.train_weights or payload.model)
         if self.average is not None:
             # Without ema_updates, averaging was turned on at this resume: it starts here.
-            self.average.load(payload["model"], payload.get("ema_updates", 0))
-        self.optimizer.load_state_dict(payload["optimizer"])
-        saved = payload["progress"]
+            self.average.load(payload.model, payload.ema_updates or 0)
+        self.optimizer.load_state_dict(payload.optimizer)
+        saved = payload.progress
         self.progress = Progress(**{k: saved[k] for k in Progress.__dataclass_fields__})
-        carried = payload.get("carried_state") or []
+        carried = payload.carried_state or []
         if carried and carried[0].shape[1] != self.config.batch_size:
             raise UsageError("--batch-size cannot change when resuming a stateful run")
         # The checkpoint holds the state of all B streams; this rank takes its rows.
         self.state = tuple(s[:, self.rows].to(self.device) for s in carried) or None
         if isinstance(self.batches, RestartingStreams):
-            self.batches.cursors = payload["cursors"].clone()  # all B streams, as every rank keeps them
-        rng = payload["rng"]
+            self.batches.cursors = payload.cursors.clone()  # all B streams, as every rank keeps them
+        rng = payload.rng
         self.windows_rng.set_state(rng["windows"])  # one window stream, the same on every rank
         if self.group.is_main:  # other ranks keep their own dropout streams
             torch.set_rng_state(rng["torch"])
@@ -262,7 +281,8 @@ class Trainer:
 
     # -- saving -------------------------------------------------------------------------
 
-    def payload(self) -> dict[str, Any]:
+    def payload(self) -> Checkpoint:
+        """Everything resume needs, as the checkpoint that save() writes."""
         self.progress.window_loss_sum = self._loss_sum.item()
         self.progress.window_steps = self._loss_steps
         rng = {"torch": torch.get_rng_state(), "windows": self.windows_rng.get_state()}
@@ -276,19 +296,14 @@ class Trainer:
         if self.average is not None:  # inference uses the average; training resumes from the raw weights
             extra.update(train_weights=weights, ema_updates=self.average.updates)
             weights = self.average.state_dict()
-        return {**extra,
-            "model_config": asdict(self.model_config),
-            "vocab": self.vocab.chars,
-            "model": weights,
-            "optimizer": self.optimizer.state_dict(),
-            "train_config": asdict(self.config),
-            "progress": asdict(self.progress),
-            "carried_state": carried,
-            "rng": rng,
-            "corpus": {"name": self.corpus.name, "sources": [str(s) for s in self.corpus.sources],
-                       "sha256": self.corpus.sha256, "chars": len(self.train_ids) + len(self.val_ids)},
-            **({"parent": self.parent} if self.parent else {}),
-        }
+        return Checkpoint(
+            model_config=asdict(self.model_config), vocab=self.vocab.chars, model=weights,
+            optimizer=self.optimizer.state_dict(), train_config=asdict(self.config),
+            progress=asdict(self.progress), carried_state=carried, rng=rng,
+            corpus={"name": self.corpus.name, "sources": [str(s) for s in self.corpus.sources],
+                    "sha256": self.corpus.sha256, "chars": len(self.train_ids) + len(self.val_ids)},
+            parent=self.parent, **extra,
+        )
 
     def save(self, best: bool = False) -> None:
         payload = self.payload()  # collective under DDP: every rank gathers the state
@@ -353,12 +368,12 @@ class Trainer:
                 self._train_time += now - step_start
                 progress.elapsed_s = start_elapsed + now - clock
                 if progress.step % LOG_EVERY == 0:
-                    self.on_event("step", {
-                        "step": progress.step, "loss": (log_loss / log_steps).item(), "lr": lr,
-                        "chars_per_s": self._chars / max(self._train_time, 1e-9),
-                        "fraction": fraction_done(config, progress, steps_per_epoch),
-                        "epoch": progress.epoch + progress.batch / steps_per_epoch,
-                    })
+                    self.on_event(Step(
+                        step=progress.step, loss=(log_loss / log_steps).item(), lr=lr,
+                        chars_per_s=self._chars / max(self._train_time, 1e-9),
+                        fraction=fraction_done(config, progress, steps_per_epoch),
+                        epoch=progress.epoch + progress.batch / steps_per_epoch,
+                    ))
                     log_loss.zero_()
                     log_steps = 0
                 stop_now = self._agree_on_stop()
@@ -463,26 +478,26 @@ class Trainer:
         steps = self._loss_steps
         distributed.all_reduce(self._loss_sum)
         self._loss_sum /= self.group.world_size
-        record = {
-            "step": progress.step, "epoch": round(progress.epoch + progress.batch / self.batches.steps_per_epoch, 4),
-            "train_loss": self._loss_sum.item() / steps if steps else math.nan,
-            "val_loss": result.loss, "val_bpc": result.bpc,
-            "best_val_loss": progress.best_val_loss, "lr": lr, "grad_norm": grad_norm,
-            "chars_per_s": self._chars / self._train_time if self._train_time else math.nan,
-            "elapsed_s": round(progress.elapsed_s, 3),
-        }
+        record = Validation(
+            step=progress.step, epoch=round(progress.epoch + progress.batch / self.batches.steps_per_epoch, 4),
+            train_loss=self._loss_sum.item() / steps if steps else math.nan,
+            val_loss=result.loss, val_bpc=result.bpc,
+            best_val_loss=progress.best_val_loss, lr=lr, grad_norm=grad_norm,
+            chars_per_s=self._chars / self._train_time if self._train_time else math.nan,
+            elapsed_s=round(progress.elapsed_s, 3),
+        )
         self._loss_sum.zero_()
         self._loss_steps = self._chars = 0
         self._train_time = 0.0
         self.save(best=improved)
         if not self.group.is_main:
             return
-        checkpoint.append_line(self.run_dir / "metrics.jsonl", json.dumps(record))
-        self.on_event("eval", record)
+        checkpoint.append_line(self.run_dir / "metrics.jsonl", json.dumps(asdict(record)))
+        self.on_event(record)
         if self.config.sample_length:
-            sample = {"step": progress.step, "text": self._sample_text()}
-            checkpoint.append_line(self.run_dir / "samples.jsonl", json.dumps(sample))  # for charrnn viz
-            self.on_event("sample", sample)
+            sample = Sample(progress.step, self._sample_text())
+            checkpoint.append_line(self.run_dir / "samples.jsonl", json.dumps(asdict(sample)))  # for charrnn viz
+            self.on_event(sample)
 
     def _sample_text(self) -> str:
         generator = torch.Generator(self.device).manual_seed(self.config.seed + self.progress.step)
@@ -514,7 +529,7 @@ def _sigint_requests_stop(trainer: Trainer):
         signal.signal(signal.SIGINT, previous)
 
 
-def _read_records(path: Path, on_event: Event) -> list[tuple[str, dict]]:
+def _read_records(path: Path, on_event: OnEvent) -> list[tuple[str, dict]]:
     """The (line, record) pairs of metrics.jsonl or samples.jsonl. A torn last line (a crash or a full disk
     mid-write) is dropped with a warning; damage anywhere else is an error naming the line."""
     try:
@@ -531,7 +546,7 @@ def _read_records(path: Path, on_event: Event) -> list[tuple[str, dict]]:
                 raise ValueError("no step")
         except ValueError:
             if number == len(lines):
-                on_event("warning", {"message": f"{path}: dropped its last line, cut off mid-write"})
+                on_event(Notice(f"{path}: dropped its last line, cut off mid-write"))
                 break
             raise DataError(f"{path} is damaged at line {number} (not a record with a step); "
                             "fix or remove that line, or move the file away, to resume") from None
@@ -539,8 +554,8 @@ def _read_records(path: Path, on_event: Event) -> list[tuple[str, dict]]:
     return records
 
 
-def resume_configs(payload: dict[str, Any], overrides: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
+def resume_configs(payload: Checkpoint, overrides: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
     """The configs of a run to resume: as saved, with the train flags given now on top."""
-    model_config = build(ModelConfig, payload["model_config"])
-    train_config = build(TrainConfig, payload["train_config"], overrides)
+    model_config = build(ModelConfig, payload.model_config)
+    train_config = build(TrainConfig, payload.train_config, overrides)
     return model_config, train_config

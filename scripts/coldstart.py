@@ -41,7 +41,7 @@ def main() -> None:
 
     payload = checkpoint.load(args.checkpoint)
     model, vocab = checkpoint.restore_model(payload)
-    sources = [args.text] if args.text else payload["corpus"]["sources"]
+    sources = [args.text] if args.text else payload.corpus["sources"]
     text = read_corpus([s for s in sources if not s.startswith("<embedded")] or []).data.decode("utf-8")
     ids, _ = vocab.encode(text, "skip")
     _, val = split(ids, args.val_frac)

@@ -103,13 +103,13 @@ def test_kill_minus_9_never_leaves_a_half_written_checkpoint(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         payload = checkpoint.load(run_dir / "last.pt")  # never half-written
-        steps_seen.append(payload["progress"]["step"])
+        steps_seen.append(payload.progress["step"])
     assert steps_seen == sorted(steps_seen) and steps_seen[-1] > steps_seen[0]
     target = steps_seen[-1] + 5
     done = subprocess.run([sys.executable, "-c", KILL_TRAINING, *resume, "--steps", str(target)],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert checkpoint.load(run_dir / "last.pt")["progress"]["step"] == target
+    assert checkpoint.load(run_dir / "last.pt").progress["step"] == target
     assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]  # stale temp files cleaned
 
 
@@ -245,8 +245,8 @@ def test_kill_9_before_the_first_validation_loses_only_the_time_since_the_last_t
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert not (run / "metrics.jsonl").exists()  # no validation had run
-    saved = checkpoint.load(run / "last.pt")["progress"]["step"]
+    saved = checkpoint.load(run / "last.pt").progress["step"]
     assert saved > 0
     done = _train("--resume", run, "--steps", saved + 3, "--quiet")
     assert done.returncode == 0, done.stderr
-    assert checkpoint.load(run / "last.pt")["progress"]["step"] == saved + 3
+    assert checkpoint.load(run / "last.pt").progress["step"] == saved + 3

@@ -50,7 +50,7 @@ def _metrics(run):
 
 
 def _assert_same_parameters(a, b, atol=1e-5):
-    pa, pb = checkpoint.load(a)["model"], checkpoint.load(b)["model"]
+    pa, pb = checkpoint.load(a).model, checkpoint.load(b).model
     for key in pa:
         torch.testing.assert_close(pa[key], pb[key], rtol=0, atol=atol, msg=key)
 
@@ -86,8 +86,8 @@ def test_two_rank_checkpoint_resumes_in_one_process(runs):
     _assert_same_parameters(runs / "two" / "last.pt", runs / "half" / "last.pt")
     # In stateful mode the carried state of all 4 streams was gathered from both ranks.
     payload = checkpoint.load(runs / "half" / "last.pt")
-    if not payload["train_config"]["stateless"]:
-        assert payload["carried_state"][0].shape == (2, 4, 32)
+    if not payload.train_config["stateless"]:
+        assert payload.carried_state[0].shape == (2, 4, 32)
 
 
 def test_sharded_validation_equals_one_process(runs, corpus):
@@ -95,7 +95,7 @@ def test_sharded_validation_equals_one_process(runs, corpus):
     payload = checkpoint.load(runs / "two" / "last.pt")
     model, vocab = checkpoint.restore_model(payload)
     ids, _ = vocab.encode(corpus.read_text())
-    _, val = split(ids, payload["train_config"]["val_frac"])
+    _, val = split(ids, payload.train_config["val_frac"])
     assert len(val) > 2 * 1024  # at least 2 streams, so each rank scored part of it
     one_process = evaluate(model, val, torch.device("cpu")).loss
     assert _metrics(runs / "two")[-1]["val_loss"] == pytest.approx(one_process, abs=1e-6)

@@ -34,16 +34,16 @@ def test_new_characters_extend_the_vocabulary_train_and_sample(trained_run, tmp_
                     "--eval-every", 30, "--batch-size", 8, "--seq-len", 32, "--learning-rate", 1e-2, "--device", "cpu",
                     "--dtype", "fp32")
     assert result.exit_code == 0, result.stderr
-    base_chars = checkpoint.load(base)["vocab"]
+    base_chars = checkpoint.load(base).vocab
     added = "".join(sorted(set(SPANISH) - set(base_chars)))
     assert "ñ" in added and "¿" in added
     assert f"vocabulary extended by {len(added)} character(s): {added!r}" in result.stderr
     payload = checkpoint.load(tmp_path / "es" / "best.pt")
-    assert payload["vocab"] == "".join(sorted(set(base_chars) | set(added)))
-    assert payload["parent"] == {"path": str(base), "added_chars": added}
+    assert payload.vocab == "".join(sorted(set(base_chars) | set(added)))
+    assert payload.parent == {"path": str(base), "added_chars": added}
     # The base model's rows are kept where its characters moved to in the larger vocabulary.
-    base_weights = checkpoint.load(base)["model"]["layers.1.weight_hh_l0"]
-    assert not torch.equal(payload["model"]["layers.1.weight_hh_l0"], base_weights)  # it trained
+    base_weights = checkpoint.load(base).model["layers.1.weight_hh_l0"]
+    assert not torch.equal(payload.model["layers.1.weight_hh_l0"], base_weights)  # it trained
     text = charrnn.load(tmp_path / "es").sample(prime="El ni", length=400, seed=3, temperature=0.8)
     assert "ñ" in text[5:]  # a character the base model never saw, now written
     assert _digest(base) == before
@@ -55,7 +55,7 @@ def test_with_no_new_characters_step_0_scores_as_the_base_model(trained_run):
     model_config = base.config
     _, train_config = tiny_configs(train={"steps": 5})
     trainer = Trainer(corpus_of(VERSE * 10), model_config, train_config, trained_run.parent / "ft", init_from=payload)
-    assert trainer.vocab.chars == payload["vocab"]
+    assert trainer.vocab.chars == payload.vocab
     ours = evaluate(trainer.model, trainer.val_ids, torch.device("cpu"))
     theirs = evaluate(base, trainer.val_ids, torch.device("cpu"))
     assert ours.loss == theirs.loss

@@ -64,13 +64,13 @@ def test_train_chooses_what_no_flag_set_says_why_and_resume_keeps_it(tmp_path):
     size_lines = [line for line in done.stderr.splitlines() if line.startswith("size: ")]
     assert len(size_lines) == 1 and "auto" in size_lines[0] and "--hidden-size" in size_lines[0]
     assert "--dropout" not in size_lines[0]  # given, so not chosen
-    saved = checkpoint.load(out / "last.pt")["model_config"]
+    saved = checkpoint.load(out / "last.pt").model_config
     expected = _choose(len(VERSE * 200) * 9 // 10, steps=3, batch_size=4, seq_len=16)
     assert saved["hidden_size"] == expected.hidden_size and saved["dropout"] == 0.05
     resumed = run_cli("train", "--resume", out, "--steps", "5")
     assert resumed.returncode == 0, resumed.stderr
     assert "size: " not in resumed.stderr
-    assert checkpoint.load(out / "last.pt")["model_config"] == saved
+    assert checkpoint.load(out / "last.pt").model_config == saved
 
 
 def test_an_explicit_width_is_not_chosen(tmp_path):

@@ -12,6 +12,7 @@ from charrnn import checkpoint
 from charrnn.config import TrainConfig
 from charrnn.data import split
 from charrnn.evaluate import evaluate
+from charrnn import events
 from charrnn.trainer import Trainer, lr_at
 
 from conftest import ROOT, SHAKESPEARE, VERSE, corpus_of, tiny_configs
@@ -23,8 +24,8 @@ def _metrics(run_dir):
 
 def _interrupt_at(step, corpus, model_config, train_config, run_dir):
     """Train until `step`, then stop as Ctrl-C does (last.pt saved)."""
-    def stop(kind, info):
-        if kind == "step" and info["step"] >= step:
+    def stop(event):
+        if isinstance(event, events.Step) and event.step >= step:
             trainer.request_stop()
 
     trainer = Trainer(corpus, model_config, train_config, run_dir, on_event=stop)
@@ -73,13 +74,13 @@ def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path, stateless, cel
 
     _interrupt_at(10, corpus, model_config, train_config, tmp_path / "b")
     payload = checkpoint.load(tmp_path / "b" / "last.pt")
-    assert payload["progress"]["step"] == 10
+    assert payload.progress["step"] == 10
     Trainer(corpus, model_config, train_config, tmp_path / "b", resume=payload).run()
 
     losses = lambda run: [(m["step"], m["train_loss"], m["val_loss"]) for m in _metrics(run)]
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
-    a = checkpoint.load(tmp_path / "a" / "last.pt")["model"]
-    b = checkpoint.load(tmp_path / "b" / "last.pt")["model"]
+    a = checkpoint.load(tmp_path / "a" / "last.pt").model
+    b = checkpoint.load(tmp_path / "b" / "last.pt").model
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
@@ -88,7 +89,7 @@ def test_eval_of_validation_split_matches_reported_loss(trained_run):
     payload = checkpoint.load(trained_run / "last.pt")
     model, vocab = checkpoint.restore_model(payload)
     ids, _ = vocab.encode(VERSE * 20)
-    _, val = split(ids, payload["train_config"]["val_frac"])
+    _, val = split(ids, payload.train_config["val_frac"])
     reported = _metrics(trained_run)[-1]["val_loss"]
     assert evaluate(model, val, torch.device("cpu")).loss == pytest.approx(reported, abs=1e-9)
 
@@ -102,7 +103,7 @@ def test_metrics_records_every_evaluation(trained_run):
 
 
 def test_best_checkpoint_has_the_lowest_validation_loss(trained_run):
-    best = checkpoint.load(trained_run / "best.pt")["progress"]
+    best = checkpoint.load(trained_run / "best.pt").progress
     assert best["val_loss"] == min(r["val_loss"] for r in _metrics(trained_run))
 
 
@@ -128,7 +129,7 @@ def test_ctrl_c_saves_and_exits_130(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and f"charrnn train --resume {tmp_path / 'run'}" in err
-    assert checkpoint.load(tmp_path / "run" / "last.pt")["progress"]["step"] > 0
+    assert checkpoint.load(tmp_path / "run" / "last.pt").progress["step"] > 0
     assert out == ""
 
 
@@ -196,8 +197,8 @@ def test_resume_is_exact_with_weight_drop_averaging_and_restarting_streams(tmp_p
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     a, b = (checkpoint.load(tmp_path / run / "last.pt") for run in "ab")
     for part in ("model", "train_weights"):
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), (part, key)
+        for key in getattr(a, part):
+            assert torch.equal(getattr(a, part)[key], getattr(b, part)[key]), (part, key)
 
 
 def test_weight_averaging_is_what_validation_best_pt_and_sampling_use(tmp_path):
@@ -210,7 +211,7 @@ def test_weight_averaging_is_what_validation_best_pt_and_sampling_use(tmp_path):
     assert any(not torch.equal(averaged[k], raw[k]) for k in raw)
     last = checkpoint.load(tmp_path / "run" / "last.pt")
     for key in raw:
-        assert torch.equal(last["model"][key], averaged[key]) and torch.equal(last["train_weights"][key], raw[key])
+        assert torch.equal(last.model[key], averaged[key]) and torch.equal(last.train_weights[key], raw[key])
     best = checkpoint.load(tmp_path / "run" / "best.pt")
     model, vocab = checkpoint.restore_model(best)
     reported = min(m["val_loss"] for m in _metrics(tmp_path / "run"))
@@ -251,7 +252,7 @@ def test_resume_heals_a_torn_last_line_of_metrics_and_names_damage_elsewhere(tmp
     whole = metrics.read_text()
     metrics.write_text(whole + '{"step": 12, "train_lo')  # what a crash or a full disk leaves
     warnings = []
-    on_event = lambda kind, info: warnings.append(info["message"]) if kind == "warning" else None
+    on_event = lambda event: warnings.append(event.message) if isinstance(event, events.Notice) else None
     longer = TrainConfig(**{**train_config.__dict__, "steps": 12})
     Trainer(corpus, model_config, longer, run_dir, on_event=on_event,
             resume=checkpoint.load(run_dir / "last.pt")).run()
