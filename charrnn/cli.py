@@ -479,7 +479,7 @@ def viz(
         run_dir = path.parent if (path.parent / "metrics.jsonl").exists() or (path.parent / "config.toml").exists() else None
         if text is not None:
             corpus = read_corpus([text], encoding)
-            ids, dropped = vocab.encode(corpus.data.decode("utf-8")[: chars * 4 if unknown == Unknown.skip else chars], unknown.value)
+            ids, dropped = vocab.encode(corpus.data.decode("utf-8"), unknown.value)  # cut to --chars below
             description = "standard input" if text == "-" else str(text)
             if dropped:
                 _err(f"skipped {dropped} character(s) the model does not know")

@@ -25,7 +25,7 @@ from charrnn.celltypes import CELL_TYPES
 from charrnn.data import Vocab
 from charrnn.errors import DataError
 from charrnn.model import CharRNN, count_parameters
-from charrnn.sample import SampleSettings, generate
+from charrnn.sample import SampleSettings, sample_text
 
 
 @dataclass(frozen=True)
@@ -98,9 +98,7 @@ def _sample(model: CharRNN, vocab: Vocab, seed: int, temperature: float, length:
     """A fresh sample from the start state and the model's own trace of it (its probabilities)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
-    settings = SampleSettings(length=length, temperature=temperature)
-    empty = torch.zeros(0, dtype=torch.long)
-    text = "".join(chars[0] for chars in generate(model, vocab, empty, settings, generator=generator, device=device))
+    text = sample_text(model, vocab, SampleSettings(length=length, temperature=temperature), generator, device)
     ids, _ = vocab.encode(text, "skip")
     return text, analysis.trace(model, ids.tolist())
 

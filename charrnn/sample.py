@@ -39,6 +39,14 @@ class SampleSettings:
             raise UsageError(f"--top-p must be in (0, 1], not {self.top_p}")
 
 
+def sample_text(model: CharRNN, vocab: Vocab, settings: SampleSettings, generator: torch.Generator,
+                device: torch.device | str = "cpu") -> str:
+    """One sample from the start state (no prime), as a string: what training shows at each
+    validation and `charrnn viz` colours."""
+    empty = torch.zeros(0, dtype=torch.long)
+    return "".join(chars[0] for chars in generate(model, vocab, empty, settings, generator=generator, device=device))
+
+
 def check_num_samples(num_samples: int) -> None:
     if not 1 <= num_samples <= MAX_SAMPLES:
         raise UsageError(f"--num-samples must be from 1 to {MAX_SAMPLES}, not {num_samples}")

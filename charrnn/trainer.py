@@ -33,7 +33,7 @@ from charrnn.errors import CharRNNError, CheckpointError, DataError, TrainingInt
 from charrnn.events import Notice, OnEvent, Sample, Setup, Step, Validation
 from charrnn.evaluate import evaluate
 from charrnn.model import CharRNN, count_parameters, detach
-from charrnn.sample import SampleSettings, generate
+from charrnn.sample import SampleSettings, sample_text
 
 LOG_EVERY = 10
 
@@ -324,16 +324,12 @@ class Trainer:
         for stale in self.run_dir.glob(".*.tmp"):  # left by a process killed mid-write
             stale.unlink(missing_ok=True)
         checkpoint.write_text(self.run_dir / "config.toml", to_toml(self.model_config, self.config))
-        metrics = self.run_dir / "metrics.jsonl"
-        if resuming and metrics.exists():
+        for name in ("metrics.jsonl", "samples.jsonl") if resuming else ():
             # Drop records written after the checkpoint we resume from (a killed run's last eval).
-            records = _read_records(metrics, self.on_event)
-            kept = [line for line, record in records if record["step"] <= self.progress.step]
-            checkpoint.write_text(metrics, "".join(line + "\n" for line in kept))
-        samples = self.run_dir / "samples.jsonl"
-        if resuming and samples.exists():  # a record per validation, trimmed the same way
-            kept = [line for line, record in _read_records(samples, self.on_event) if record["step"] <= self.progress.step]
-            checkpoint.write_text(samples, "".join(line + "\n" for line in kept))
+            path = self.run_dir / name
+            if path.exists():
+                kept = [line for line, record in _read_records(path, self.on_event) if record["step"] <= self.progress.step]
+                checkpoint.write_text(path, "".join(line + "\n" for line in kept))
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -502,10 +498,8 @@ class Trainer:
     def _sample_text(self) -> str:
         generator = torch.Generator(self.device).manual_seed(self.config.seed + self.progress.step)
         settings = SampleSettings(length=self.config.sample_length, temperature=0.8)
-        empty = torch.zeros(0, dtype=torch.long)
         with self._averaged():
-            text = "".join(chars[0] for chars in generate(self.model, self.vocab, empty, settings,
-                                                          generator=generator, device=self.device))
+            text = sample_text(self.model, self.vocab, settings, generator, self.device)
         self.model.train()
         return text
 
