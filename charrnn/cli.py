@@ -236,9 +236,12 @@ class _TrainView:
             lines.insert(2, f"init: weights from {info['parent']['path']}; " + (
                 f"vocabulary extended by {len(added)} character(s): {added!r}" if added else "no new characters"))
         if info.get("sizing"):
-            flags = " / ".join("--" + k.replace("_", "-") for k in info["sizing"]["fields"])
-            lines.insert(3, f"size: {model['hidden_size']} units, dropout {model['dropout']:g} (auto: "
-                            f"{info['sizing']['reason']}; {flags} to choose)")
+            chosen = {"hidden_size": f"{model['hidden_size']} units", "dropout": f"dropout {model['dropout']:g}",
+                      "batch_size": f"batch {config['batch_size']}"}  # eval_every follows the batch
+            fields = [k for k in info["sizing"]["fields"] if k in chosen]
+            flags = " / ".join("--" + k.replace("_", "-") for k in fields)
+            what = ", ".join(chosen[k] for k in fields)
+            lines.insert(3, f"size: {what} (auto: {info['sizing']['reason']}; {flags} to choose)")
         for line in lines:
             _err(line)
 

@@ -89,7 +89,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     # Sequences per step; in stateful mode, the number of parallel streams of the corpus.
-    batch_size: int = setting(64, "Sequences (streams) per step.", flags=("--batch-size", "-b"))
+    # Unless given, charrnn train chooses it for the device (charrnn.sizing.batch_for).
+    batch_size: int = setting(64, "Sequences (streams) per step.", flags=("--batch-size", "-b"),
+                              show="16 on a CPU, 64 on a GPU (64 in the library)")
     # Characters per sequence: how far back-propagation through time is truncated.
     seq_len: int = setting(100, "BPTT length in characters.", flags=("--seq-len", "-t"))
     # Peak AdamW learning rate, reached after warmup; 3e-3 held constant ended 0.05 nats
@@ -128,7 +130,9 @@ class TrainConfig:
     # With no steps, epochs or time given, training runs for 10 epochs.
     time: str = setting("", "Stop after this wall-clock time: 90s, 10m, 1h30m.", show="no limit")
     # Evaluate on the whole validation split (and save last.pt) every this many steps.
-    eval_every: int = setting(200, "Validate (and save last.pt) every N steps.")
+    # With the batch chosen for the device, it follows the batch: 12,800 sequences apart.
+    eval_every: int = setting(200, "Validate (and save last.pt) every N steps.",
+                              show="200; 800 with the CPU's chosen batch of 16")
     # Also save last.pt whenever this much training time has passed since the last save
     # ("" = only at validations), so a crash or kill -9 loses at most this much work
     # however far apart validations are; 5 minutes costs a 2x512 run under 1 % of its time.

@@ -15,7 +15,7 @@ from charrnn import checkpoint, distributed
 from charrnn.config import ModelConfig, TrainConfig, build, field_names, load_toml
 from charrnn.data import read_corpus
 from charrnn.errors import TrainingInterrupted, UsageError
-from charrnn.sizing import SIZED
+from charrnn.sizing import SIZED, SIZED_TRAIN
 from charrnn.events import Notice, OnEvent
 from charrnn.trainer import Trainer, choose_run_dir, resume_configs
 
@@ -48,6 +48,9 @@ def train(corpus: str | Path | Sequence[str | Path] | None = None, *, config: st
     model_set, train_set = split_settings(settings)
     file_model, file_train = load_toml(config) if config else ({}, {})
     model_given = {k: v for k, v in {**file_model, **model_set}.items() if v is not None}
+    train_given = {k for k, v in {**file_train, **train_set}.items() if v is not None}
+    # The batch for the device, and then the validation interval with it, unless given.
+    auto_train = () if "batch_size" in train_given else tuple(k for k in SIZED_TRAIN if k not in train_given)
     if resume is not None and init_from is not None:
         raise UsageError("--resume continues a run and --init-from starts a new one; give one of them")
     payload = base = None
@@ -68,11 +71,11 @@ def train(corpus: str | Path | Sequence[str | Path] | None = None, *, config: st
         _refuse_model_changes(base, model_given, "when fine-tuning (the model comes from --init-from)")
         model_config = build(ModelConfig, base.model_config)
         train_config = build(TrainConfig, file_train, train_set)
-        auto = ()
+        auto = auto_train
     else:
         model_config = build(ModelConfig, file_model, model_set)
         train_config = build(TrainConfig, file_train, train_set)
-        auto = tuple(k for k in SIZED if k not in model_given)  # chosen for the corpus and budget
+        auto = tuple(k for k in SIZED if k not in model_given) + auto_train  # chosen for the corpus and budget
     corpus_data = read_corpus(sources, encoding)
     group = distributed.init_from_env(train_config.device)  # a group of one without torchrun
     if run_dir is None:  # rank 0 picks the directory and tells the others

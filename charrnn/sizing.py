@@ -1,4 +1,5 @@
-"""Defaults that fit the corpus and the budget: the model's width and its dropout.
+"""Defaults that fit the corpus, the budget and the device: the model's width and its
+dropout (below), and the batch (`batch_for`).
 
 A fixed 2x512 with dropout 0.35 suits ~1 MB in 10 CPU minutes and little else: on a
 big text in a short budget it sees too few characters to learn what a smaller model
@@ -12,16 +13,24 @@ So when neither a flag nor a config file sets them, `charrnn train` chooses:
    per parameter, C(H) >= K P(H). Fewer, and the model is too big to learn in the
    budget; many more, and a wider one would have learned more.
 3. **The dropout**, from the passes over the training text E = C(H) / N: none while
-   each character is seen about twice or less (nothing to overfit yet), rising to
-   MAX_DROPOUT once it is seen ~12 times (small texts, long budgets).
+   each character is seen three times or less (nothing to overfit yet), rising to
+   MAX_DROPOUT once it is seen ~23 times (small texts, long budgets).
 
 Where K = 3 and the dropout curve come from (a first calibration, not yet a sweep; see
 docs/benchmarks.md): on a fast day of this 2-core CPU, 10 minutes of Tiny Shakespeare
 read ~13M characters at 2x512 (3.5 per parameter) with dropout 0.35 against ~13 passes,
 the best of the fixed settings tried there; on 3 MB of prose in 5 minutes, an
 undropped 2x256 (~10 characters per parameter, ~4 passes) beat 2x512 with dropout 0.35.
-K = 3 picks 2x512 for the first and a small model (2x256-384) for the second; the dropout
-ramp joins the two dropouts.
+K = 3 picks 2x512 for the first and a small model (2x256-384) for the second.
+
+The dropout ramp was first drawn from 0 at 2 passes to 0.35 at 12, which gave ~0.2 to
+Tiny Shakespeare's ~9 passes in 5 and 10 minutes. Measured there on 2026-11-29 (best
+validation loss, each run alone on the machine, batch 64): 5 minutes at 2x256 (~9
+passes), dropout 0 -> 1.5158, 0.1 -> 1.5120, 0.2 -> 1.5334; 10 minutes at 2x384 (~9
+passes), 0.1 -> 1.4616 against 1.4628-1.4711 at 0.17-0.23. The random windows already
+regularise more than the old fixed streams did, so the ramp now starts at 3 passes and
+reaches 0.35 at 23 (~0.1 at 9 passes); for ~20 passes (pydocs, 0.47 MB, in 5 minutes)
+it changes little (0.35 -> ~0.3).
 """
 
 from __future__ import annotations
@@ -40,8 +49,10 @@ from charrnn.device import autocast
 WIDTHS = (128, 256, 384, 512, 768, 1024)
 CHARS_PER_PARAMETER = 3.0
 MAX_DROPOUT = 0.35
-SIZED = ("hidden_size", "dropout")
-MIN_PROBED_BUDGET_S = 60.0  # shorter time budgets are not worth a probe of a few seconds  # the model fields chosen here unless given
+SIZED = ("hidden_size", "dropout")  # the model fields chosen here unless given
+SIZED_TRAIN = ("batch_size", "eval_every")  # and the training fields
+SEQUENCES_PER_VALIDATION = 12_800  # the default eval_every (200) at the library's batch (64)
+MIN_PROBED_BUDGET_S = 60.0  # shorter time budgets are not worth a probe of a few seconds
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,22 @@ class Choice:
                 f"{self.epochs:.1f} passes over the text")
 
 
+def batch_for(device: torch.device, ranks: int = 1) -> tuple[int, str]:
+    """The (global) batch size for this device and number of ranks, and why.
+
+    On a CPU the chars/s of a training step hardly depend on the batch (16, 32 and 64
+    sequences of 100 characters train 2x256 at 29k, 32k and 33k chars/s on the 2-core
+    CPU), so smaller batches buy more optimizer steps for the same characters, and each
+    step learns about as much: Tiny Shakespeare in 5 minutes (2x256, dropout 0.1) reached
+    1.5120 at 64, 1.4871 at 32 and 1.4783 at 16 (docs/benchmarks.md). A GPU runs a
+    batch of 64 in about the time of one of 16, so there the bigger batch reads 4x the
+    characters in the same minutes; 64 stays its default (not tuned for quality on a GPU).
+    """
+    if device.type == "cpu":  # 16 sequences per rank: each CPU rank has cores of its own
+        return 16 * ranks, "on a CPU, smaller batches learn more per minute"
+    return 64, f"on {device.type.upper()}, a bigger batch costs little time"
+
+
 def parameters(config: ModelConfig, vocab_size: int) -> int:
     """Parameters of a CharRNN with this config (the embedding, the recurrent stack, the head)."""
     cell = CELL_TYPES[config.cell]
@@ -69,8 +96,8 @@ def parameters(config: ModelConfig, vocab_size: int) -> int:
 
 
 def dropout_for(epochs: float) -> float:
-    """No dropout up to ~2 passes over the text, MAX_DROPOUT from ~12 on, linear between."""
-    return round(MAX_DROPOUT * min(1.0, max(0.0, (epochs - 2.0) / 10.0)), 2)
+    """No dropout up to 3 passes over the text, MAX_DROPOUT from 23 on, linear between."""
+    return round(MAX_DROPOUT * min(1.0, max(0.0, (epochs - 3.0) / 20.0)), 2)
 
 
 def choose(model: ModelConfig, train: TrainConfig, train_chars: int, vocab_size: int, device: torch.device,
@@ -121,9 +148,11 @@ def probed_speeds(model: ModelConfig, train: TrainConfig, vocab_size: int, devic
 
 
 def probe_speed(model: ModelConfig, train: TrainConfig, vocab_size: int, device: torch.device,
-                dtype: torch.dtype | None, steps: int = 2) -> float:
+                dtype: torch.dtype | None, chars: int = 12_800) -> float:
     """Training characters per second of this model on this machine: one warm-up step,
-    then `steps` timed ones, on random ids (forward, backward, optimizer step)."""
+    then timed ones covering at least `chars` characters (two steps of 64 x 100; eight
+    of 16 x 100, whose single steps are too short to time), on random ids (forward,
+    backward, optimizer step)."""
     from charrnn.model import CharRNN
 
     torch_state = torch.get_rng_state()  # the run's own random streams are left as they were
@@ -142,6 +171,7 @@ def probe_speed(model: ModelConfig, train: TrainConfig, vocab_size: int, device:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
+        steps = max(2, math.ceil(chars / (train.batch_size * train.seq_len)))
         step()
         started = time.perf_counter()
         for _ in range(steps):

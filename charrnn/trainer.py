@@ -104,7 +104,8 @@ class Trainer:
                  on_event: OnEvent | None = None, resume: Checkpoint | None = None,
                  auto: tuple[str, ...] = (), init_from: Checkpoint | None = None):
         """`auto`: the model fields (of charrnn.sizing.SIZED) to choose for this corpus and
-        budget rather than take from model_config; a resumed run keeps its own.
+        budget rather than take from model_config, and the training fields (SIZED_TRAIN:
+        the batch size) to choose for the device; a resumed run keeps its own.
         `init_from`: a loaded checkpoint whose weights start this run (fine-tuning; the
         model_config must be its own), with the vocabulary extended by this corpus's new characters."""
         self.on_event = on_event or (lambda event: None)
@@ -118,11 +119,20 @@ class Trainer:
             self.on_event = lambda event: None
 
         device_reason, dtype_reason = self._setup_device()
+        auto = auto if resume is None else ()  # a resumed run keeps its own choices
+        reasons = []
+        if "batch_size" in auto:
+            batch_size, why = sizing.batch_for(self.device, self.group.world_size)
+            self.config = replace(self.config, batch_size=batch_size)
+            reasons.append(why)
+            if "eval_every" in auto:  # validations as far apart in characters as at the library's batch
+                self.config = replace(self.config, eval_every=max(1, sizing.SEQUENCES_PER_VALIDATION // batch_size))
         base_vocab = self._setup_data(corpus, resume, init_from)
         choice = None
-        if auto and resume is None:
+        if any(k in sizing.SIZED for k in auto):
             choice = self._choose_size(model_config, auto)
-            self.model_config = replace(model_config, **{k: getattr(choice, k) for k in auto})
+            self.model_config = replace(model_config, **{k: getattr(choice, k) for k in auto if k in sizing.SIZED})
+            reasons.insert(0, choice.reason(len(self.train_ids), self._budget_text()))
         self._setup_model(init_from, base_vocab)
         self.optimizer = self._make_optimizer()
         self.average = WeightAverage(self.model, self.config.ema_decay) if self.config.ema_decay else None
@@ -144,8 +154,7 @@ class Trainer:
             steps_per_epoch=self.batches.steps_per_epoch, run_dir=str(self.run_dir),
             resumed_step=self.progress.step if resume is not None else None,
             parent=self.parent if init_from is not None else None,
-            sizing=None if choice is None else {
-                "fields": list(auto), "reason": choice.reason(len(self.train_ids), self._budget_text())},
+            sizing={"fields": list(auto), "reason": "; ".join(reasons)} if auto else None,
             config=asdict(self.config), model_config=asdict(self.model_config),
         ))
 

@@ -40,8 +40,10 @@ def test_the_width_is_the_widest_that_reads_enough_characters_per_parameter():
 
 
 def test_dropout_grows_with_the_passes_over_the_text():
-    assert sizing.dropout_for(0.5) == sizing.dropout_for(2.0) == 0.0
+    assert sizing.dropout_for(0.5) == sizing.dropout_for(3.0) == 0.0
     assert 0.0 < sizing.dropout_for(5.0) < sizing.dropout_for(9.0) < sizing.MAX_DROPOUT
+    # ~9 passes (Tiny Shakespeare in 5 or 10 CPU minutes): 0.1 measured best of 0 / 0.1 / 0.2
+    assert abs(sizing.dropout_for(9.0) - 0.1) <= 0.02
     assert sizing.dropout_for(50.0) == sizing.MAX_DROPOUT
 
 
@@ -50,7 +52,7 @@ def test_the_probe_leaves_the_random_streams_as_they_were():
     expected = torch.rand(3)
     torch.manual_seed(5)
     rate = sizing.probe_speed(ModelConfig(hidden_size=16, embedding_size=8), TrainConfig(batch_size=2, seq_len=8),
-                              30, CPU, None, steps=1)
+                              30, CPU, None, chars=16)
     assert rate > 0 and torch.equal(torch.rand(3), expected)
 
 
@@ -80,3 +82,33 @@ def test_an_explicit_width_is_not_chosen(tmp_path):
                    "--hidden-size", "24", "--dropout", "0", "--sample-length", "0")
     assert done.returncode == 0, done.stderr
     assert "size: " not in done.stderr and "2x24 lstm" in done.stderr
+
+
+def test_the_batch_is_chosen_for_the_device_unless_given_and_resume_keeps_it(tmp_path):
+    corpus = tmp_path / "verse.txt"
+    corpus.write_text(VERSE * 50, encoding="utf-8")
+    common = ("--steps", "2", "--seq-len", "16", "--hidden-size", "24", "--dropout", "0", "--sample-length", "0")
+    settings = {}
+    for name, extra in {"auto": (), "given": ("--batch-size", "4"), "interval": ("--eval-every", "5")}.items():
+        done = run_cli("train", corpus, "--out", tmp_path / name, *common, *extra)
+        assert done.returncode == 0, done.stderr
+        size = [line for line in done.stderr.splitlines() if line.startswith("size: ")]
+        settings[name] = (size, checkpoint.load(tmp_path / name / "last.pt").train_config)
+    size, config = settings["auto"]
+    assert len(size) == 1 and size[0].startswith("size: batch 16 (auto: on a CPU") and "--batch-size" in size[0]
+    assert (config["batch_size"], config["eval_every"]) == (16, 800)  # 12,800 sequences between validations
+    assert "batch_size = 16" in (tmp_path / "auto" / "config.toml").read_text()
+    size, config = settings["given"]
+    assert size == [] and (config["batch_size"], config["eval_every"]) == (4, TrainConfig().eval_every)
+    size, config = settings["interval"]
+    assert len(size) == 1 and (config["batch_size"], config["eval_every"]) == (16, 5)
+    resumed = run_cli("train", "--resume", tmp_path / "auto", "--steps", "3")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "size: " not in resumed.stderr and "batches of 16x16" in resumed.stderr
+    assert checkpoint.load(tmp_path / "auto" / "last.pt").train_config["batch_size"] == 16
+
+
+def test_batch_for_the_device():
+    assert sizing.batch_for(CPU)[0] == 16
+    assert sizing.batch_for(CPU, ranks=3)[0] == 48  # 16 per CPU rank, so any number of ranks divides it
+    assert sizing.batch_for(torch.device("cuda"))[0] == TrainConfig().batch_size == 64
