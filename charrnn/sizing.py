@@ -51,7 +51,6 @@ CHARS_PER_PARAMETER = 3.0
 MAX_DROPOUT = 0.35
 SIZED = ("hidden_size", "dropout")  # the model fields chosen here unless given
 SIZED_TRAIN = ("batch_size", "eval_every")  # and the training fields
-SEQUENCES_PER_VALIDATION = 12_800  # the default eval_every (200) at the library's batch (64)
 MIN_PROBED_BUDGET_S = 60.0  # shorter time budgets are not worth a probe of a few seconds
 
 
@@ -84,6 +83,13 @@ def batch_for(device: torch.device, ranks: int = 1) -> tuple[int, str]:
     if device.type == "cpu":  # 16 sequences per rank: each CPU rank has cores of its own
         return 16 * ranks, "on a CPU, smaller batches learn more per minute"
     return 64, f"on {device.type.upper()}, a bigger batch costs little time"
+
+
+def eval_every_for(batch_size: int) -> int:
+    """Steps between validations that keep them as many sequences apart as the library's
+    defaults do (200 steps of 64: every 800 steps at 16)."""
+    library = TrainConfig()
+    return max(1, library.eval_every * library.batch_size // batch_size)
 
 
 def parameters(config: ModelConfig, vocab_size: int) -> int:

@@ -125,8 +125,8 @@ class Trainer:
             batch_size, why = sizing.batch_for(self.device, self.group.world_size)
             self.config = replace(self.config, batch_size=batch_size)
             reasons.append(why)
-            if "eval_every" in auto:  # validations as far apart in characters as at the library's batch
-                self.config = replace(self.config, eval_every=max(1, sizing.SEQUENCES_PER_VALIDATION // batch_size))
+            if "eval_every" in auto:
+                self.config = replace(self.config, eval_every=sizing.eval_every_for(batch_size))
         base_vocab = self._setup_data(corpus, resume, init_from)
         choice = None
         if any(k in sizing.SIZED for k in auto):
