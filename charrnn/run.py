@@ -45,10 +45,11 @@ def train(corpus: str | Path | Sequence[str | Path] | None = None, *, config: st
     """
     emit = on_event or (lambda event: None)
     sources = [str(corpus)] if isinstance(corpus, (str, Path)) else [str(c) for c in corpus or []]
-    model_set, train_set = split_settings(settings)
+    # None means not given (the CLI passes every flag), so it must not hide the file's value.
+    model_set, train_set = split_settings({k: v for k, v in settings.items() if v is not None})
     file_model, file_train = load_toml(config) if config else ({}, {})
-    model_given = {k: v for k, v in {**file_model, **model_set}.items() if v is not None}
-    train_given = {k for k, v in {**file_train, **train_set}.items() if v is not None}
+    model_given = {**file_model, **model_set}
+    train_given = {**file_train, **train_set}
     # The batch for the device, and then the validation interval with it, unless given.
     auto_train = () if "batch_size" in train_given else tuple(k for k in SIZED_TRAIN if k not in train_given)
     if resume is not None and init_from is not None:

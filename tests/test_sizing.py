@@ -84,6 +84,23 @@ def test_an_explicit_width_is_not_chosen(tmp_path):
     assert "size: " not in done.stderr and "2x24 lstm" in done.stderr
 
 
+def test_a_config_files_width_dropout_and_batch_are_not_chosen(tmp_path):
+    # The CLI passes every flag, None where not given: None must not hide the file's value.
+    corpus = tmp_path / "verse.txt"
+    corpus.write_text(VERSE * 50, encoding="utf-8")
+    preset = tmp_path / "preset.toml"
+    preset.write_text('[model]\nhidden_size = 24\ndropout = 0.05\n\n[train]\nbatch_size = 4\nseq_len = 16\n')
+    done = run_cli("train", corpus, "--config", preset, "--out", tmp_path / "run", "--steps", "2", "--sample-length", "0")
+    assert done.returncode == 0, done.stderr
+    assert "size: " not in done.stderr and "2x24 lstm, dropout 0.05" in done.stderr
+    saved = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert (saved.model_config["hidden_size"], saved.model_config["dropout"]) == (24, 0.05)
+    assert (saved.train_config["batch_size"], saved.train_config["eval_every"]) == (4, TrainConfig().eval_every)
+    flag = run_cli("train", corpus, "--config", preset, "--hidden-size", "16", "--out", tmp_path / "flag", "--steps", "1",
+                   "--sample-length", "0")
+    assert flag.returncode == 0 and "2x16 lstm, dropout 0.05" in flag.stderr  # a flag wins over the file
+
+
 def test_the_batch_is_chosen_for_the_device_unless_given_and_resume_keeps_it(tmp_path):
     corpus = tmp_path / "verse.txt"
     corpus.write_text(VERSE * 50, encoding="utf-8")
