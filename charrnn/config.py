@@ -89,9 +89,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     # Sequences per step; in stateful mode, the number of parallel streams of the corpus.
-    # Unless given, charrnn train chooses it for the device (charrnn.sizing.batch_for).
+    # Unless given, charrnn train chooses it for the device and cell (charrnn.sizing.batch_for).
     batch_size: int = setting(64, "Sequences (streams) per step.", flags=("--batch-size", "-b"),
-                              show="16 on a CPU, 64 on a GPU (64 in the library)")
+                              show="16 for the LSTM on a CPU, else 64 (64 in the library)")
     # Characters per sequence: how far back-propagation through time is truncated.
     seq_len: int = setting(100, "BPTT length in characters.", flags=("--seq-len", "-t"))
     # Peak AdamW learning rate, reached after warmup; 3e-3 held constant ended 0.05 nats

@@ -69,20 +69,26 @@ class Choice:
                 f"{self.epochs:.1f} passes over the text")
 
 
-def batch_for(device: torch.device, ranks: int = 1) -> tuple[int, str]:
-    """The (global) batch size for this device and number of ranks, and why.
+def batch_for(device: torch.device, cell: str = "lstm", ranks: int = 1) -> tuple[int, str]:
+    """The (global) batch size for this device, cell and number of ranks, and why.
 
-    On a CPU the chars/s of a training step hardly depend on the batch (16, 32 and 64
-    sequences of 100 characters train 2x256 at 29k, 32k and 33k chars/s on the 2-core
-    CPU), so smaller batches buy more optimizer steps for the same characters, and each
-    step learns about as much: Tiny Shakespeare in 5 minutes (2x256, dropout 0.1) reached
-    1.5120 at 64, 1.4871 at 32 and 1.4783 at 16 (docs/benchmarks.md). A GPU runs a
-    batch of 64 in about the time of one of 16, so there the bigger batch reads 4x the
-    characters in the same minutes; 64 stays its default (not tuned for quality on a GPU).
+    On a CPU a step of the fused nn.LSTM costs about the same per character at a batch of
+    16 as at 64 (16, 32 and 64 sequences of 100 characters train 2x256 at 34k, 34k and
+    36k chars/s on the 2-core CPU), so smaller batches buy more optimizer steps for the
+    same characters, and each step learns about as much: Tiny Shakespeare in 5 minutes
+    (2x256, dropout 0.1) reached 1.5120 at 64, 1.4871 at 32 and 1.4783 at 16. The other
+    cells lose a third of their speed at 16 (probed at 2x384: nn.GRU 0.63x, nn.RNN 0.70x,
+    the hand-written layernorm and peephole cells 0.66x and 0.75x the chars/s of 64),
+    and in 10 minutes on Tiny Shakespeare the GRU and the layer-norm LSTM did worse at 16
+    than at 64 (docs/benchmarks.md), so they keep 64. A GPU runs a batch of 64 in about
+    the time of one of 16, so there the bigger batch reads 4x the characters in the same
+    minutes; 64 stays its default (not tuned for quality on a GPU).
     """
-    if device.type == "cpu":  # 16 sequences per rank: each CPU rank has cores of its own
+    if device.type == "cpu" and cell == "lstm":  # per rank: each CPU rank has cores of its own
         return 16 * ranks, "on a CPU, smaller batches learn more per minute"
-    return 64, f"on {device.type.upper()}, a bigger batch costs little time"
+    if device.type == "cpu":
+        return 64 * ranks, f"on a CPU, a {cell} runs a batch of 16 at ~2/3 of the speed of 64"
+    return -(-64 // ranks) * ranks, f"on {device.type.upper()}, a bigger batch costs little time"  # 64, or up to a multiple of the ranks
 
 
 def eval_every_for(batch_size: int) -> int:

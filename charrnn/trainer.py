@@ -122,7 +122,7 @@ class Trainer:
         auto = auto if resume is None else ()  # a resumed run keeps its own choices
         reasons = []
         if "batch_size" in auto:
-            batch_size, why = sizing.batch_for(self.device, self.group.world_size)
+            batch_size, why = sizing.batch_for(self.device, model_config.cell, self.group.world_size)
             self.config = replace(self.config, batch_size=batch_size)
             reasons.append(why)
             if "eval_every" in auto:

@@ -8,11 +8,18 @@ by default the run's own corpus) prints the mean loss of each of the first 10
 predictions read from the start state (as `charrnn sample --prime` and `charrnn eval`
 begin), beside the same predictions read after 200 characters of the text before
 them, and the gap; then the model's five likeliest characters after the prime.
+
+The "k-gram floor" row is what no model reading from the start state can do much better
+than at the first positions: at position p the loss of the best p-character context
+model, the counts of (p+1)-grams over the whole text (in-sample, so if anything below the
+truth), at the same places. Where the start state's row meets it, the gap left is
+information the short context lacks, not something training can close.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import sys
 from pathlib import Path
@@ -21,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from collections import Counter  # noqa: E402
 
 from charrnn import checkpoint  # noqa: E402
 from charrnn.data import read_corpus, split  # noqa: E402
@@ -36,6 +44,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=200)
     parser.add_argument("--prime", default="ROMEO:")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--floor-positions", type=int, default=2, help="positions given a k-gram floor (0: none)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -47,18 +56,41 @@ def main() -> None:
     _, val = split(ids, args.val_frac)
     cold, warm = cold_start(model, val, args.windows, args.context, 10, torch.Generator().manual_seed(args.seed))
     gaps = [c - w for c, w in zip(cold, warm)]
+    floor = kgram_floor(ids, val, args.windows, args.context, args.floor_positions, args.seed)
     prime_ids, _ = vocab.encode(args.prime, "skip")
     with torch.no_grad():
         logits, _ = model(prime_ids.long()[None])
     probs = torch.softmax(logits[0, -1].float(), -1)
     top = [(vocab.chars[i], round(probs[i].item(), 3)) for i in probs.topk(5).indices.tolist()]
     if args.json:
-        print(json.dumps({"cold": cold, "warm": warm, "mean_gap": sum(gaps) / len(gaps), "after_prime": top}))
+        print(json.dumps({"cold": cold, "warm": warm, "mean_gap": sum(gaps) / len(gaps), "kgram_floor": floor,
+                          "after_prime": top}))
         return
     print("position     " + " ".join(f"{i:>5d}" for i in range(1, 11)) + "   mean")
     for name, row in (("start state", cold), (f"{args.context} context", warm), ("gap", gaps)):
         print(f"{name:12s} " + " ".join(f"{v:5.2f}" for v in row) + f"   {sum(row) / len(row):.3f}")
+    if floor:
+        print(f"{'k-gram floor':12s} " + " ".join(f"{v:5.2f}" for v in floor))
     print(f"after {args.prime!r}: " + ", ".join(f"{c!r} {p:.2f}" for c, p in top))
+
+
+def kgram_floor(ids: torch.Tensor, val: torch.Tensor, windows: int, context: int, positions: int,
+                seed: int) -> list[float]:
+    """Loss at positions 1..positions of the (p+1)-gram counts of the whole text, at the
+    places cold_start drew (the same generator, the same draw)."""
+    if positions <= 0:
+        return []
+    text = ids.tolist()
+    starts = torch.randint(context, len(val) - 10 - 1, (windows, 1), generator=torch.Generator().manual_seed(seed))
+    places = starts.flatten().tolist()  # where each cold read begins, in val
+    window = val.tolist()
+    floor = []
+    for p in range(1, positions + 1):
+        grams = Counter(tuple(text[i : i + p + 1]) for i in range(len(text) - p))
+        contexts = Counter(tuple(text[i : i + p]) for i in range(len(text) - p))
+        losses = [-math.log(grams[tuple(window[s : s + p + 1])] / contexts[tuple(window[s : s + p])]) for s in places]
+        floor.append(sum(losses) / len(losses))
+    return floor
 
 
 if __name__ == "__main__":
