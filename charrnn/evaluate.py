@@ -102,6 +102,12 @@ def evaluate(model: CharRNN, ids: torch.Tensor, device: torch.device, dtype=None
 
 
 @torch.no_grad()
+def cold_start_places(length: int, windows: int, context: int, positions: int,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Where cold_start's reads from the start state begin: `windows` random indices."""
+    return torch.randint(context, length - positions - 1, (windows,), generator=generator)
+
+
 def cold_start(model: CharRNN, ids: torch.Tensor, windows: int = 256, context: int = 200, positions: int = 10,
                generator: torch.Generator | None = None, dtype=None) -> tuple[list[float], list[float]]:
     """How much worse the first characters read from the start state are.
@@ -115,7 +121,7 @@ def cold_start(model: CharRNN, ids: torch.Tensor, windows: int = 256, context: i
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    starts = torch.randint(context, len(ids) - positions - 1, (windows, 1), generator=generator)
+    starts = cold_start_places(len(ids), windows, context, positions, generator)[:, None]
     span = ids[(starts + torch.arange(-context, positions + 1)).to(ids.device)].long().to(device)  # (W, C + P + 1)
     target = span[:, context + 1 :]  # (W, P)
 

@@ -32,7 +32,9 @@ from collections import Counter  # noqa: E402
 
 from charrnn import checkpoint  # noqa: E402
 from charrnn.data import read_corpus, split  # noqa: E402
-from charrnn.evaluate import cold_start  # noqa: E402
+from charrnn.evaluate import cold_start, cold_start_places  # noqa: E402
+
+POSITIONS = 10  # predictions read from the start state
 
 
 def main() -> None:
@@ -54,7 +56,7 @@ def main() -> None:
     text = read_corpus([s for s in sources if not s.startswith("<embedded")] or []).data.decode("utf-8")
     ids, _ = vocab.encode(text, "skip")
     _, val = split(ids, args.val_frac)
-    cold, warm = cold_start(model, val, args.windows, args.context, 10, torch.Generator().manual_seed(args.seed))
+    cold, warm = cold_start(model, val, args.windows, args.context, POSITIONS, torch.Generator().manual_seed(args.seed))
     gaps = [c - w for c, w in zip(cold, warm)]
     floor = kgram_floor(ids, val, args.windows, args.context, args.floor_positions, args.seed)
     prime_ids, _ = vocab.encode(args.prime, "skip")
@@ -81,8 +83,7 @@ def kgram_floor(ids: torch.Tensor, val: torch.Tensor, windows: int, context: int
     if positions <= 0:
         return []
     text = ids.tolist()
-    starts = torch.randint(context, len(val) - 10 - 1, (windows, 1), generator=torch.Generator().manual_seed(seed))
-    places = starts.flatten().tolist()  # where each cold read begins, in val
+    places = cold_start_places(len(val), windows, context, POSITIONS, torch.Generator().manual_seed(seed)).tolist()
     window = val.tolist()
     floor = []
     for p in range(1, positions + 1):
