@@ -115,12 +115,6 @@ class TrainConfig:
     # Stateless mode: leave the first burn_in predictions of each window out of the loss
     # (they were made from an all-zero state, with almost no context).
     burn_in: int = setting(0, "Stateless mode: predictions left out of the loss at the start of each window.")
-    # Stateless mode: the loss weight of the first START_POSITIONS predictions of each
-    # window, the ones read from the learned start state with almost no text behind them.
-    # Above 1 it trains reading from the start state (what `charrnn sample --prime` and
-    # `charrnn eval` begin with) harder than one window in ten would; the reported train
-    # loss stays the plain mean. See docs/benchmarks.md, "Cold start".
-    start_weight: float = setting(1.0, "Stateless mode: loss weight of the first 10 predictions of each window, read from the start state.")
     # Weight averaging: validation, best.pt and sampling use an exponential moving average
     # of the weights with this decay (0 = off; see charrnn.average).
     ema_decay: float = setting(0.0, "Validate, keep best.pt and sample with a moving average of the weights of this decay (0 = off).")
@@ -173,8 +167,6 @@ class TrainConfig:
         _check(self.clip_mode in ("norm", "value"), "clip_mode", "must be norm or value")
         _check(0 <= self.burn_in < self.seq_len, "burn_in", "must be >= 0 and below seq_len")
         _check(self.burn_in == 0 or self.stateless, "burn_in", "applies to --stateless training only")
-        _check(0 < self.start_weight <= 100, "start_weight", "must be in (0, 100]")
-        _check(self.start_weight == 1 or self.stateless, "start_weight", "applies to --stateless training only")
         _check(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1) (0 = off)")
         _check(0 <= self.stream_restart <= 1, "stream_restart", "must be in [0, 1]")
         _check(self.stream_restart == 0 or not self.stateless, "stream_restart", "applies to stateful training only (add --stateful)")
@@ -237,7 +229,6 @@ MAX_WIDTH = 1 << 16  # hidden and embedding sizes: far beyond what fits in memor
 MAX_BATCH = 1 << 20  # sequences per batch, characters per sequence, samples per call
 MAX_COUNT = 2**62  # steps and step counts: "no practical limit" that still fits int64
 MAX_SAMPLE = 100_000  # characters sampled to stderr at each validation
-START_POSITIONS = 10  # predictions per window that start_weight weighs: the cold-start measure's 10
 
 
 def _check_finite(config) -> None:

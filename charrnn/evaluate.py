@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from charrnn import distributed
-from charrnn.config import START_POSITIONS, DynamicSettings
+from charrnn.config import DynamicSettings
 from charrnn.device import autocast
 from charrnn.model import CharRNN, State
 
@@ -108,7 +108,7 @@ def cold_start_places(length: int, windows: int, context: int, positions: int,
     return torch.randint(context, length - positions - 1, (windows,), generator=generator)
 
 
-def cold_start(model: CharRNN, ids: torch.Tensor, windows: int = 256, context: int = 200, positions: int = START_POSITIONS,
+def cold_start(model: CharRNN, ids: torch.Tensor, windows: int = 256, context: int = 200, positions: int = 10,
                generator: torch.Generator | None = None, dtype=None) -> tuple[list[float], list[float]]:
     """How much worse the first characters read from the start state are.
 

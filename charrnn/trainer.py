@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from charrnn import checkpoint, distributed, sizing
 from charrnn.average import WeightAverage
 from charrnn.checkpoint import Checkpoint
-from charrnn.config import START_POSITIONS, ModelConfig, TrainConfig, build, parse_duration, to_toml
+from charrnn.config import ModelConfig, TrainConfig, build, parse_duration, to_toml
 from charrnn.data import Corpus, RandomWindows, RestartingStreams, StatefulBatches, Vocab, split
 from charrnn.device import autocast, dtype_name, resolve_device, resolve_dtype
 from charrnn.errors import CharRNNError, CheckpointError, DataError, TrainingInterrupted, UsageError
@@ -437,16 +437,9 @@ class Trainer:
         with autocast(self.device, self.dtype):
             logits, new_state = self.forward(x, state)  # (B, T, V)
         skip = config.burn_in  # predictions made from a (nearly) empty context
-        logits, y = logits[:, skip:].float(), y[:, skip:]
-        if config.start_weight == 1:
-            loss = objective = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        else:  # the first predictions, read from the start state, weigh start_weight each
-            losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (B, T)
-            weights = torch.ones(losses.shape[1], device=losses.device)
-            weights[: max(0, START_POSITIONS - skip)] = config.start_weight
-            loss, objective = losses.mean(), (losses * weights).mean()
+        loss = F.cross_entropy(logits[:, skip:].float().flatten(0, 1), y[:, skip:].flatten())
         self.optimizer.zero_grad(set_to_none=True)
-        objective.backward()
+        loss.backward()
         params = list(self.model.parameters())
         if config.clip_mode == "norm" and config.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)  # returns the pre-clip norm

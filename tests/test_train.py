@@ -160,38 +160,6 @@ def test_burn_in_leaves_the_first_predictions_out_of_the_loss(tmp_path):
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("burn_in", [0, 4])
-def test_start_weight_weighs_the_first_predictions_of_each_window(tmp_path, burn_in):
-    """The update follows the weighted loss (the first START_POSITIONS predictions count
-    start_weight times, less those burn_in leaves out); the reported loss is the plain mean."""
-    from charrnn.config import START_POSITIONS
-
-    model_config, train_config = tiny_configs(train={"stateless": True, "start_weight": 3.0, "burn_in": burn_in,
-                                                     "grad_clip": 0.0})
-    trainer = Trainer(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "run")
-    probe = torch.Generator().manual_seed(0)
-    probe.set_state(trainer.windows_rng.get_state())
-    x, y = trainer.batches.batch(probe)  # the batch train_step will draw
-    logits, _ = trainer.model(x)
-    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")[:, burn_in:]
-    weights = torch.ones(losses.shape[1])
-    weights[: START_POSITIONS - burn_in] = 3.0
-    (losses * weights).mean().backward()
-    expected = {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
-    loss, _ = trainer.train_step()  # zeroes the gradients first, then fills them
-    assert loss.item() == pytest.approx(losses.mean().item(), abs=1e-6)
-    for name, p in trainer.model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], msg=name)
-
-
-def test_start_weight_needs_stateless_mode():
-    from charrnn.config import build
-    from charrnn.errors import UsageError
-
-    with pytest.raises(UsageError, match="stateless"):
-        build(TrainConfig, {"start_weight": 2.0, "stateless": False})
-
-
 def test_burn_in_needs_stateless_mode():
     from charrnn.config import build
     from charrnn.errors import UsageError
