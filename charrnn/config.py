@@ -130,9 +130,9 @@ class TrainConfig:
     # With no steps, epochs or time given, training runs for 10 epochs.
     time: str = setting("", "Stop after this wall-clock time: 90s, 10m, 1h30m.", show="no limit")
     # Evaluate on the whole validation split (and save last.pt) every this many steps.
-    # With the batch chosen for the device, it follows the batch: 12,800 sequences apart.
+    # Unless given it follows the batch (given or chosen): 12,800 sequences apart.
     eval_every: int = setting(200, "Validate (and save last.pt) every N steps.",
-                              show="200; 800 with the CPU's chosen batch of 16")
+                              show="12,800 sequences apart: 200 steps of 64, 800 of 16")
     # Also save last.pt whenever this much training time has passed since the last save
     # ("" = only at validations), so a crash or kill -9 loses at most this much work
     # however far apart validations are; 5 minutes costs a 2x512 run under 1 % of its time.

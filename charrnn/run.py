@@ -50,8 +50,9 @@ def train(corpus: str | Path | Sequence[str | Path] | None = None, *, config: st
     file_model, file_train = load_toml(config) if config else ({}, {})
     model_given = {**file_model, **model_set}
     train_given = {**file_train, **train_set}
-    # The batch for the device, and then the validation interval with it, unless given.
-    auto_train = () if "batch_size" in train_given else tuple(k for k in SIZED_TRAIN if k not in train_given)
+    # The batch for the device unless given, and the validation interval for the batch
+    # (given or chosen) unless given.
+    auto_train = tuple(k for k in SIZED_TRAIN if k not in train_given)
     if resume is not None and init_from is not None:
         raise UsageError("--resume continues a run and --init-from starts a new one; give one of them")
     payload = base = None

@@ -125,8 +125,8 @@ class Trainer:
             batch_size, why = sizing.batch_for(self.device, model_config.cell, self.group.world_size)
             self.config = replace(self.config, batch_size=batch_size)
             reasons.append(why)
-            if "eval_every" in auto:
-                self.config = replace(self.config, eval_every=sizing.eval_every_for(batch_size))
+        if "eval_every" in auto:  # as many sequences apart whatever the batch
+            self.config = replace(self.config, eval_every=sizing.eval_every_for(self.config.batch_size))
         base_vocab = self._setup_data(corpus, resume, init_from)
         choice = None
         if any(k in sizing.SIZED for k in auto):
@@ -154,7 +154,7 @@ class Trainer:
             steps_per_epoch=self.batches.steps_per_epoch, run_dir=str(self.run_dir),
             resumed_step=self.progress.step if resume is not None else None,
             parent=self.parent if init_from is not None else None,
-            sizing={"fields": list(auto), "reason": "; ".join(reasons)} if auto else None,
+            sizing={"fields": list(auto), "reason": "; ".join(reasons)} if reasons else None,  # not for eval_every alone
             config=asdict(self.config), model_config=asdict(self.model_config),
         ))
 

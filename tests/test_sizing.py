@@ -95,7 +95,7 @@ def test_a_config_files_width_dropout_and_batch_are_not_chosen(tmp_path):
     assert "size: " not in done.stderr and "2x24 lstm, dropout 0.05" in done.stderr
     saved = checkpoint.load(tmp_path / "run" / "last.pt")
     assert (saved.model_config["hidden_size"], saved.model_config["dropout"]) == (24, 0.05)
-    assert (saved.train_config["batch_size"], saved.train_config["eval_every"]) == (4, TrainConfig().eval_every)
+    assert (saved.train_config["batch_size"], saved.train_config["eval_every"]) == (4, 3200)  # follows the batch
     flag = run_cli("train", corpus, "--config", preset, "--hidden-size", "16", "--out", tmp_path / "flag", "--steps", "1",
                    "--sample-length", "0")
     assert flag.returncode == 0 and "2x16 lstm, dropout 0.05" in flag.stderr  # a flag wins over the file
@@ -116,7 +116,7 @@ def test_the_batch_is_chosen_for_the_device_unless_given_and_resume_keeps_it(tmp
     assert (config["batch_size"], config["eval_every"]) == (16, 800)  # 12,800 sequences between validations
     assert "batch_size = 16" in (tmp_path / "auto" / "config.toml").read_text()
     size, config = settings["given"]
-    assert size == [] and (config["batch_size"], config["eval_every"]) == (4, TrainConfig().eval_every)
+    assert size == [] and (config["batch_size"], config["eval_every"]) == (4, 3200)  # a given batch: 12,800 too
     size, config = settings["interval"]
     assert len(size) == 1 and (config["batch_size"], config["eval_every"]) == (16, 5)
     resumed = run_cli("train", "--resume", tmp_path / "auto", "--steps", "3")
