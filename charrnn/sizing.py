@@ -113,8 +113,10 @@ def dropout_for(epochs: float) -> float:
 
 
 def choose(model: ModelConfig, train: TrainConfig, train_chars: int, vocab_size: int, device: torch.device,
-           dtype: torch.dtype | None, probe: bool = True) -> Choice:
-    """The width and dropout for this corpus and stop condition (see the module docstring)."""
+           dtype: torch.dtype | None, probe: bool = True, widths: tuple[int, ...] = WIDTHS) -> Choice:
+    """The width and dropout for this corpus and stop condition (see the module docstring).
+    widths: the candidates; a width that was given is the only one, so the dropout follows
+    the passes that width makes, not those of the width that would have been chosen."""
     budget = train.with_default_stop()
     started = time.perf_counter()
     speed_of = None
@@ -125,7 +127,7 @@ def choose(model: ModelConfig, train: TrainConfig, train_chars: int, vocab_size:
             speed_of = lambda hidden: 40_000.0 * (256 / hidden) ** 0.75
     probe_s = time.perf_counter() - started
     chosen = None
-    for hidden in WIDTHS:
+    for hidden in widths:
         candidate = replace(model, hidden_size=hidden)
         speed = None
         chars = math.inf

@@ -242,8 +242,9 @@ class Trainer:
         """Rank 0 chooses (its probe times this machine) and every rank takes its choice."""
         choice = None
         if self.group.is_main:
+            widths = sizing.WIDTHS if "hidden_size" in auto else (model_config.hidden_size,)
             choice = sizing.choose(model_config, self.config, len(self.train_ids), len(self.vocab),
-                                   self.device, self.dtype)
+                                   self.device, self.dtype, widths=widths)
         if self.group.world_size > 1:
             text = distributed.broadcast_text(json.dumps(asdict(choice)) if choice else None)
             choice = sizing.Choice(**json.loads(text))

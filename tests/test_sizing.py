@@ -7,7 +7,7 @@ from charrnn import checkpoint, sizing
 from charrnn.config import ModelConfig, TrainConfig
 from charrnn.model import CharRNN, count_parameters
 
-from conftest import VERSE, run_cli
+from conftest import VERSE, corpus_of, run_cli, tiny_configs
 
 CPU = torch.device("cpu")
 
@@ -28,6 +28,30 @@ def test_a_short_budget_on_a_big_text_gets_a_smaller_less_regularised_model():
     assert big_short.hidden_size < small_long.hidden_size
     assert big_short.dropout == 0.0 < small_long.dropout
     assert big_short.epochs < 1 < small_long.epochs
+
+
+def test_a_given_width_gets_the_dropout_of_its_own_passes():
+    # `--hidden-size 256` alone once got the dropout of the 2x384 the sizing would have
+    # chosen (8.9 passes, 0.1), though 2x256 reads ~17 passes in the same 10 minutes.
+    train = TrainConfig(time="10m")
+    auto = sizing.choose(ModelConfig(), train, 1_000_000, 100, CPU, None, probe=False)
+    given = sizing.choose(ModelConfig(hidden_size=128), train, 1_000_000, 100, CPU, None, probe=False, widths=(128,))
+    assert given.hidden_size == 128 < auto.hidden_size
+    assert given.epochs > auto.epochs and given.dropout > auto.dropout
+    assert given.dropout == sizing.dropout_for(given.epochs)
+
+
+def test_the_trainer_sizes_a_given_width_alone(tmp_path, monkeypatch):
+    from charrnn.trainer import Trainer
+
+    seen = []
+    choose = sizing.choose
+    monkeypatch.setattr(sizing, "choose", lambda *a, **k: seen.append(k["widths"]) or choose(*a, **{**k, "probe": False}))
+    model_config, train_config = tiny_configs(model={"hidden_size": 24}, train={"time": "10m"})
+    given = Trainer(corpus_of(VERSE * 50), model_config, train_config, tmp_path / "given", auto=("dropout",))
+    chosen = Trainer(corpus_of(VERSE * 50), model_config, train_config, tmp_path / "chosen", auto=("hidden_size", "dropout"))
+    assert seen == [(24,), sizing.WIDTHS]
+    assert given.model_config.hidden_size == 24 and chosen.model_config.hidden_size in sizing.WIDTHS
 
 
 def test_the_width_is_the_widest_that_reads_enough_characters_per_parameter():
