@@ -101,13 +101,13 @@ def evaluate(model: CharRNN, ids: torch.Tensor, device: torch.device, dtype=None
     return EvalResult(count, total.item() / count, dropped)
 
 
-@torch.no_grad()
 def cold_start_places(length: int, windows: int, context: int, positions: int,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Where cold_start's reads from the start state begin: `windows` random indices."""
     return torch.randint(context, length - positions - 1, (windows,), generator=generator)
 
 
+@torch.no_grad()
 def cold_start(model: CharRNN, ids: torch.Tensor, windows: int = 256, context: int = 200, positions: int = 10,
                generator: torch.Generator | None = None, dtype=None) -> tuple[list[float], list[float]]:
     """How much worse the first characters read from the start state are.

@@ -59,12 +59,14 @@ def main() -> None:
     sources = [args.text] if args.text else payload.corpus["sources"]
     text = read_corpus([s for s in sources if not s.startswith("<embedded")] or []).data.decode("utf-8")
     ids, _ = vocab.encode(text, "skip")
-    _, val = split(ids, args.val_frac)
+    train, val = split(ids, args.val_frac)
     cold, warm = cold_start(model, val, args.windows, args.context, POSITIONS, torch.Generator().manual_seed(args.seed))
     gaps = [c - w for c, w in zip(cold, warm)]
-    floor = kgram_floor(ids, val, args.windows, args.context, args.floor_positions, args.seed)
-    train, _ = split(ids, args.val_frac)
-    trained = kgram_trained(train, val, len(vocab), args.windows, args.context, args.floor_positions, args.seed)
+    # the places cold_start read from (the same generator, the same draw)
+    places = cold_start_places(len(val), args.windows, args.context, POSITIONS,
+                               torch.Generator().manual_seed(args.seed)).tolist()
+    floor = kgram_floor(ids, val, places, args.floor_positions)
+    trained = kgram_trained(train, val, len(vocab), places, args.floor_positions)
     prime_ids, _ = vocab.encode(args.prime, "skip")
     with torch.no_grad():
         logits, _ = model(prime_ids.long()[None])
@@ -83,14 +85,12 @@ def main() -> None:
     print(f"after {args.prime!r}: " + ", ".join(f"{c!r} {p:.2f}" for c, p in top))
 
 
-def kgram_floor(ids: torch.Tensor, val: torch.Tensor, windows: int, context: int, positions: int,
-                seed: int) -> list[float]:
+def kgram_floor(ids: torch.Tensor, val: torch.Tensor, places: list[int], positions: int) -> list[float]:
     """Loss at positions 1..positions of the (p+1)-gram counts of the whole text, at the
-    places cold_start drew (the same generator, the same draw)."""
+    places (in val) where cold_start read."""
     if positions <= 0:
         return []
     text = ids.tolist()
-    places = cold_start_places(len(val), windows, context, POSITIONS, torch.Generator().manual_seed(seed)).tolist()
     window = val.tolist()
     floor = []
     for p in range(1, positions + 1):
@@ -101,10 +101,10 @@ def kgram_floor(ids: torch.Tensor, val: torch.Tensor, windows: int, context: int
     return floor
 
 
-def kgram_trained(train: torch.Tensor, val: torch.Tensor, vocab_size: int, windows: int, context: int,
-                  positions: int, seed: int) -> list[float]:
+def kgram_trained(train: torch.Tensor, val: torch.Tensor, vocab_size: int, places: list[int],
+                  positions: int) -> list[float]:
     """Loss at positions 1..positions of a (p+1)-gram model counted on the training split
-    only and read out of sample, at cold_start's places: what a k-gram model learns from
+    only and read out of sample, at the same places: what a k-gram model learns from
     the same text. Witten-Bell interpolation down to an add-one unigram, so contexts
     unseen in training still get a probability."""
     if positions <= 0:
@@ -126,7 +126,6 @@ def kgram_trained(train: torch.Tensor, val: torch.Tensor, vocab_size: int, windo
                 p = (grams[n + 1][h + (char,)] + kinds[n][h] * p) / (totals[n][h] + kinds[n][h])
         return p
 
-    places = cold_start_places(len(val), windows, context, POSITIONS, torch.Generator().manual_seed(seed)).tolist()
     window = val.tolist()
     return [sum(-math.log(probability(tuple(window[s : s + p]), window[s + p])) for s in places) / len(places)
             for p in range(1, positions + 1)]
