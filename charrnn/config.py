@@ -105,8 +105,11 @@ class TrainConfig:
     decay_frac: float = setting(0.2, "Hold the peak learning rate, then decay over this last fraction of the run (1 = cosine over all of it).")
     # Linear warmup steps: keeps the first updates of a fresh model from overshooting.
     warmup_steps: int = setting(50, "Linear warmup steps.")
-    # AdamW decoupled weight decay on weight matrices (not biases or norms).
-    weight_decay: float = setting(0.01, "AdamW weight decay on weight matrices.")
+    # AdamW decoupled weight decay on weight matrices (not biases, norms or the start
+    # state). 0.2, not the usual 0.01: 10 minutes of Tiny Shakespeare (2x384, ~8 passes,
+    # 2026-11-29, each run alone) reached 1.4456-1.4463 at 0.01, 1.4259 at 0.1, 1.4229 at
+    # 0.2 and 1.4349 at 0.4; at 500 steps it made no difference (docs/benchmarks.md).
+    weight_decay: float = setting(0.2, "AdamW weight decay on weight matrices.")
     # Clip the global gradient norm to this (0 = off): the cure for exploding gradients.
     grad_clip: float = setting(1.0, "Clip the global gradient norm (0 = off).")
     # "norm" clips the global gradient norm; "value" clips each element to
