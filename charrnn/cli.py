@@ -237,6 +237,7 @@ class _TrainView:
                 f"vocabulary extended by {len(added)} character(s): {added!r}" if added else "no new characters"))
         if info.get("sizing"):
             chosen = {"hidden_size": f"{model['hidden_size']} units", "dropout": f"dropout {model['dropout']:g}",
+                      "weight_decay": f"weight decay {config['weight_decay']:g}",
                       "batch_size": f"batch {config['batch_size']}"}  # eval_every follows the batch
             fields = [k for k in info["sizing"]["fields"] if k in chosen]
             flags = " / ".join("--" + k.replace("_", "-") for k in fields)

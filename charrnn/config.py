@@ -106,10 +106,12 @@ class TrainConfig:
     # Linear warmup steps: keeps the first updates of a fresh model from overshooting.
     warmup_steps: int = setting(50, "Linear warmup steps.")
     # AdamW decoupled weight decay on weight matrices (not biases, norms or the start
-    # state). 0.2, not the usual 0.01: 10 minutes of Tiny Shakespeare (2x384, ~8 passes,
-    # 2026-11-29, each run alone) reached 1.4456-1.4463 at 0.01, 1.4259 at 0.1, 1.4229 at
-    # 0.2 and 1.4349 at 0.4; at 500 steps it made no difference (docs/benchmarks.md).
-    weight_decay: float = setting(0.2, "AdamW weight decay on weight matrices.")
+    # state). Unless given, charrnn train chooses it from the passes the run makes over
+    # the text, as it does the dropout (charrnn.sizing.weight_decay_for: 0.01 up to 3
+    # passes, 0.2 from 7); the library's 0.01 is what fine-tuning keeps, so a short run on
+    # new text does not pull the parent's weights toward zero.
+    weight_decay: float = setting(0.01, "AdamW weight decay on weight matrices.",
+                                  show="chosen from the passes over the text, 0.01-0.2 (0.01 in the library)")
     # Clip the global gradient norm to this (0 = off): the cure for exploding gradients.
     grad_clip: float = setting(1.0, "Clip the global gradient norm (0 = off).")
     # "norm" clips the global gradient norm; "value" clips each element to

@@ -15,7 +15,7 @@ from charrnn import checkpoint, distributed
 from charrnn.config import ModelConfig, TrainConfig, build, field_names, load_toml
 from charrnn.data import read_corpus
 from charrnn.errors import TrainingInterrupted, UsageError
-from charrnn.sizing import SIZED, SIZED_TRAIN
+from charrnn.sizing import SIZED, SIZED_DECAY, SIZED_TRAIN
 from charrnn.events import Notice, OnEvent
 from charrnn.trainer import Trainer, choose_run_dir, resume_configs
 
@@ -77,7 +77,8 @@ def train(corpus: str | Path | Sequence[str | Path] | None = None, *, config: st
     else:
         model_config = build(ModelConfig, file_model, model_set)
         train_config = build(TrainConfig, file_train, train_set)
-        auto = tuple(k for k in SIZED if k not in model_given) + auto_train  # chosen for the corpus and budget
+        auto = (tuple(k for k in SIZED if k not in model_given) + tuple(k for k in SIZED_DECAY if k not in train_given)
+                + auto_train)  # chosen for the corpus and budget
     corpus_data = read_corpus(sources, encoding)
     group = distributed.init_from_env(train_config.device)  # a group of one without torchrun
     if run_dir is None:  # rank 0 picks the directory and tells the others

@@ -103,9 +103,10 @@ class Trainer:
     def __init__(self, corpus: Corpus, model_config: ModelConfig, train_config: TrainConfig, run_dir: Path,
                  on_event: OnEvent | None = None, resume: Checkpoint | None = None,
                  auto: tuple[str, ...] = (), init_from: Checkpoint | None = None):
-        """`auto`: the model fields (of charrnn.sizing.SIZED) to choose for this corpus and
-        budget rather than take from model_config, and the training fields (SIZED_TRAIN:
-        the batch size) to choose for the device; a resumed run keeps its own.
+        """`auto`: the model fields (of charrnn.sizing.SIZED) and the weight decay
+        (SIZED_DECAY) to choose for this corpus and budget rather than take from the
+        configs, and the training fields (SIZED_TRAIN: the batch size) to choose for the
+        device; a resumed run keeps its own.
         `init_from`: a loaded checkpoint whose weights start this run (fine-tuning; the
         model_config must be its own), with the vocabulary extended by this corpus's new characters."""
         self.on_event = on_event or (lambda event: None)
@@ -129,9 +130,10 @@ class Trainer:
             self.config = replace(self.config, eval_every=sizing.eval_every_for(self.config.batch_size))
         base_vocab = self._setup_data(corpus, resume, init_from)
         choice = None
-        if any(k in sizing.SIZED for k in auto):
+        if any(k in sizing.SIZED + sizing.SIZED_DECAY for k in auto):
             choice = self._choose_size(model_config, auto)
             self.model_config = replace(model_config, **{k: getattr(choice, k) for k in auto if k in sizing.SIZED})
+            self.config = replace(self.config, **{k: getattr(choice, k) for k in auto if k in sizing.SIZED_DECAY})
             reasons.insert(0, choice.reason(len(self.train_ids), self._budget_text()))
         self._setup_model(init_from, base_vocab)
         self.optimizer = self._make_optimizer()

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 import charrnn
 from charrnn import checkpoint
+from charrnn.config import TrainConfig
 from charrnn.cli import app
 from charrnn.evaluate import evaluate
 from charrnn.trainer import Trainer
@@ -41,6 +42,9 @@ def test_new_characters_extend_the_vocabulary_train_and_sample(trained_run, tmp_
     payload = checkpoint.load(tmp_path / "es" / "best.pt")
     assert payload.vocab == "".join(sorted(set(base_chars) | set(added)))
     assert payload.parent == {"path": str(base), "added_chars": added}
+    # The decay is not chosen from the passes here: 0.2 would pull the parent's weights to zero.
+    assert payload.train_config["weight_decay"] == TrainConfig().weight_decay == 0.01
+    assert "weight decay" not in result.stderr
     # The base model's rows are kept where its characters moved to in the larger vocabulary.
     base_weights = checkpoint.load(base).model["layers.1.weight_hh_l0"]
     assert not torch.equal(payload.model["layers.1.weight_hh_l0"], base_weights)  # it trained

@@ -71,6 +71,27 @@ def test_dropout_grows_with_the_passes_over_the_text():
     assert sizing.dropout_for(50.0) == sizing.MAX_DROPOUT
 
 
+def test_weight_decay_grows_with_the_passes_over_the_text():
+    assert sizing.weight_decay_for(0.5) == sizing.weight_decay_for(3.0) == sizing.MIN_WEIGHT_DECAY == TrainConfig().weight_decay
+    assert sizing.MIN_WEIGHT_DECAY < sizing.weight_decay_for(4.0) < sizing.weight_decay_for(6.0) < sizing.MAX_WEIGHT_DECAY
+    # ~8 passes (Tiny Shakespeare in 10 CPU minutes): 0.2 measured best of 0.01 / 0.1 / 0.2 / 0.4
+    assert sizing.weight_decay_for(7.0) == sizing.weight_decay_for(30.0) == sizing.MAX_WEIGHT_DECAY == 0.2
+    long, short = _choose(1_000_000, time="1h"), _choose(30_000_000, time="2m")
+    assert long.weight_decay == sizing.weight_decay_for(long.epochs) > short.weight_decay == sizing.MIN_WEIGHT_DECAY
+
+
+def test_the_trainer_takes_the_chosen_weight_decay_and_a_given_one_wins(tmp_path, monkeypatch):
+    from charrnn.trainer import Trainer
+
+    monkeypatch.setattr(sizing, "choose", lambda *a, **k: sizing.Choice(24, 0.0, 1e6, 12.0, None, 0.0, 0.2))
+    model_config, train_config = tiny_configs(train={"weight_decay": 0.07})
+    chosen = Trainer(corpus_of(VERSE * 50), model_config, train_config, tmp_path / "chosen", auto=("weight_decay",))
+    given = Trainer(corpus_of(VERSE * 50), model_config, train_config, tmp_path / "given", auto=("dropout",))
+    assert chosen.config.weight_decay == chosen.optimizer.param_groups[0]["weight_decay"] == 0.2
+    assert given.config.weight_decay == given.optimizer.param_groups[0]["weight_decay"] == 0.07
+    assert chosen.model_config.hidden_size == given.model_config.hidden_size == model_config.hidden_size
+
+
 def test_the_probe_leaves_the_random_streams_as_they_were():
     torch.manual_seed(5)
     expected = torch.rand(3)
@@ -89,23 +110,27 @@ def test_train_chooses_what_no_flag_set_says_why_and_resume_keeps_it(tmp_path):
     assert done.returncode == 0, done.stderr
     size_lines = [line for line in done.stderr.splitlines() if line.startswith("size: ")]
     assert len(size_lines) == 1 and "auto" in size_lines[0] and "--hidden-size" in size_lines[0]
-    assert "--dropout" not in size_lines[0]  # given, so not chosen
-    saved = checkpoint.load(out / "last.pt").model_config
+    assert "--weight-decay" in size_lines[0] and "--dropout" not in size_lines[0]  # given, so not chosen
+    payload = checkpoint.load(out / "last.pt")
+    saved, decay = payload.model_config, payload.train_config["weight_decay"]
     expected = _choose(len(VERSE * 200) * 9 // 10, steps=3, batch_size=4, seq_len=16)
     assert saved["hidden_size"] == expected.hidden_size and saved["dropout"] == 0.05
+    assert decay == expected.weight_decay == payload.optimizer["param_groups"][0]["weight_decay"]
     resumed = run_cli("train", "--resume", out, "--steps", "5")
     assert resumed.returncode == 0, resumed.stderr
     assert "size: " not in resumed.stderr
-    assert checkpoint.load(out / "last.pt").model_config == saved
+    payload = checkpoint.load(out / "last.pt")
+    assert payload.model_config == saved and payload.train_config["weight_decay"] == decay
 
 
 def test_an_explicit_width_is_not_chosen(tmp_path):
     corpus = tmp_path / "verse.txt"
     corpus.write_text(VERSE * 50, encoding="utf-8")
     done = run_cli("train", corpus, "--out", tmp_path / "run", "--steps", "2", "--batch-size", "4", "--seq-len", "16",
-                   "--hidden-size", "24", "--dropout", "0", "--sample-length", "0")
+                   "--hidden-size", "24", "--dropout", "0", "--weight-decay", "0.05", "--sample-length", "0")
     assert done.returncode == 0, done.stderr
     assert "size: " not in done.stderr and "2x24 lstm" in done.stderr
+    assert checkpoint.load(tmp_path / "run" / "last.pt").train_config["weight_decay"] == 0.05
 
 
 def test_a_config_files_width_dropout_and_batch_are_not_chosen(tmp_path):
@@ -113,13 +138,14 @@ def test_a_config_files_width_dropout_and_batch_are_not_chosen(tmp_path):
     corpus = tmp_path / "verse.txt"
     corpus.write_text(VERSE * 50, encoding="utf-8")
     preset = tmp_path / "preset.toml"
-    preset.write_text('[model]\nhidden_size = 24\ndropout = 0.05\n\n[train]\nbatch_size = 4\nseq_len = 16\n')
+    preset.write_text('[model]\nhidden_size = 24\ndropout = 0.05\n\n[train]\nbatch_size = 4\nseq_len = 16\nweight_decay = 0.3\n')
     done = run_cli("train", corpus, "--config", preset, "--out", tmp_path / "run", "--steps", "2", "--sample-length", "0")
     assert done.returncode == 0, done.stderr
     assert "size: " not in done.stderr and "2x24 lstm, dropout 0.05" in done.stderr
     saved = checkpoint.load(tmp_path / "run" / "last.pt")
     assert (saved.model_config["hidden_size"], saved.model_config["dropout"]) == (24, 0.05)
     assert (saved.train_config["batch_size"], saved.train_config["eval_every"]) == (4, 3200)  # follows the batch
+    assert saved.train_config["weight_decay"] == 0.3
     flag = run_cli("train", corpus, "--config", preset, "--hidden-size", "16", "--out", tmp_path / "flag", "--steps", "1",
                    "--sample-length", "0")
     assert flag.returncode == 0 and "2x16 lstm, dropout 0.05" in flag.stderr  # a flag wins over the file
@@ -128,7 +154,8 @@ def test_a_config_files_width_dropout_and_batch_are_not_chosen(tmp_path):
 def test_the_batch_is_chosen_for_the_device_unless_given_and_resume_keeps_it(tmp_path):
     corpus = tmp_path / "verse.txt"
     corpus.write_text(VERSE * 50, encoding="utf-8")
-    common = ("--steps", "2", "--seq-len", "16", "--hidden-size", "24", "--dropout", "0", "--sample-length", "0")
+    common = ("--steps", "2", "--seq-len", "16", "--hidden-size", "24", "--dropout", "0", "--weight-decay", "0.01",
+              "--sample-length", "0")
     settings = {}
     for name, extra in {"auto": (), "given": ("--batch-size", "4"), "interval": ("--eval-every", "5")}.items():
         done = run_cli("train", corpus, "--out", tmp_path / name, *common, *extra)
