@@ -111,7 +111,7 @@ class TrainConfig:
     # passes, 0.2 from 7); the library's 0.01 is what fine-tuning keeps, so a short run on
     # new text does not pull the parent's weights toward zero.
     weight_decay: float = setting(0.01, "AdamW weight decay on weight matrices.",
-                                  show="chosen from the passes over the text, 0.01-0.2 (0.01 in the library)")
+                                  show="0.01-0.2, chosen from the passes over the text (0.01 in the library)")
     # Clip the global gradient norm to this (0 = off): the cure for exploding gradients.
     grad_clip: float = setting(1.0, "Clip the global gradient norm (0 = off).")
     # "norm" clips the global gradient norm; "value" clips each element to
