@@ -66,7 +66,10 @@ class Choice:
     epochs: float  # passes over the training text that makes
     chars_per_s: float | None  # probed training speed of that width (time budgets)
     probe_s: float  # seconds the probe took (they count against a time budget)
-    weight_decay: float = MIN_WEIGHT_DECAY
+
+    @property
+    def weight_decay(self) -> float:
+        return weight_decay_for(self.epochs)
 
     def reason(self, train_chars: int, budget: str) -> str:
         speed = f" at ~{self.chars_per_s / 1000:,.0f}k chars/s (probed)" if self.chars_per_s else ""
@@ -166,7 +169,7 @@ def choose(model: ModelConfig, train: TrainConfig, train_chars: int, vocab_size:
             break  # wider ones read even less per parameter
     hidden, chars, speed = chosen
     epochs = chars / max(1, train_chars)
-    return Choice(hidden, dropout_for(epochs), chars, epochs, speed, probe_s, weight_decay_for(epochs))
+    return Choice(hidden, dropout_for(epochs), chars, epochs, speed, probe_s)
 
 
 def probed_speeds(model: ModelConfig, train: TrainConfig, vocab_size: int, device: torch.device,

@@ -83,7 +83,7 @@ def test_weight_decay_grows_with_the_passes_over_the_text():
 def test_the_trainer_takes_the_chosen_weight_decay_and_a_given_one_wins(tmp_path, monkeypatch):
     from charrnn.trainer import Trainer
 
-    monkeypatch.setattr(sizing, "choose", lambda *a, **k: sizing.Choice(24, 0.0, 1e6, 12.0, None, 0.0, 0.2))
+    monkeypatch.setattr(sizing, "choose", lambda *a, **k: sizing.Choice(24, 0.0, 1e6, 12.0, None, 0.0))
     model_config, train_config = tiny_configs(train={"weight_decay": 0.07})
     chosen = Trainer(corpus_of(VERSE * 50), model_config, train_config, tmp_path / "chosen", auto=("weight_decay",))
     given = Trainer(corpus_of(VERSE * 50), model_config, train_config, tmp_path / "given", auto=("dropout",))
