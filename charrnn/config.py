@@ -107,8 +107,8 @@ class TrainConfig:
     warmup_steps: int = setting(50, "Linear warmup steps.")
     # AdamW decoupled weight decay on weight matrices (not biases, norms or the start
     # state). Unless given, charrnn train chooses it from the passes the run makes over
-    # the text, as it does the dropout (charrnn.sizing.weight_decay_for: 0.01 up to 3
-    # passes, 0.2 from 7); the library's 0.01 is what fine-tuning keeps, so a short run on
+    # the text, as it does the dropout (charrnn.sizing.weight_decay_for: 0.01 up to
+    # 4.5 passes, 0.2 from 7); the library's 0.01 is what fine-tuning keeps, so a short run on
     # new text does not pull the parent's weights toward zero.
     weight_decay: float = setting(0.01, "AdamW weight decay on weight matrices.",
                                   show="0.01-0.2, chosen from the passes over the text (0.01 in the library)")
