@@ -121,7 +121,7 @@ def parameters(config: ModelConfig, vocab_size: int) -> int:
 
 def dropout_for(epochs: float) -> float:
     """No dropout up to 3 passes over the text, MAX_DROPOUT from 23 on, linear between."""
-    return round(MAX_DROPOUT * min(1.0, max(0.0, (epochs - 3.0) / 20.0)), 2)
+    return round(MAX_DROPOUT * _ramp(epochs, 3.0, 23.0), 2)
 
 
 def weight_decay_for(epochs: float) -> float:
@@ -139,8 +139,12 @@ def weight_decay_for(epochs: float) -> float:
     of the 10-minute runs (7.8-8.9 as probed) are well inside the 0.2; between 4.5 and 7
     the line is drawn, not measured.
     """
-    ramp = min(1.0, max(0.0, (epochs - 4.5) / 2.5))
-    return round(MIN_WEIGHT_DECAY + (MAX_WEIGHT_DECAY - MIN_WEIGHT_DECAY) * ramp, 3)
+    return round(MIN_WEIGHT_DECAY + (MAX_WEIGHT_DECAY - MIN_WEIGHT_DECAY) * _ramp(epochs, 4.5, 7.0), 3)
+
+
+def _ramp(epochs: float, start: float, end: float) -> float:
+    """0 up to `start` passes, 1 from `end` on, linear between."""
+    return min(1.0, max(0.0, (epochs - start) / (end - start)))
 
 
 def choose(model: ModelConfig, train: TrainConfig, train_chars: int, vocab_size: int, device: torch.device,

@@ -74,7 +74,7 @@ def test_weight_decay_shrinks_the_weight_matrices_only(tmp_path):
     for p in trainer.model.parameters():
         p.grad = torch.zeros_like(p)
     trainer.optimizer.step()
-    decay = 0.2
+    decay = train_config.weight_decay
     matrices = 0
     for name, p in trainer.model.named_parameters():
         if p.dim() >= 2 and name != "start_state":
