@@ -19,8 +19,9 @@ from typing import Any, Iterator
 import torch
 
 from charrnn import checkpoint
-from charrnn.config import check_seed
+from charrnn.config import EVAL_STREAMS, check_seed
 from charrnn.device import resolve_device, resolve_dtype
+from charrnn.errors import UsageError
 from charrnn.evaluate import EvalResult, evaluate
 from charrnn.run import train
 from charrnn.sample import SampleSettings, generate
@@ -72,11 +73,14 @@ class Model:
         """The prime followed by `length` new characters (options as for `stream`)."""
         return prime + "".join(self.stream(prime, length, temperature, **options))
 
-    def score(self, text: str, unknown: str = "error") -> EvalResult:
-        """Loss (nats/char), .bpc and .perplexity of text, read as `charrnn eval` reads it."""
+    def score(self, text: str, unknown: str = "error", streams: int = EVAL_STREAMS) -> EvalResult:
+        """Loss (nats/char), .bpc and .perplexity of text, read as `charrnn eval` reads it
+        (streams: as its --streams; 1 reads the text as one sequence)."""
+        if not isinstance(streams, int) or isinstance(streams, bool) or streams < 1:
+            raise UsageError(f"streams must be a whole number >= 1, not {streams!r}")
         ids, dropped = self.vocab.encode(text, unknown)
         dtype, _ = resolve_dtype("auto", self.device)
-        return evaluate(self.network, ids, self.device, dtype, dropped)
+        return evaluate(self.network, ids, self.device, dtype, dropped, max_streams=streams)
 
 
 def load(path: str | Path | None = None, device: str = "auto") -> Model:

@@ -234,6 +234,7 @@ MAX_WIDTH = 1 << 16  # hidden and embedding sizes: far beyond what fits in memor
 MAX_BATCH = 1 << 20  # sequences per batch, characters per sequence, samples per call
 MAX_COUNT = 2**62  # steps and step counts: "no practical limit" that still fits int64
 MAX_SAMPLE = 100_000  # characters sampled to stderr at each validation
+EVAL_STREAMS = 64  # streams a text is scored in side by side (charrnn.evaluate; eval --streams)
 
 
 def _check_finite(config) -> None:

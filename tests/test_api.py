@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import json
 import re
 
 import pytest
@@ -39,6 +40,28 @@ def test_sample_and_score_equal_the_cli(trained_run):
     assert evaluated.exit_code == 0, evaluated.stderr
     assert f'"loss": {scored.loss}' in evaluated.stdout or abs(
         __import__("json").loads(evaluated.stdout)["loss"] - scored.loss) < 1e-9
+
+
+def test_eval_streams_equal_the_api_and_bad_counts_are_usage_errors(trained_run):
+    model = charrnn.load(trained_run, device="cpu")
+    text = VERSE * 40
+    path = trained_run.parent / "streams.txt"
+    path.write_text(text)
+    reports = {}
+    for streams in (None, 1):
+        extra = [] if streams is None else ["--streams", str(streams)]
+        done = CliRunner().invoke(app, ["eval", str(path), "-m", str(trained_run), "--json", "--device", "cpu", *extra])
+        assert done.exit_code == 0, done.stderr
+        reports[streams] = json.loads(done.stdout)
+    assert reports[None]["streams"] == (len(text) - 1) // 1024 > 1 and reports[1]["streams"] == 1
+    assert reports[1]["loss"] == pytest.approx(model.score(text, streams=1).loss, abs=1e-9)
+    assert reports[None]["loss"] == pytest.approx(model.score(text).loss, abs=1e-9)
+    assert reports[1]["loss"] != reports[None]["loss"] and reports[1]["chars"] == reports[None]["chars"]
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(charrnn.UsageError, match="streams"):
+            model.score(text, streams=bad)
+    done = CliRunner().invoke(app, ["eval", str(path), "-m", str(trained_run), "--streams", "0"])
+    assert done.exit_code == 2 and "--streams" in done.stderr
 
 
 def test_errors_are_charrnn_errors_and_nothing_is_printed(trained_run, tmp_path, capsys):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from charrnn.config import ModelConfig
 from charrnn.data import Vocab
-from charrnn.evaluate import evaluate
+from charrnn.evaluate import evaluate, stream_count
 from charrnn.model import CharRNN
 from charrnn.sample import SampleSettings, generate, next_ids
 
@@ -139,6 +139,17 @@ def test_evaluate_streams_and_tail_score_every_character_once():
     result = evaluate(model, ids, torch.device("cpu"))
     assert result.chars == count
     assert math.isclose(result.loss, total / count, rel_tol=1e-5)
+
+
+def test_evaluate_in_one_stream_reads_the_text_as_one_sequence():
+    """max_streams=1 (eval --streams 1) is one forward pass over the whole text."""
+    model = make_model(vocab_size=20)
+    ids = torch.randint(0, 20, (5_000,))
+    logits, _ = model(ids[:-1][None])
+    whole = F.cross_entropy(logits[0], ids[1:]).item()
+    one = evaluate(model, ids, torch.device("cpu"), max_streams=1)
+    assert one.chars == len(ids) - 1 and math.isclose(one.loss, whole, rel_tol=1e-5)
+    assert stream_count(len(ids) - 1) == 4  # where the default cuts it in four
 
 
 @pytest.mark.parametrize("settings", [
