@@ -18,12 +18,17 @@ So when neither a flag nor a config file sets them, `charrnn train` chooses:
 4. **The weight decay**, from the same passes: AdamW's 0.01 up to 4.5 passes, rising to
    0.2 at 7 (`weight_decay_for`). A new run only: fine-tuning keeps the library's 0.01.
 
-Where K = 3 and the dropout curve come from (a first calibration, not yet a sweep; see
-docs/benchmarks.md): on a fast day of this 2-core CPU, 10 minutes of Tiny Shakespeare
-read ~13M characters at 2x512 (3.5 per parameter) with dropout 0.35 against ~13 passes,
-the best of the fixed settings tried there; on 3 MB of prose in 5 minutes, an
-undropped 2x256 (~10 characters per parameter, ~4 passes) beat 2x512 with dropout 0.35.
-K = 3 picks 2x512 for the first and a small model (2x256-384) for the second.
+Where K and the dropout curve come from (see docs/benchmarks.md): on a fast day of this
+2-core CPU, 10 minutes of Tiny Shakespeare read ~13M characters at 2x512 (3.5 per
+parameter) with dropout 0.35 against ~13 passes, the best of the fixed settings tried
+there; on 3 MB of prose in 5 minutes, an undropped 2x256 (~10 characters per parameter,
+~4 passes) beat 2x512 with dropout 0.35. K was 3 from those. In 90 seconds and 2 minutes
+(2026-11-29/30) 2x256 then beat 2x192 at every try, at 2.4-3.1 characters per
+parameter: the Python docs corpus 1.1312 against 1.1381-1.1523 (90 s, 2.4 per parameter),
+Tiny Shakespeare 1.5386 against 1.5668-1.5748 (90 s, 3.1), and in 2 minutes 1.1119
+against 1.1373 and 1.5384 against 1.5601. So K = 2.5. At 5 and 10 minutes the next width
+up reads under 2 per parameter on this CPU (2x384 in 5 minutes ~1.9, 2x512 in 10 ~1.4),
+so those choices do not change; at 10 minutes 2x384 (3.4) beat 2x512 (~1.3) by 0.02.
 
 The dropout ramp was first drawn from 0 at 2 passes to 0.35 at 12, which gave ~0.2 to
 Tiny Shakespeare's ~9 passes in 5 and 10 minutes. Measured there on 2026-11-29 (best
@@ -53,7 +58,7 @@ from charrnn.device import autocast
 # minutes of the Python docs corpus reached 1.1834 at 2x128, 1.1373 at 2x192, 1.1119 at
 # 2x256; of Tiny Shakespeare 1.5646 (decay 0.01) / 1.5601 / 1.5384.
 WIDTHS = (128, 192, 256, 384, 512, 768, 1024)
-CHARS_PER_PARAMETER = 3.0
+CHARS_PER_PARAMETER = 2.5  # K in the module docstring, and where it comes from
 MAX_DROPOUT = 0.35
 SIZED = ("hidden_size", "dropout")  # the model fields chosen here unless given
 SIZED_TRAIN = ("batch_size", "eval_every")  # and the training fields (fine-tuning too)
