@@ -19,9 +19,8 @@ from typing import Any, Iterator
 import torch
 
 from charrnn import checkpoint
-from charrnn.config import EVAL_STREAMS, check_seed
+from charrnn.config import EVAL_STREAMS, check_seed, check_streams
 from charrnn.device import resolve_device, resolve_dtype
-from charrnn.errors import UsageError
 from charrnn.evaluate import EvalResult, evaluate
 from charrnn.run import train
 from charrnn.sample import SampleSettings, generate
@@ -76,8 +75,7 @@ class Model:
     def score(self, text: str, unknown: str = "error", streams: int = EVAL_STREAMS) -> EvalResult:
         """Loss (nats/char), .bpc and .perplexity of text, read as `charrnn eval` reads it
         (streams: as its --streams; 1 reads the text as one sequence)."""
-        if not isinstance(streams, int) or isinstance(streams, bool) or streams < 1:
-            raise UsageError(f"streams must be a whole number >= 1, not {streams!r}")
+        check_streams(streams)
         ids, dropped = self.vocab.encode(text, unknown)
         dtype, _ = resolve_dtype("auto", self.device)
         return evaluate(self.network, ids, self.device, dtype, dropped, max_streams=streams)

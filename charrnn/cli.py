@@ -22,7 +22,7 @@ from typing import List, Optional
 import typer
 
 from charrnn import __version__
-from charrnn.config import EVAL_STREAMS, MAX_BATCH, DynamicSettings, ModelConfig, TrainConfig, check_seed
+from charrnn.config import EVAL_STREAMS, MAX_BATCH, DynamicSettings, ModelConfig, TrainConfig, check_seed, check_streams
 from charrnn.errors import CharRNNError, UsageError
 
 app = typer.Typer(
@@ -362,7 +362,7 @@ def eval_(
     encoding: str = typer.Option("utf-8", help="Text encoding of the files."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", help="Precision: auto (as training picks), fp32, bf16 or fp16."),
-    streams: int = typer.Option(EVAL_STREAMS, min=1, max=MAX_BATCH, help="Parts of the text scored side by side, each read from the start state: 64 as training's validation (eval of the validation split gives its figure); fewer give each character more context (a lower loss, slower); 1 reads the text as one sequence, as papers report bpc. Each part is at least 1,024 characters. For the plain figure; --dynamic reads in 8."),
+    streams: int = typer.Option(EVAL_STREAMS, help="Parts of the text scored side by side, each read from the start state: 64 as training's validation (eval of the validation split gives its figure); fewer give each character more context (a lower loss, slower); 1 reads the text as one sequence, as papers report bpc. Each part is at least 1,024 characters. For the plain figure; --dynamic reads in 8."),
     dynamic: bool = typer.Option(False, "--dynamic", help="Also score with dynamic evaluation (Krause et al. 2018): after each segment the model takes a gradient step on it, adapting to the text as it reads. A different protocol from plain eval, reported beside it; the checkpoint is not changed.", rich_help_panel="Dynamic evaluation"),
     step_size: float = typer.Option(DYN.step_size, help="Dynamic: RMS-normalised step size (0 = static).", rich_help_panel="Dynamic evaluation"),
     decay: float = typer.Option(DYN.decay, help="Dynamic: pull toward the trained weights per step.", rich_help_panel="Dynamic evaluation"),
@@ -374,6 +374,7 @@ def eval_(
         from charrnn.device import resolve_dtype
         from charrnn.evaluate import evaluate, stream_count
 
+        check_streams(streams)
         settings = DynamicSettings(step_size=step_size, decay=decay, segment=segment)
         settings.validate()  # before the static pass, which can take minutes
         payload, model, vocab, device_ = _load_for_inference(checkpoint_path, device)

@@ -250,6 +250,12 @@ def check_seed(seed: int, flag: str = "--seed") -> None:
         raise UsageError(f"{flag} must be an integer from 0 to {MAX_SEED}, not {seed}")
 
 
+def check_streams(streams: int) -> None:
+    """The streams a text is scored in (eval --streams, Model.score): a whole number >= 1."""
+    if not isinstance(streams, int) or isinstance(streams, bool) or not 1 <= streams <= MAX_BATCH:
+        raise UsageError(f"--streams must be a whole number from 1 to {MAX_BATCH}, not {streams!r}")
+
+
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise UsageError(f"{key} {message} (flag --{key.replace('_', '-')}, config key {key})")

@@ -28,7 +28,6 @@ from charrnn.config import EVAL_STREAMS, DynamicSettings
 from charrnn.device import autocast
 from charrnn.model import CharRNN, State
 
-MAX_STREAMS = EVAL_STREAMS
 MIN_STREAM_LEN = 1024
 CHUNK = 512
 
@@ -65,7 +64,7 @@ def _run(model: CharRNN, x: torch.Tensor, y: torch.Tensor, state: State | None, 
     return total, state
 
 
-def stream_count(predictions: int, max_streams: int = MAX_STREAMS) -> int:
+def stream_count(predictions: int, max_streams: int = EVAL_STREAMS) -> int:
     """How many streams `predictions` characters are scored in: at most max_streams, each
     at least MIN_STREAM_LEN long (a short text is one stream)."""
     return max(1, min(max_streams, predictions // MIN_STREAM_LEN))
@@ -85,7 +84,7 @@ def _streams(ids: torch.Tensor, max_streams: int) -> tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def evaluate(model: CharRNN, ids: torch.Tensor, device: torch.device, dtype=None, dropped: int = 0,
-             max_streams: int = MAX_STREAMS, chunk: int = CHUNK) -> EvalResult:
+             max_streams: int = EVAL_STREAMS, chunk: int = CHUNK) -> EvalResult:
     """Score ids (a 1-D tensor of character ids) under model; see the module docstring.
 
     Under torch.distributed each rank scores its share of the streams and the sums are
