@@ -16,6 +16,8 @@ Layout (format_version 1)::
     progress          {step, epoch, batch, elapsed_s, chars_seen, best_val_loss, val_loss}
     carried_state     list of (L, B, H) tensors: the stateful-training state at `batch`
     cursors           (B,) positions of the streams, with --stream-restart only
+    start_mix         {keys, counts, weights}: the k-gram tables and mixing weights of
+                      charrnn.startmix (absent when trained without it: the network alone)
     rng               {"torch": ByteTensor, "windows": ByteTensor, "cuda": [ByteTensor]}
     corpus            {name, sources, sha256, chars}
 
@@ -43,6 +45,7 @@ from charrnn.data import Vocab
 from charrnn.errors import CharRNNError, CheckpointError
 from charrnn.celltypes import CELL_TYPES
 from charrnn.model import CharRNN
+from charrnn.startmix import StartMix
 
 FORMAT = "charrnn-checkpoint"
 FORMAT_VERSION = 1
@@ -68,6 +71,7 @@ class Checkpoint:
     ema_updates: int | None = None
     cursors: torch.Tensor | None = None  # --stream-restart: the streams' positions
     parent: dict[str, Any] | None = None  # fine-tuned: {"path", "added_chars"} of the base model
+    start_mix: dict[str, Any] | None = None  # the k-gram mixed into a fresh read's first predictions
     path: str = ""  # the file it was read from (not stored)
 
     def to_dict(self) -> dict[str, Any]:
@@ -251,6 +255,8 @@ def _structure_problem(payload: dict[str, Any]) -> str | None:
                        f"{len(wrong)} of the wrong shape (first {wrong[0]}: {tuple(weights[wrong[0]].shape)}, "
                        f"config says {expected[wrong[0]]})" if wrong else ""]
             return f"its {part} weights do not fit its config: " + ", ".join(d for d in details if d)
+    if payload.get("start_mix") is not None:
+        return StartMix.problem(payload["start_mix"], len(vocab))
     return None
 
 
@@ -274,5 +280,7 @@ def restore_model(payload: Checkpoint) -> tuple[CharRNN, Vocab]:
         model.load_state_dict(payload.model)
     except RuntimeError as err:
         raise CheckpointError(f"{payload.path or 'checkpoint'} has weights that do not fit its config: {err}") from None
+    if payload.start_mix is not None:
+        model.start_mix = StartMix.from_state(payload.start_mix, len(vocab))
     model.eval()
     return model, vocab

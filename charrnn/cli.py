@@ -231,6 +231,10 @@ class _TrainView:
                                               f"{config['epochs']:g} epochs" if config["epochs"] else "",
                                               f"{config['time']}" if config["time"] else "") if p),
         ]
+        if info.get("start_mix"):
+            mix = info["start_mix"]
+            lines.append(f"start mix: {mix['grams']:,} n-grams of up to {mix['order']} characters of the training text, "
+                         f"mixed into the first {mix['positions']} predictions read from the start state (--no-start-mix: off)")
         if info.get("parent"):
             added = info["parent"]["added_chars"]
             lines.insert(2, f"init: weights from {info['parent']['path']}; " + (

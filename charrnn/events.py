@@ -31,6 +31,7 @@ class Setup:
     model_config: dict[str, Any]
     sizing: dict[str, Any] | None = None  # {"fields", "reason"} when charrnn.sizing chose them
     parent: dict[str, Any] | None = None  # {"path", "added_chars"} when fine-tuning
+    start_mix: dict[str, Any] | None = None  # StartMix.summary(), when on
 
 
 @dataclass(frozen=True)

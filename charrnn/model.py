@@ -15,6 +15,7 @@ from torch import nn
 from charrnn.cells import HandLSTM
 from charrnn.celltypes import CELL_TYPES
 from charrnn.config import ModelConfig
+from charrnn.startmix import StartMix
 
 State = tuple[torch.Tensor, ...]
 
@@ -53,6 +54,9 @@ class CharRNN(nn.Module):
         self._initialise()
         self.reset_forget_bias(config.forget_bias)
         self.last_weight_masks: list[torch.Tensor] = []  # the weight-drop masks of the last call, per layer
+        # The k-gram model mixed into the first predictions of a fresh read in eval mode
+        # (charrnn.startmix): set by training and by loading a checkpoint that has one.
+        self.start_mix: StartMix | None = None
 
     def _initialise(self) -> None:
         """Apply config.init to the recurrent layers (see ModelConfig.init for why)."""
@@ -97,8 +101,13 @@ class CharRNN(nn.Module):
         return tuple(torch.where(keep, s, s0.to(s.dtype)) for s, s0 in zip(state, start))
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """x: (B, T) character ids -> logits (B, T, V) and the state after x."""
-        if state is None:
+        """x: (B, T) character ids -> logits (B, T, V) and the state after x.
+
+        With no state given (a fresh read from the start state) in eval mode, the first
+        predictions are mixed with the start mix's k-gram model when there is one: those
+        logits are then log-probabilities (charrnn.startmix)."""
+        fresh = state is None
+        if fresh:
             state = self.init_state(x.shape[0])
         p = self.config.dropout if self.training else 0.0
         hidden = dropout(self.embedding(x), self.config.embedding_dropout if self.training else 0.0)  # (B, T, E)
@@ -117,6 +126,8 @@ class CharRNN(nn.Module):
             layer_states.append(new if isinstance(new, tuple) else (new,))
         logits = self.head(dropout(hidden, p))  # (B, T, V)
         new_state = tuple(torch.cat(parts) for parts in zip(*layer_states))  # (L, B, H) each
+        if fresh and not self.training and self.start_mix is not None:
+            logits = self.start_mix.mix(logits, x)
         return logits, new_state
 
 

@@ -18,6 +18,7 @@ from charrnn.data import Vocab
 from charrnn.decode import make_decoder
 from charrnn.errors import UsageError
 from charrnn.model import CharRNN
+from charrnn.startmix import POSITIONS
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,8 @@ def _generate(model, vocab, prime_ids, settings, num_samples, generator, device,
     tails = [""] * num_samples
     done = [False] * num_samples
     alphabet = vocab.chars
+    # The characters read from the start state so far, while the start mix still mixes.
+    read = warm[None].expand(num_samples, -1)
     for _ in range(settings.length):
         ids = next_ids(logits, settings, generator)  # (N,)
         chars = [alphabet[i] for i in ids.tolist()]
@@ -152,6 +155,9 @@ def _generate(model, vocab, prime_ids, settings, num_samples, generator, device,
         else:
             logits, state = model(ids[:, None], state)
             logits = logits[:, -1]
+        if model.start_mix is not None and read.shape[1] < POSITIONS:
+            read = torch.cat([read, ids[:, None].to(read.device)], 1)
+            logits = model.start_mix.mix_at(logits, read)
 
 
 def _stop_check(n: int, char: str, tails: list[str], done: list[bool], stop: str) -> str:

@@ -34,6 +34,7 @@ from charrnn.events import Notice, OnEvent, Sample, Setup, Step, Validation
 from charrnn.evaluate import evaluate
 from charrnn.model import CharRNN, count_parameters, detach
 from charrnn.sample import SampleSettings, sample_text
+from charrnn.startmix import StartMix
 
 LOG_EVERY = 10
 
@@ -156,6 +157,7 @@ class Trainer:
             steps_per_epoch=self.batches.steps_per_epoch, run_dir=str(self.run_dir),
             resumed_step=self.progress.step if resume is not None else None,
             parent=self.parent if init_from is not None else None,
+            start_mix=mix.summary() if (mix := self.model.start_mix) else None,
             sizing={"fields": list(auto), "reason": "; ".join(reasons)} if reasons else None,  # not for eval_every alone
             config=asdict(self.config), model_config=asdict(self.model_config),
         ))
@@ -214,6 +216,8 @@ class Trainer:
         self.model = CharRNN(self.model_config, len(self.vocab))
         if init_from is not None:
             self._start_from(init_from.model, base_vocab)
+        if self.config.start_mix:  # counted from this run's training split (a fine-tune's own text)
+            self.model.start_mix = StartMix.build(self.train_ids, len(self.vocab))
         self.model.to(self.device)
         self.forward = self.model
         if self.group.world_size > 1:
@@ -275,6 +279,8 @@ class Trainer:
             # Without ema_updates, averaging was turned on at this resume: it starts here.
             self.average.load(payload.model, payload.ema_updates or 0)
         self.optimizer.load_state_dict(payload.optimizer)
+        if self.model.start_mix is not None and payload.start_mix is not None:
+            self.model.start_mix.weights = payload.start_mix["weights"].clone()  # as fit at its last validation
         saved = payload.progress
         self.progress = Progress(**{k: saved[k] for k in Progress.__dataclass_fields__})
         carried = payload.carried_state or []
@@ -304,6 +310,8 @@ class Trainer:
         extra = {}
         if isinstance(self.batches, RestartingStreams):
             extra["cursors"] = self.batches.cursors.clone()
+        if self.model.start_mix is not None:
+            extra["start_mix"] = self.model.start_mix.state()
         weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         if self.average is not None:  # inference uses the average; training resumes from the raw weights
             extra.update(train_weights=weights, ema_updates=self.average.updates)
@@ -475,6 +483,8 @@ class Trainer:
     def _validate(self, lr: float, grad_norm: float) -> None:
         progress = self.progress
         with self._averaged():
+            if self.model.start_mix is not None:  # the weights that suit the weights validated
+                self.model.start_mix.fit(self.model, self.val_ids, self.dtype)
             result = evaluate(self.model, self.val_ids, self.device, self.dtype)
         if not math.isfinite(result.loss):
             raise CharRNNError(f"validation loss became {result.loss} at step {progress.step}; "

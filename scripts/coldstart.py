@@ -9,6 +9,10 @@ predictions read from the start state (as `charrnn sample --prime` and `charrnn 
 begin), beside the same predictions read after 200 characters of the text before
 them, and the gap; then the model's five likeliest characters after the prime.
 
+A model trained with the start mix (charrnn.startmix, on by default) reads its first
+predictions as `sample` and `eval` do, mixed with its k-gram; `--no-start-mix` reads with
+the network alone, for the side-by-side.
+
 The "k-gram floor" row is what no model reading from the start state can do much better
 than at the first positions: at position p the loss of the best p-character context
 model, the counts of (p+1)-grams over the whole text (in-sample, so if anything below the
@@ -63,11 +67,15 @@ def main() -> None:
     parser.add_argument("--mixture", type=int, default=0, metavar="K", help="add the K-state mixture row (0: none)")
     parser.add_argument("--mixture-warmup", type=int, default=100, help="characters read before each mixture state")
     parser.add_argument("--start-weight", type=float, default=0.5, help="the start state's share of the prior")
+    parser.add_argument("--no-start-mix", action="store_true", help="read with the network alone")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     payload = checkpoint.load(args.checkpoint)
     model, vocab = checkpoint.restore_model(payload)
+    if args.no_start_mix:
+        model.start_mix = None
+    weights = model.start_mix.weights.tolist() if model.start_mix is not None else []
     sources = [args.text] if args.text else payload.corpus["sources"]
     text = read_corpus([s for s in sources if not s.startswith("<embedded")] or []).data.decode("utf-8")
     ids, _ = vocab.encode(text, "skip")
@@ -88,7 +96,8 @@ def main() -> None:
     top = [(vocab.chars[i], round(probs[i].item(), 3)) for i in probs.topk(5).indices.tolist()]
     if args.json:
         print(json.dumps({"cold": cold, "warm": warm, "mean_gap": sum(gaps) / len(gaps), "kgram_floor": floor,
-                          "kgram_trained": trained, "mixture": mixed, "after_prime": top}))
+                          "kgram_trained": trained, "mixture": mixed, "after_prime": top,
+                          "start_mix_weights": weights}))
         return
     print("position     " + " ".join(f"{i:>5d}" for i in range(1, 11)) + "   mean")
     rows = [("start state", cold), (f"{args.context} context", warm), ("gap", gaps)]
@@ -99,6 +108,8 @@ def main() -> None:
     if floor:
         print(f"{'k-gram floor':12s} " + " ".join(f"{v:5.2f}" for v in floor))
         print(f"{'k-gram train':12s} " + " ".join(f"{v:5.2f}" for v in trained))
+    if weights:
+        print("start mix weights " + " ".join(f"{w:.2f}" for w in weights))
     print(f"after {args.prime!r}: " + ", ".join(f"{c!r} {p:.2f}" for c, p in top))
 
 

@@ -60,6 +60,11 @@ def test_with_no_new_characters_step_0_scores_as_the_base_model(trained_run):
     _, train_config = tiny_configs(train={"steps": 5})
     trainer = Trainer(corpus_of(VERSE * 10), model_config, train_config, trained_run.parent / "ft", init_from=payload)
     assert trainer.vocab.chars == payload.vocab
+    # The start mix is counted on the new text (and fit at its first validation), so the
+    # networks alone are compared: the weights carried over.
+    assert trainer.model.start_mix is not None and base.start_mix is not None
+    assert sum(trainer.model.start_mix.counts[0]) == len(trainer.train_ids)
+    trainer.model.start_mix = base.start_mix = None
     ours = evaluate(trainer.model, trainer.val_ids, torch.device("cpu"))
     theirs = evaluate(base, trainer.val_ids, torch.device("cpu"))
     assert ours.loss == theirs.loss
