@@ -11,7 +11,9 @@ them, and the gap; then the model's five likeliest characters after the prime.
 
 A model trained with the start mix (charrnn.startmix, on by default) reads its first
 predictions as `sample` and `eval` do, mixed with its k-gram; `--no-start-mix` reads with
-the network alone, for the side-by-side.
+the network alone, for the side-by-side. `--warm-mix` adds the row read with context
+and mixed with the same k-gram too (a weight per position fit on other places): the gap
+as it would be were the k-gram mixed into every prediction, not only the first.
 
 The "k-gram floor" row is what no model reading from the start state can do much better
 than at the first positions: at position p the loss of the best p-character context
@@ -68,6 +70,8 @@ def main() -> None:
     parser.add_argument("--mixture-warmup", type=int, default=100, help="characters read before each mixture state")
     parser.add_argument("--start-weight", type=float, default=0.5, help="the start state's share of the prior")
     parser.add_argument("--no-start-mix", action="store_true", help="read with the network alone")
+    parser.add_argument("--warm-mix", action="store_true",
+                        help="add the row read with context and mixed with the start mix's k-gram too")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -89,6 +93,7 @@ def main() -> None:
     trained = kgram_trained(train, val, len(vocab), places, args.floor_positions)
     mixed = mixture(model, train, val, places, POSITIONS, args.mixture, args.mixture_warmup, args.start_weight,
                     torch.Generator().manual_seed(args.seed + 1)) if args.mixture else []
+    warm_mixed = warm_mix(model, val, args.windows, args.context, args.seed) if args.warm_mix else []
     prime_ids, _ = vocab.encode(args.prime, "skip")
     with torch.no_grad():
         logits, _ = model(prime_ids.long()[None])
@@ -96,13 +101,15 @@ def main() -> None:
     top = [(vocab.chars[i], round(probs[i].item(), 3)) for i in probs.topk(5).indices.tolist()]
     if args.json:
         print(json.dumps({"cold": cold, "warm": warm, "mean_gap": sum(gaps) / len(gaps), "kgram_floor": floor,
-                          "kgram_trained": trained, "mixture": mixed, "after_prime": top,
+                          "kgram_trained": trained, "mixture": mixed, "after_prime": top, "warm_mixed": warm_mixed,
                           "start_mix_weights": weights}))
         return
     print("position     " + " ".join(f"{i:>5d}" for i in range(1, 11)) + "   mean")
     rows = [("start state", cold), (f"{args.context} context", warm), ("gap", gaps)]
     if mixed:
         rows += [(f"mixture {args.mixture}", mixed), ("mixture gap", [m - w for m, w in zip(mixed, warm)])]
+    if warm_mixed:
+        rows += [("context+kgram", warm_mixed), ("gap, both", [c - w for c, w in zip(cold, warm_mixed)])]
     for name, row in rows:
         print(f"{name:12s} " + " ".join(f"{v:5.2f}" for v in row) + f"   {sum(row) / len(row):.3f}")
     if floor:
@@ -148,6 +155,36 @@ def mixture(model, train: torch.Tensor, val: torch.Tensor, places: list[int], po
         losses.append(-(weight + scores[:, :, p]).logsumexp(1).mean().item())
         weight = weight + scores[:, :, p]
     return losses
+
+
+@torch.no_grad()
+def warm_mix(model, val: torch.Tensor, windows: int, context: int, seed: int, fit_windows: int = 1024) -> list[float]:
+    """Loss at positions 1..POSITIONS read after `context` characters (cold_start's places)
+    with the start mix's k-gram mixed in too (its last 10 characters before each
+    prediction), at one weight per position fit on other places (seed + 1): what the
+    k-gram would add where the network has context, were it mixed everywhere."""
+    mix = model.start_mix
+    if mix is None:
+        raise SystemExit("--warm-mix needs a checkpoint trained with the start mix")
+    grid = torch.linspace(0, 1, 41, dtype=torch.float64)
+
+    def read(places: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        span = val[places[:, None] + torch.arange(-context, POSITIONS + 1)].long()
+        target = span[:, context + 1 :]
+        logits, _ = model(span[:, : context + POSITIONS])  # fresh, but only the last 10 are scored
+        net = logits[:, -POSITIONS:].float().log_softmax(-1).gather(-1, target[..., None])[..., 0].double()
+        kgram = torch.stack([mix.log_probs(span[:, context + t - 9 : context + t + 1]).gather(-1, target[:, t : t + 1])[:, 0]
+                             for t in range(POSITIONS)], 1).double()
+        return net, kgram
+
+    def mixed(net, kgram, w):  # (W, P) each, w (G,) -> (W, P, G)
+        return torch.logaddexp(net[..., None] + (1 - w).log(), kgram[..., None] + w.log())
+
+    net, kgram = read(cold_start_places(len(val), fit_windows, context, POSITIONS, torch.Generator().manual_seed(seed + 1)))
+    best = grid[(-mixed(net, kgram, grid).mean(0)).argmin(-1)]  # (P,)
+    net, kgram = read(cold_start_places(len(val), windows, context, POSITIONS, torch.Generator().manual_seed(seed)))
+    chosen = torch.logaddexp(net + (1 - best).log(), kgram + best.log())
+    return (-chosen.mean(0)).tolist()
 
 
 def kgram_floor(ids: torch.Tensor, val: torch.Tensor, places: list[int], positions: int) -> list[float]:
