@@ -546,4 +546,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise
         _err("interrupted")
         code = 130
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    distributed = sys.modules.get("charrnn.distributed")  # imported only by commands that use it
+    if distributed is not None and distributed.launched_by_torchrun():
+        distributed.leave(code)
+    sys.exit(code)

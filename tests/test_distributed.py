@@ -109,3 +109,24 @@ def test_batch_size_must_divide_among_ranks(corpus, tmp_path):
     assert result.returncode != 0
     assert "must be a multiple of the number of ranks" in result.stderr
     assert not (tmp_path / "x" / "last.pt").exists()
+
+
+def test_a_torchrun_rank_leaves_with_its_exit_code_and_all_its_output(trained_run, tmp_path):
+    """Under torchrun (WORLD_SIZE > 1) a command ends with distributed.leave (os._exit,
+    past gloo's teardown): what it printed to a pipe must still arrive, and its code."""
+    from conftest import run_cli
+
+    text = tmp_path / "t.txt"
+    text.write_text(VERSE, encoding="utf-8")
+    done = run_cli("eval", text, "-m", trained_run, "--json", env={"WORLD_SIZE": "2"})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["chars"] > 0  # block-buffered into the pipe, then flushed
+    failed = run_cli("eval", tmp_path / "missing.txt", "-m", trained_run, env={"WORLD_SIZE": "2"})
+    assert failed.returncode == 1 and "missing.txt" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_leave_flushes_what_is_buffered_and_exits_with_the_code():
+    script = "import sys; from charrnn.distributed import leave; sys.stdout.write('partial line'); leave(3)"
+    env = {k: v for k, v in _env().items() if k != "PYTHONUNBUFFERED"}  # so stdout holds it in its buffer
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 3 and done.stdout == "partial line"
