@@ -389,7 +389,7 @@ def eval_(
             raise UsageError("eval needs at least 2 known characters to score")
         result = evaluate(model, ids, device_, dtype_, dropped, max_streams=streams)
         report = {**result.as_dict(), "streams": stream_count(len(ids) - 1, streams), "files": files,
-                  "checkpoint": payload.path}
+                  "checkpoint": payload.path, "start_mix": model.start_mix is not None}
         if dynamic:
             import time
 

@@ -147,6 +147,20 @@ def test_training_stores_the_mix_and_eval_reads_with_it(trained_run, tmp_path):
         assert evaluate(model, val, torch.device("cpu")).loss != with_mix
 
 
+def test_eval_json_says_whether_the_start_mix_read(trained_run, tmp_path):
+    import json
+
+    text = tmp_path / "t.txt"
+    text.write_text(VERSE, encoding="utf-8")
+    done = run_cli("eval", text, "-m", trained_run, "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["start_mix"] is True
+    payload = torch.load(trained_run / "best.pt", weights_only=True)
+    del payload["start_mix"]
+    torch.save(payload, tmp_path / "alone.pt")
+    done = run_cli("eval", text, "-m", tmp_path / "alone.pt", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["start_mix"] is False
+
+
 def test_no_start_mix_trains_the_network_alone(tmp_path):
     from charrnn.trainer import Trainer
 
