@@ -156,7 +156,7 @@ def _generate(model, vocab, prime_ids, settings, num_samples, generator, device,
             logits, state = model(ids[:, None], state)
             logits = logits[:, -1]
         if model.start_mix is not None and read.shape[1] < POSITIONS:
-            read = torch.cat([read, ids[:, None].to(read.device)], 1)
+            read = torch.cat([read, ids[:, None]], 1)
             logits = model.start_mix.mix_at(logits, read)
 
 

@@ -21,9 +21,10 @@ better at reading; a weight of 0 is the network alone.
 
 Left alone: mixed into every prediction, the k-gram would also lower the loss read with
 context (1.423 -> 1.398 nats at the same places, weights 0.15-0.35), and the gap,
-measured that way, would be 0.256 (scripts/coldstart.py --warm-mix). But then `eval` would no longer score the network that people
-compare with published LSTM figures and with the plain loop, so only the start, where
-the network has no context to read, is mixed.
+measured that way, would be 0.256 (scripts/coldstart.py --warm-mix). But then `eval`
+would no longer score the network that people compare with published LSTM figures and
+with the plain loop, so only the start, where the network has no context to read, is
+mixed.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def warm_mix(model, val: torch.Tensor, windows: int, context: int, seed: int, fi
         target = span[:, context + 1 :]
         logits, _ = model(span[:, : context + POSITIONS])  # fresh, but only the last 10 are scored
         net = logits[:, -POSITIONS:].float().log_softmax(-1).gather(-1, target[..., None])[..., 0].double()
-        kgram = torch.stack([mix.log_probs(span[:, context + t - 9 : context + t + 1]).gather(-1, target[:, t : t + 1])[:, 0]
+        kgram = torch.stack([mix.log_probs(span[:, context + t + 1 - POSITIONS : context + t + 1]).gather(-1, target[:, t : t + 1])[:, 0]
                              for t in range(POSITIONS)], 1).double()
         return net, kgram
 
