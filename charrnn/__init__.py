@@ -6,7 +6,7 @@
     print(model.score(open("held_out.txt").read()).bpc)
     summary = charrnn.train("corpus.txt", time="5m", hidden_size=256, out="runs/x")
 
-See charrnn.api for the details; errors are CharRNNError subclasses.
+See charrnn.api (inference) and charrnn.run (training) for the details; errors are CharRNNError subclasses.
 """
 
 import warnings
@@ -14,21 +14,26 @@ import warnings
 # A CPU-only install of torch without numpy warns on import; charrnn never needs numpy.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-__version__ = "0.1.0"
 __all__ = ["load", "train", "Model", "EvalResult", "CharRNNError", "UsageError", "DataError", "CheckpointError",
            "TrainingInterrupted", "__version__"]
 
 from charrnn.errors import CharRNNError, CheckpointError, DataError, TrainingInterrupted, UsageError  # noqa: E402
+from charrnn.version import __version__  # noqa: E402
 
 
 def __getattr__(name: str):
     # The API imports torch: loaded on first use, so `charrnn --version` and the CLI's
     # usage errors stay fast.
-    if name in ("load", "train", "Model", "EvalResult"):
+    if name in ("load", "Model", "EvalResult"):
         from charrnn import api
 
-        globals().update(load=api.load, train=api.train, Model=api.Model, EvalResult=api.EvalResult)
+        globals().update(load=api.load, Model=api.Model, EvalResult=api.EvalResult)
         return getattr(api, name)
+    if name == "train":  # training is imported only by those who train
+        from charrnn.run import train
+
+        globals()["train"] = train
+        return train
     raise AttributeError(f"module 'charrnn' has no attribute {name!r}")
 
 

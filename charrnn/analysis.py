@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from charrnn.cells import lstm_pointwise
 from charrnn.celltypes import CELL_TYPES
-from charrnn.model import LSTM_CELLS, CharRNN
-
+from charrnn.model import LSTM_CELLS, CharRNN, evaluating
+from charrnn.startmix import StartMix
 
 
 @dataclass
@@ -47,11 +47,16 @@ class Trace:
     gates: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per layer {name: (N, H)}
 
 
-
 @torch.no_grad()
-def trace(model: CharRNN, ids: list[int]) -> Trace:
-    """Read ids (N >= 1) from the learned start state, in fp32 on the model's device."""
-    model.eval()
+def trace(model: CharRNN, ids: list[int], prior: StartMix | None = None) -> Trace:
+    """Read ids (N >= 1) from the learned start state, in fp32 on the model's device; the
+    prior mixed into the first predictions as `evaluate` and `generate` mix it, so the
+    losses here are eval's, character by character."""
+    with evaluating(model):
+        return _trace(model, ids, prior)
+
+
+def _trace(model: CharRNN, ids: list[int], prior: StartMix | None) -> Trace:
     device = next(model.parameters()).device
     cell = model.config.cell
     x = torch.tensor(ids, device=device)
@@ -65,6 +70,8 @@ def trace(model: CharRNN, ids: list[int]) -> Trace:
         activations.append(act.cpu())
         gates.append({name: g.cpu() for name, g in layer_gates.items()})
     logits = model.head(hidden).float()  # (N, V): logits[t] predicts ids[t + 1]
+    if prior is not None:
+        logits = prior.mix(logits[None], x[None])[0]
     log_probs = F.log_softmax(logits, dim=-1)
     n = len(ids)
     loss = torch.full((n,), float("nan"))

@@ -1,14 +1,19 @@
-"""The Python API: load a trained model, sample it, stream it, score text; train one.
+"""The Python API for inference: load a trained model, sample it, stream it, score text.
 
     import charrnn
     model = charrnn.load("runs/tinyshakespeare")          # a run directory or a .pt
     text = model.sample(prime="ROMEO:", length=300, temperature=0.7, seed=1)
     for chunk in model.stream(prime="ROMEO:", length=300, seed=1): ...
     result = model.score(held_out_text)                 # .loss .bpc .perplexity .chars
-    summary = charrnn.train("corpus.txt", time="5m", out="runs/x")
+
+This is the one inference path: `charrnn sample`, `eval` and `viz` call these methods,
+so a notebook, a server and the shell see the same text and the same figures. A Model
+holds the network, its vocabulary and its start mix (the prior over the first
+predictions, charrnn.startmix), and hands all three to the decoder and the scorer.
+Importing it does not import training (`charrnn.train` is charrnn.run.train).
 
 Nothing here prints; errors are charrnn.CharRNNError subclasses (UsageError for a bad
-setting, DataError for text, CheckpointError for a file). The CLI runs on the same code.
+setting, DataError for text, CheckpointError for a file).
 """
 
 from __future__ import annotations
@@ -19,21 +24,25 @@ from typing import Any, Iterator
 import torch
 
 from charrnn import checkpoint
-from charrnn.config import EVAL_STREAMS, check_seed, check_streams
+from charrnn.config import EVAL_STREAMS, DynamicSettings, check_seed, check_streams
+from charrnn.data import read_corpus, rereadable, split
 from charrnn.device import resolve_device, resolve_dtype
-from charrnn.evaluate import EvalResult, evaluate
-from charrnn.run import train
+from charrnn.errors import UsageError
+from charrnn.evaluate import EvalResult, dynamic_evaluate, evaluate
+from charrnn.rundir import is_run
 from charrnn.sample import SampleSettings, generate
 
-__all__ = ["Model", "load", "train", "EvalResult"]
+__all__ = ["Model", "load", "EvalResult"]
 
 
 class Model:
     """A trained model, ready for inference (see `load`)."""
 
     def __init__(self, payload: checkpoint.Checkpoint, device: str = "auto"):
+        self.checkpoint = payload
         self.path = Path(payload.path)
         self.network, self.vocab = checkpoint.restore_model(payload)
+        self.prior = checkpoint.restore_prior(payload)  # the start mix, None when trained without it
         self.device, _ = resolve_device(device)
         self.network.to(self.device).eval()
         self.model_config = self.network.config
@@ -49,6 +58,29 @@ class Model:
         """Every character the model knows, sorted."""
         return self.vocab.chars
 
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory the checkpoint sits in, None for a .pt alone."""
+        return self.path.parent if is_run(self.path.parent) else None
+
+    # -- decoding ----------------------------------------------------------------------
+
+    def generate(self, prime_ids: torch.Tensor, settings: SampleSettings, num_samples: int = 1,
+                 seed: int | None = None, dtype: str = "fp32") -> Iterator[list[str]]:
+        """Yield, step by step, the next character of each of num_samples samples after
+        prime_ids ("" for a sample that has written settings.stop). seed: same seed, same
+        text (None: a random one). dtype: the decoder's matmul precision for many streams,
+        auto (bf16 where fast), fp32 or bf16 (charrnn.decode.matmul_dtype)."""
+        generator = torch.Generator(self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            check_seed(seed)
+            generator.manual_seed(seed)
+        matmul, _ = resolve_dtype(dtype, self.device)
+        return generate(self.network, self.vocab, prime_ids, settings, num_samples, generator, self.device,
+                        dtype=matmul, prior=self.prior)
+
     def stream(self, prime: str = "", length: int = 500, temperature: float = 0.8, *, top_k: int = 0,
                top_p: float = 1.0, stop: str = "", seed: int | None = None, unknown: str = "error") -> Iterator[str]:
         """Yield the new text a character at a time as it is generated (the prime is not repeated).
@@ -57,14 +89,8 @@ class Model:
         unknown: characters of the prime the model does not know, "error" or "skip"."""
         settings = SampleSettings(length=length, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop)
         settings.validate()
-        generator = torch.Generator(self.device)
-        if seed is None:
-            generator.seed()
-        else:
-            check_seed(seed)
-            generator.manual_seed(seed)
         prime_ids, _ = self.vocab.encode(prime, unknown)
-        for chars in generate(self.network, self.vocab, prime_ids, settings, generator=generator, device=self.device):
+        for chars in self.generate(prime_ids, settings, seed=seed):
             if chars[0]:
                 yield chars[0]
 
@@ -72,13 +98,37 @@ class Model:
         """The prime followed by `length` new characters (options as for `stream`)."""
         return prime + "".join(self.stream(prime, length, temperature, **options))
 
-    def score(self, text: str, unknown: str = "error", streams: int = EVAL_STREAMS) -> EvalResult:
+    # -- scoring -----------------------------------------------------------------------
+
+    def score(self, text: str, unknown: str = "error", streams: int = EVAL_STREAMS, dtype: str = "auto") -> EvalResult:
         """Loss (nats/char), .bpc and .perplexity of text, read as `charrnn eval` reads it
-        (streams: as its --streams; 1 reads the text as one sequence)."""
+        (streams: as its --streams; 1 reads the text as one sequence). dtype: auto (as
+        training picks), fp32, bf16 or fp16."""
         check_streams(streams)
         ids, dropped = self.vocab.encode(text, unknown)
-        dtype, _ = resolve_dtype("auto", self.device)
-        return evaluate(self.network, ids, self.device, dtype, dropped, max_streams=streams)
+        precision, _ = resolve_dtype(dtype, self.device)
+        return evaluate(self.network, ids, self.device, precision, dropped, max_streams=streams, prior=self.prior)
+
+    def score_dynamic(self, text: str, settings: DynamicSettings = DynamicSettings(), unknown: str = "error",
+                      dtype: str = "auto") -> EvalResult:
+        """The loss of text under dynamic evaluation (the model adapts as it reads;
+        charrnn.evaluate.dynamic_evaluate). The model is as before afterwards."""
+        settings.validate()
+        ids, dropped = self.vocab.encode(text, unknown)
+        precision, _ = resolve_dtype(dtype, self.device)
+        return dynamic_evaluate(self.network, ids, self.device, settings, precision, dropped, prior=self.prior)
+
+    def validation_ids(self) -> tuple[torch.Tensor, str]:
+        """The run's validation split (its corpus read again, cut as training cut it) and
+        a description of it."""
+        corpus = self.checkpoint.corpus
+        if self.run_dir is None:
+            raise UsageError(f"{self.path} has no run directory beside it, so no validation text; give one with --text FILE")
+        if corpus["sources"] == ["-"]:
+            raise UsageError("this run was trained on stdin; give the text to analyse with --text FILE")
+        val_frac = self.checkpoint.train_config["val_frac"]
+        _, val_ids = split(self.vocab.encode_data(read_corpus(rereadable(corpus["sources"]))), val_frac)
+        return val_ids, f"validation split of {corpus['name']} (its last {val_frac:.0%})"
 
 
 def load(path: str | Path | None = None, device: str = "auto") -> Model:

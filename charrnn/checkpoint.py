@@ -1,51 +1,32 @@
-"""One self-contained checkpoint file: plain dicts of tensors and primitives.
+"""The checkpoint format: one self-contained file of plain dicts of tensors and primitives.
 
-Layout (format_version 1)::
-
-    format            "charrnn-checkpoint"
-    format_version    1
-    charrnn_version   version that wrote it
-    model_config      dict of ModelConfig fields
-    vocab             str, the sorted vocabulary
-    model             state_dict of CharRNN (with --ema-decay: the averaged weights), with
-                      start_state, the learned start state (zeros when an older file lacks it)
-    train_weights     the raw training weights, with --ema-decay only (resume continues them)
-    ema_updates       how many updates the average has had, with --ema-decay only
-    optimizer         AdamW state_dict (training checkpoints)
-    train_config      dict of TrainConfig fields, as resolved
-    progress          {step, epoch, batch, elapsed_s, chars_seen, best_val_loss, val_loss}
-    carried_state     list of (L, B, H) tensors: the stateful-training state at `batch`
-    cursors           (B,) positions of the streams, with --stream-restart only
-    start_mix         {keys, counts, weights}: the k-gram tables and mixing weights of
-                      charrnn.startmix (absent when trained without it: the network alone)
-    rng               {"torch": ByteTensor, "windows": ByteTensor, "cuda": [ByteTensor]}
-    corpus            {name, sources, sha256, chars}
-
-It loads with `torch.load(path, weights_only=True)` (no pickled classes) and is
-written to a temporary file that is fsynced and `os.replace`d, so a kill at any
-instant leaves either the old file or the new one, never half of one.
+A checkpoint is the `Checkpoint` below written as a dict, beside a header (`format`
+"charrnn-checkpoint", `format_version` 1, `charrnn_version`); its fields, each commented
+where it is declared, are the layout. It loads with `torch.load(path, weights_only=True)`
+(no pickled classes) and is written through charrnn.atomic, so a kill at any instant
+leaves the old file or the new one. `load` checks a file before anything reads it and
+names what it met: an unreadable file, a cut-short one, one holding Python code, one
+whose weights do not fit its config.
 """
 
 from __future__ import annotations
 
-import errno
-import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import torch
 
-from charrnn import __version__
+from charrnn.atomic import atomic_write
+from charrnn.celltypes import CELL_TYPES
 from charrnn.config import ModelConfig, build
 from charrnn.data import Vocab
 from charrnn.errors import CharRNNError, CheckpointError
-from charrnn.celltypes import CELL_TYPES
 from charrnn.model import CharRNN
 from charrnn.startmix import StartMix
+from charrnn.version import __version__
 
 FORMAT = "charrnn-checkpoint"
 FORMAT_VERSION = 1
@@ -54,24 +35,30 @@ REQUIRED = ("model_config", "vocab", "model")
 
 @dataclass
 class Checkpoint:
-    """What one checkpoint file holds (the layout above), typed: built by the trainer
-    (Trainer.payload), written by `save` as the plain dict above, read back by `load`
+    """What one checkpoint file holds, typed: built by training
+    (charrnn.trainstate.TrainState.checkpoint), written by `save` as the plain dict above, read back by `load`
     after validation. Only model_config, vocab and model are needed for inference."""
 
-    model_config: dict[str, Any]
-    vocab: str
-    model: dict[str, torch.Tensor]  # the weights inference uses (averaged with --ema-decay)
-    train_config: dict[str, Any] = field(default_factory=dict)
+    model_config: dict[str, Any]  # the ModelConfig's fields
+    vocab: str  # the sorted vocabulary
+    # CharRNN's state_dict, start_state (the learned start state) among it; with
+    # --ema-decay the averaged weights, which inference uses.
+    model: dict[str, torch.Tensor]
+    train_config: dict[str, Any] = field(default_factory=dict)  # the TrainConfig's fields, as resolved
+    # charrnn.trainstate.Progress: step, epoch, batch, elapsed_s, chars_seen, best_val_loss,
+    # val_loss, window_loss_sum, window_steps
     progress: dict[str, Any] = field(default_factory=dict)
-    optimizer: dict[str, Any] | None = None
-    rng: dict[str, Any] = field(default_factory=dict)
-    corpus: dict[str, Any] = field(default_factory=dict)
-    carried_state: list[torch.Tensor] = field(default_factory=list)
+    optimizer: dict[str, Any] | None = None  # AdamW's state_dict
+    rng: dict[str, Any] = field(default_factory=dict)  # {"torch", "windows", "cuda"?}: generator states
+    corpus: dict[str, Any] = field(default_factory=dict)  # {name, sources, sha256, chars}
+    carried_state: list[torch.Tensor] = field(default_factory=list)  # stateful training: (L, B, H) each
     train_weights: dict[str, torch.Tensor] | None = None  # --ema-decay: the raw weights training continues
-    ema_updates: int | None = None
-    cursors: torch.Tensor | None = None  # --stream-restart: the streams' positions
+    ema_updates: int | None = None  # --ema-decay: the updates the average has had
+    cursors: torch.Tensor | None = None  # --stream-restart: the (B,) streams' positions
     parent: dict[str, Any] | None = None  # fine-tuned: {"path", "added_chars"} of the base model
-    start_mix: dict[str, Any] | None = None  # the k-gram mixed into a fresh read's first predictions
+    # The start mix (charrnn.startmix): a decoding and scoring prior over the first
+    # predictions read from the start state, not part of the network; StartMix.state().
+    start_mix: dict[str, Any] | None = None
     path: str = ""  # the file it was read from (not stored)
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,74 +80,6 @@ def save(path: str | Path, payload: Checkpoint | dict[str, Any]) -> None:
     else:
         payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "charrnn_version": __version__, **payload}
     atomic_write(path, lambda handle: torch.save(payload, handle))
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Every file a run writes goes through here: written to a temporary file in the same
-    directory, fsynced and renamed over `path`, so a kill or a full disk at any instant
-    leaves the old file or the new one, never half of one. A full disk or a read-only
-    file system is a CheckpointError naming the file and saying what is left."""
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        problem = write_problem(err)
-        if problem is None:
-            raise
-        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
-        raise CheckpointError(f"could not write {path}: {problem}; {kept}") from None
-    _fsync_dir(path.parent)
-
-
-def write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
-
-
-def append_line(path: str | Path, line: str) -> None:
-    """Append one line (metrics.jsonl); a full disk is named as for atomic writes."""
-    try:
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
-    except OSError as err:
-        problem = write_problem(err)
-        if problem is None:
-            raise
-        raise CheckpointError(f"could not write {path}: {problem}; its earlier lines are intact") from None
-
-
-def write_problem(err: BaseException) -> str | None:
-    """A user's words for a failed write, or None when it is not one of the disk's doing."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "the disk is full (free some space, then charrnn train --resume)"
-    if isinstance(err, OSError) and err.errno == errno.EROFS:
-        return "the file system is read-only (choose another --out)"
-    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied (choose another --out)"
-    # torch.save reports a short write from its C++ writer as a RuntimeError.
-    if isinstance(err, RuntimeError) and any(s in str(err) for s in ("unexpected pos", "file write failed")):
-        return "the disk is full (free some space, then charrnn train --resume)"
-    return None
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform (Windows)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def resolve(path: str | Path) -> Path:
@@ -189,19 +108,8 @@ def load(path: str | Path) -> Checkpoint:
     path = resolve(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        blocked = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f" ({blocked.group(1)})" if blocked else ""
-        raise CheckpointError(
-            f"{path} holds Python code or objects{what} that a charrnn checkpoint never contains; "
-            "it was not loaded. Use a checkpoint written by charrnn train"
-        ) from None
-    except Exception as err:  # torch raises many kinds for truncated or foreign files
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
-        reason = text.splitlines()[0][:120] if text else type(err).__name__
-        raise CheckpointError(
-            f"{path} is not a readable charrnn checkpoint (truncated or another kind of file: {reason})"
-        ) from None
+    except Exception as err:  # torch raises many kinds for damaged or foreign files
+        raise CheckpointError(_unreadable(path, err)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a charrnn checkpoint")
     version = payload.get("format_version")
@@ -219,6 +127,30 @@ def load(path: str | Path) -> Checkpoint:
     if problem:
         raise CheckpointError(f"{path} is damaged or not a charrnn checkpoint: {problem}")
     return Checkpoint.from_dict(payload, str(path))
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive
+PICKLE_MAGIC = b"\x80"  # a bare pickle (torch.save's legacy format), protocol 2 and up
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """Why torch.load refused a file, in one line: it holds code or objects (a pickle, or an
+    archive whose pickle names a global), it is an archive cut short or damaged, or it is
+    no PyTorch file at all."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    blocked = re.search(r"GLOBAL ([\w.]+)", text)
+    if blocked or (head.startswith(PICKLE_MAGIC) and isinstance(err, pickle.UnpicklingError)):
+        what = f" ({blocked.group(1)})" if blocked else ""
+        return (f"{path} holds Python code or objects{what} that a charrnn checkpoint never contains; "
+                "it was not loaded. Use a checkpoint written by charrnn train")
+    if head == ZIP_MAGIC:
+        reason = text.splitlines()[0][:120] if text else type(err).__name__
+        return (f"{path} is unreadable: a PyTorch archive cut short or damaged ({reason}); "
+                "use last.pt or best.pt beside it, or an intact copy")
+    return (f"{path} is unreadable: not a PyTorch checkpoint at all (random or foreign bytes); "
+            "give a .pt file written by charrnn train")
 
 
 def _structure_problem(payload: dict[str, Any]) -> str | None:
@@ -272,7 +204,7 @@ def _upgrade(payload: dict[str, Any]) -> None:
 
 
 def restore_model(payload: Checkpoint) -> tuple[CharRNN, Vocab]:
-    """The model (eval mode, CPU) and vocabulary stored in a loaded checkpoint."""
+    """The network (eval mode, CPU) and vocabulary stored in a loaded checkpoint."""
     config = build(ModelConfig, payload.model_config)
     vocab = Vocab(payload.vocab)
     model = CharRNN(config, len(vocab))
@@ -280,7 +212,10 @@ def restore_model(payload: Checkpoint) -> tuple[CharRNN, Vocab]:
         model.load_state_dict(payload.model)
     except RuntimeError as err:
         raise CheckpointError(f"{payload.path or 'checkpoint'} has weights that do not fit its config: {err}") from None
-    if payload.start_mix is not None:
-        model.start_mix = StartMix.from_state(payload.start_mix, len(vocab))
     model.eval()
     return model, vocab
+
+
+def restore_prior(payload: Checkpoint) -> StartMix | None:
+    """The start mix stored beside the network, or None (trained without it)."""
+    return StartMix.from_state(payload.start_mix, len(payload.vocab)) if payload.start_mix is not None else None

@@ -21,8 +21,9 @@ from typing import List, Optional
 
 import typer
 
-from charrnn import __version__
-from charrnn.config import EVAL_STREAMS, MAX_BATCH, DynamicSettings, ModelConfig, TrainConfig, check_seed, check_streams
+from charrnn.version import __version__
+from charrnn.config import (EVAL_STREAMS, MAX_BATCH, DynamicSettings, ModelConfig, TrainConfig, check_seed, check_streams,
+                            stop_text)
 from charrnn.errors import CharRNNError, UsageError
 
 app = typer.Typer(
@@ -227,9 +228,7 @@ class _TrainView:
             f"data: {info['train_chars']:,} train / {info['val_chars']:,} validation characters; "
             f"{'stateless' if config['stateless'] else 'stateful'} batches of {config['batch_size']}x{config['seq_len']}, "
             f"{info['steps_per_epoch']:,} steps per epoch",
-            "stop: " + ", ".join(p for p in (f"{config['steps']} steps" if config["steps"] else "",
-                                              f"{config['epochs']:g} epochs" if config["epochs"] else "",
-                                              f"{config['time']}" if config["time"] else "") if p),
+            "stop: " + stop_text(config["steps"], config["epochs"], config["time"]),
         ]
         if info.get("start_mix"):
             mix = info["start_mix"]
@@ -273,19 +272,16 @@ class _TrainView:
             self.bar.close()
 
 
-# -- sample ------------------------------------------------------------------------------
+# -- sample ----------------------------------------------------------------------------
 
-def _load_for_inference(checkpoint_path: Optional[Path], device_spec: str):
-    from charrnn import checkpoint
-    from charrnn.device import resolve_device
+def _load(checkpoint_path: Optional[Path], device: str):
+    """The trained model (charrnn.api.Model) these commands read, saying which when it was not named."""
+    from charrnn import api, checkpoint
 
     if checkpoint_path is None:
         checkpoint_path = checkpoint.latest_run()
         _err(f"checkpoint: {checkpoint.resolve(checkpoint_path)} (most recent run; pass --checkpoint to choose)")
-    payload = checkpoint.load(checkpoint_path)
-    model, vocab = checkpoint.restore_model(payload)
-    device, _ = resolve_device(device_spec)
-    return payload, model.to(device), vocab, device
+    return api.load(checkpoint_path, device)
 
 
 @app.command()
@@ -308,8 +304,7 @@ def sample(
     with _errors_to_exit_codes():
         import torch
 
-        from charrnn.device import resolve_dtype
-        from charrnn.sample import SampleSettings, check_num_samples, generate
+        from charrnn.sample import SampleSettings, check_num_samples
 
         settings = SampleSettings(length=length, temperature=temperature, top_k=top_k, top_p=top_p,
                                   stop=_unescape(stop))
@@ -319,22 +314,20 @@ def sample(
             check_seed(seed)
         if prime == "-":
             prime = sys.stdin.read()
-        _, model, vocab, device_ = _load_for_inference(checkpoint_path, device)
-        dtype_, _ = resolve_dtype(dtype, device_)
-        prime_ids, dropped = vocab.encode(prime, unknown.value)
+        model = _load(checkpoint_path, device)
+        prime_ids, dropped = model.vocab.encode(prime, unknown.value)
         if dropped:
             _err(f"warning: dropped {dropped} unknown character(s) from --prime")
-        echo = vocab.decode(prime_ids)
+        echo = model.vocab.decode(prime_ids)
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
             _err(f"seed: {seed}")
-        generator = torch.Generator(device_).manual_seed(seed)
         texts = [""] * num_samples
         stream = sys.stdout
         if not json_out:
             stream.write(echo)
             stream.flush()
-        for chars in generate(model, vocab, prime_ids, settings, num_samples, generator, device_, dtype=dtype_):
+        for chars in model.generate(prime_ids, settings, num_samples, seed, dtype):
             for n, char in enumerate(chars):
                 texts[n] += char
             if not json_out and chars[0]:
@@ -375,35 +368,30 @@ def eval_(
     """Score text: loss (nats/char), bits per character, perplexity (--dynamic: also adapting as it reads)."""
     with _errors_to_exit_codes():
         from charrnn.data import read_corpus
-        from charrnn.device import resolve_dtype
-        from charrnn.evaluate import evaluate, stream_count
+        from charrnn.evaluate import stream_count
 
         check_streams(streams)
         settings = DynamicSettings(step_size=step_size, decay=decay, segment=segment)
         settings.validate()  # before the static pass, which can take minutes
-        payload, model, vocab, device_ = _load_for_inference(checkpoint_path, device)
-        dtype_, _ = resolve_dtype(dtype, device_)
+        model = _load(checkpoint_path, device)
         text = read_corpus(files, encoding).data.decode("utf-8")
-        ids, dropped = vocab.encode(text, unknown.value)
-        if len(ids) < 2:
+        result = model.score(text, unknown.value, streams, dtype)
+        if result.chars < 1:
             raise UsageError("eval needs at least 2 known characters to score")
-        result = evaluate(model, ids, device_, dtype_, dropped, max_streams=streams)
-        report = {**result.as_dict(), "streams": stream_count(len(ids) - 1, streams), "files": files,
-                  "checkpoint": payload.path, "start_mix": model.start_mix is not None}
+        report = {**result.as_dict(), "streams": stream_count(result.chars, streams), "files": files,
+                  "checkpoint": str(model.path), "start_mix": model.prior is not None}
         if dynamic:
             import time
 
-            from charrnn.evaluate import dynamic_evaluate
-
             started = time.perf_counter()
-            adapted = dynamic_evaluate(model, ids, device_, settings, dtype_, dropped)
+            adapted = model.score_dynamic(text, settings, unknown.value, dtype)
             seconds = time.perf_counter() - started
             report["dynamic"] = {**adapted.as_dict(), "step_size": step_size, "decay": decay, "segment": segment,
                                  "chars_per_s": adapted.chars / seconds}
         if json_out:
             print(json.dumps(report))
             return
-        extra = f", {dropped} unknown dropped" if dropped else ""
+        extra = f", {result.dropped} unknown dropped" if result.dropped else ""
         print(f"chars {result.chars}  loss {result.loss:.4f} nats/char  bpc {result.bpc:.4f}  "
               f"perplexity {result.perplexity:.3f}{extra}")
         if dynamic:
@@ -427,7 +415,7 @@ def gradients(
     with _errors_to_exit_codes():
         import torch
 
-        from charrnn import checkpoint
+        from charrnn import api
         from charrnn.data import read_corpus
         from charrnn.gradients import gradient_reach, plot, table
 
@@ -437,13 +425,12 @@ def gradients(
         curves = {}
         corpus_text = read_corpus([str(text)]).data.decode("utf-8")
         for path in checkpoints:
-            payload = checkpoint.load(path)
-            model, vocab = checkpoint.restore_model(payload)
-            ids, _ = vocab.encode(corpus_text, "skip")
+            model = api.load(path, "cpu")
+            ids, _ = model.vocab.encode(corpus_text, "skip")
             if len(ids) < span + 2:
                 raise UsageError(f"--text has {len(ids)} known characters; --span {span} needs {span + 2}")
-            name = f"{payload.model_config['cell']} ({Path(payload.path).parent.name})"
-            curves[name] = gradient_reach(model, ids, span, windows, torch.Generator().manual_seed(seed))
+            name = f"{model.model_config.cell} ({model.path.parent.name})"
+            curves[name] = gradient_reach(model.network, ids, span, windows, torch.Generator().manual_seed(seed))
         if json_out:
             print(json.dumps(curves))
         else:
@@ -468,51 +455,40 @@ def viz(
     encoding: str = typer.Option("utf-8", help="Text encoding of --text."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
 ):
-    """Write one self-contained HTML page of what the model learned: training curves,
-    surprisal, every unit's activation, units that track quotes, brackets or line
-    position, gate saturation, and a sample coloured by its probability."""
+    """Write one self-contained HTML page of what the model learned: training curves, surprisal, every unit's activation, units that track quotes, brackets or line position, gate saturation, and a sample coloured by its probability."""
     with _errors_to_exit_codes():
         import time
 
-        from charrnn import checkpoint, report
-        from charrnn.data import read_corpus, split
+        from charrnn import report
+        from charrnn.atomic import write_text
+        from charrnn.data import read_corpus
+        from charrnn.sample import check_temperature
 
         if not 2 <= chars <= MAX_BATCH:
             raise UsageError(f"--chars must be from 2 to {MAX_BATCH}, not {chars}")
         check_seed(seed)
-        if not 0 <= temperature < float("inf"):
-            raise UsageError(f"--temperature must be a finite number >= 0, not {temperature}")
+        check_temperature(temperature)
         if out is not None and out.is_dir():
             raise UsageError(f"--out {out} is a directory; name the .html file to write")
         started = time.perf_counter()
-        payload, model, vocab, _ = _load_for_inference(checkpoint_path, device)
-        path = Path(payload.path)
-        run_dir = path.parent if (path.parent / "metrics.jsonl").exists() or (path.parent / "config.toml").exists() else None
+        model = _load(checkpoint_path, device)
         if text is not None:
             corpus = read_corpus([text], encoding)
-            ids, dropped = vocab.encode(corpus.data.decode("utf-8"), unknown.value)  # cut to --chars below
+            ids, dropped = model.vocab.encode(corpus.data.decode("utf-8"), unknown.value)  # cut to --chars below
             description = "standard input" if text == "-" else str(text)
             if dropped:
                 _err(f"skipped {dropped} character(s) the model does not know")
-        elif run_dir is None:
-            raise UsageError(f"{path} has no run directory beside it, so no validation text; give one with --text FILE")
         else:
-            sources = payload.corpus["sources"]
-            if sources == ["-"]:
-                raise UsageError("this run was trained on stdin; give the text to analyse with --text FILE")
-            val_frac = payload.train_config["val_frac"]
-            corpus = read_corpus([s for s in sources if not s.startswith("<embedded")], "utf-8")
-            _, val_ids = split(vocab.encode_data(corpus), val_frac)
-            ids = val_ids
-            description = f"validation split of {payload.corpus['name']} (its last {val_frac:.0%})"
+            ids, description = model.validation_ids()
         ids = [int(i) for i in ids[:chars]]
-        data = report.build(model, vocab, ids, report.ReportSource(str(path), description, run_dir),
-                            seed=seed, temperature=temperature, progress=lambda m: _err(f"viz: {m}"))
+        source = report.ReportSource(str(model.path), description, model.run_dir)
+        data = report.build(model.network, model.vocab, ids, source, prior=model.prior, seed=seed,
+                            temperature=temperature, progress=lambda m: _err(f"viz: {m}"))
         page = report.render(data)
-        target = out or (run_dir / "report.html" if run_dir else Path("report.html"))
+        target = out or (model.run_dir / "report.html" if model.run_dir else Path("report.html"))
         if not target.parent.is_dir():
             raise UsageError(f"--out {target}: the directory {target.parent} does not exist")
-        checkpoint.write_text(target, page)
+        write_text(target, page)
         size = len(page.encode("utf-8")) / 1e6
         _err(f"report: {target} ({size:.1f} MB, {len(ids):,} characters, {time.perf_counter() - started:.0f}s)")
         if open_page:

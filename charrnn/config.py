@@ -197,11 +197,21 @@ class TrainConfig:
     def time_budget_s(self) -> float:
         return parse_duration(self.time)
 
+    @property
+    def stop_text(self) -> str:
+        """The stop conditions in words: "5000 steps, 10 epochs, 5m" (those given)."""
+        return stop_text(self.steps, self.epochs, self.time)
+
     def with_default_stop(self) -> "TrainConfig":
         """Train for 10 epochs when no stop condition was given."""
         if self.steps or self.epochs or self.time:
             return self
         return dataclasses.replace(self, epochs=10.0)
+
+
+def stop_text(steps: int, epochs: float, time: str) -> str:
+    """Stop conditions in words, as the setup line and the sizing reason say them."""
+    return ", ".join(p for p in (f"{steps} steps" if steps else "", f"{epochs:g} epochs" if epochs else "", time) if p)
 
 
 @dataclass(frozen=True)

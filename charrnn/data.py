@@ -75,6 +75,13 @@ def embedded_corpus() -> Corpus:
     return Corpus(EMBEDDED_NAME, [EMBEDDED_SOURCE], text.encode("utf-8"))
 
 
+def rereadable(sources: list[str]) -> list[str]:
+    """The paths to give read_corpus to read a run's corpus again, from the sources its
+    checkpoint recorded: the embedded corpus's marker becomes no path (read_corpus([]) is
+    the embedded corpus again)."""
+    return [s for s in sources if s != EMBEDDED_SOURCE]
+
+
 def read_corpus(paths: list[str], encoding: str = "utf-8", stdin: BinaryIO | None = None) -> Corpus:
     """Read files, directories (their text files, sorted) or '-' (stdin) as one corpus."""
     if not paths:

@@ -9,10 +9,10 @@ split reproduces the validation loss training reported.
 
 Fewer streams (`charrnn eval --streams N`) give each character more text before it,
 and a lower loss, at the cost of speed: one stream reads the text as one sequence, as
-papers report bits per character. On Tiny Shakespeare's validation split (111k
-characters) a 10-minute model scores 0.002 nats lower in one stream than in 64 (1.4157
-against 1.4175) at 0.4x the speed (26k against 67k chars/s on 2 CPU cores); read in
-pieces of 100 characters, each from the start state, 0.03 higher (docs/benchmarks.md).
+papers report bits per character (what that costs and gains: docs/benchmarks.md).
+
+`prior` (charrnn.startmix) is mixed into the first predictions of every read from the
+start state, as sampling mixes it; None scores the network alone.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from charrnn import distributed
 from charrnn.config import EVAL_STREAMS, DynamicSettings
 from charrnn.device import autocast
-from charrnn.model import CharRNN, State
+from charrnn.model import CharRNN, State, evaluating
+from charrnn.startmix import POSITIONS, StartMix
 
 MIN_STREAM_LEN = 1024
 CHUNK = 512
@@ -51,14 +52,23 @@ class EvalResult:
                 "unknown_dropped": self.dropped}
 
 
+def read(model: CharRNN, x: torch.Tensor, state: State | None, prior: StartMix | None) -> tuple[torch.Tensor, State]:
+    """model(x, state), with the prior mixed into the first predictions when the read
+    starts from the start state (state None): what every scorer and decoder reads."""
+    logits, new_state = model(x, state)
+    if state is None and prior is not None:
+        logits = prior.mix(logits, x)
+    return logits, new_state
+
+
 @torch.no_grad()
 def _run(model: CharRNN, x: torch.Tensor, y: torch.Tensor, state: State | None, dtype,
-         chunk: int = CHUNK) -> tuple[torch.Tensor, State]:
+         chunk: int = CHUNK, prior: StartMix | None = None) -> tuple[torch.Tensor, State]:
     """Summed loss of (B, T) targets y given inputs x, chunk by chunk, and the final state."""
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[1], chunk):
         with autocast(x.device, dtype):
-            logits, state = model(x[:, start : start + chunk], state)
+            logits, state = read(model, x[:, start : start + chunk], state, prior)
         target = y[:, start : start + chunk]
         total += F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum").double()
     return total, state
@@ -84,7 +94,7 @@ def _streams(ids: torch.Tensor, max_streams: int) -> tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def evaluate(model: CharRNN, ids: torch.Tensor, device: torch.device, dtype=None, dropped: int = 0,
-             max_streams: int = EVAL_STREAMS, chunk: int = CHUNK) -> EvalResult:
+             max_streams: int = EVAL_STREAMS, chunk: int = CHUNK, prior: StartMix | None = None) -> EvalResult:
     """Score ids (a 1-D tensor of character ids) under model; see the module docstring.
 
     Under torch.distributed each rank scores its share of the streams and the sums are
@@ -93,8 +103,6 @@ def evaluate(model: CharRNN, ids: torch.Tensor, device: torch.device, dtype=None
     count = len(ids) - 1
     if count < 1:
         return EvalResult(0, float("nan"), dropped)
-    was_training = model.training
-    model.eval()
     ids = ids.to(device)
     x, y, used = _streams(ids, max_streams)
     streams = x.shape[0]
@@ -103,13 +111,13 @@ def evaluate(model: CharRNN, ids: torch.Tensor, device: torch.device, dtype=None
     mine = slice(group.rank * per_rank, min(streams, (group.rank + 1) * per_rank))
     total = torch.zeros((), dtype=torch.float64, device=device)
     if mine.start < mine.stop:
-        total, state = _run(model, x[mine], y[mine], None, dtype, chunk)
-        if used < count and mine.stop == streams:  # the tail continues the last stream
-            last = tuple(s[:, -1:].contiguous() for s in state)
-            tail_total, _ = _run(model, ids[used:count].long()[None], ids[used + 1 :].long()[None], last, dtype, chunk)
-            total += tail_total
+        with evaluating(model):
+            total, state = _run(model, x[mine], y[mine], None, dtype, chunk, prior)
+            if used < count and mine.stop == streams:  # the tail continues the last stream
+                last = tuple(s[:, -1:].contiguous() for s in state)
+                tail_total, _ = _run(model, ids[used:count].long()[None], ids[used + 1 :].long()[None], last, dtype, chunk)
+                total += tail_total
     distributed.all_reduce(total)
-    model.train(was_training)
     return EvalResult(count, total.item() / count, dropped)
 
 
@@ -120,18 +128,18 @@ def cold_start_places(length: int, windows: int, context: int, positions: int,
 
 
 @torch.no_grad()
-def cold_start(model: CharRNN, ids: torch.Tensor, windows: int = 256, context: int = 200, positions: int = 10,
-               generator: torch.Generator | None = None, dtype=None) -> tuple[list[float], list[float]]:
+def cold_start(model: CharRNN, ids: torch.Tensor, windows: int = 256, context: int = 200, positions: int = POSITIONS,
+               generator: torch.Generator | None = None, dtype=None,
+               prior: StartMix | None = None) -> tuple[list[float], list[float]]:
     """How much worse the first characters read from the start state are.
 
     Takes `windows` random places in ids and returns the mean loss at each of the first
     `positions` predictions there, read (1) from the model's start state, with nothing
     before, and (2) after `context` characters of the text before them: (cold, warm).
+    Both reads take the prior, as sampling does (it touches only the cold one's predictions).
     """
     if len(ids) < context + positions + 2:
         raise ValueError(f"need at least {context + positions + 2} characters")
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     starts = cold_start_places(len(ids), windows, context, positions, generator)[:, None]
     span = ids[(starts + torch.arange(-context, positions + 1)).to(ids.device)].long().to(device)  # (W, C + P + 1)
@@ -139,24 +147,20 @@ def cold_start(model: CharRNN, ids: torch.Tensor, windows: int = 256, context: i
 
     def losses(x: torch.Tensor) -> list[float]:
         with autocast(device, dtype):
-            logits, _ = model(x)
+            logits, _ = read(model, x, None, prior)
         logits = logits[:, -positions:].float()  # (W, P, V)
         return F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(0).tolist()
 
-    cold = losses(span[:, context : context + positions])
-    warm = losses(span[:, : context + positions])
-    model.train(was_training)
-    return cold, warm
+    with evaluating(model):
+        return losses(span[:, context : context + positions]), losses(span[:, : context + positions])
 
 
 def dynamic_evaluate(model: CharRNN, ids: torch.Tensor, device: torch.device, settings: DynamicSettings,
-                     dtype=None, dropped: int = 0) -> EvalResult:
+                     dtype=None, dropped: int = 0, prior: StartMix | None = None) -> EvalResult:
     """Score ids with dynamic evaluation; the model's weights are as before afterwards."""
     count = len(ids) - 1
     if count < 1:
         return EvalResult(0, float("nan"), dropped)
-    was_training = model.training
-    model.eval()  # no dropout; gradients still flow
     params = [p for p in model.parameters() if p.requires_grad]
     trained = [p.detach().clone() for p in params]
     mean_square = [torch.zeros_like(p) for p in params]
@@ -165,12 +169,12 @@ def dynamic_evaluate(model: CharRNN, ids: torch.Tensor, device: torch.device, se
     total = torch.zeros((), dtype=torch.float64, device=device)
     steps = [0]
 
-    def read(x_part: torch.Tensor, y_part: torch.Tensor, state):
+    def adapt(x_part: torch.Tensor, y_part: torch.Tensor, state):
         for start in range(0, x_part.shape[1], settings.segment):
             # No graph when there is no step to take: then this is plain evaluation, and
             # bit for bit so (oneDNN picks other LSTM kernels when autograd records).
             with autocast(device, dtype), torch.set_grad_enabled(settings.step_size > 0):
-                logits, state = model(x_part[:, start : start + settings.segment], state)
+                logits, state = read(model, x_part[:, start : start + settings.segment], state, prior)
             target = y_part[:, start : start + settings.segment]
             loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum")
             nonlocal total
@@ -182,16 +186,16 @@ def dynamic_evaluate(model: CharRNN, ids: torch.Tensor, device: torch.device, se
         return state
 
     try:
-        state = read(x, y, None)
-        if used < count:  # the tail continues the last stream, as in evaluate
-            last = tuple(s[:, -1:].contiguous() for s in state)
-            read(ids[used:count].long()[None], ids[used + 1 :].long()[None], last)
+        with evaluating(model):  # no dropout; gradients still flow
+            state = adapt(x, y, None)
+            if used < count:  # the tail continues the last stream, as in evaluate
+                last = tuple(s[:, -1:].contiguous() for s in state)
+                adapt(ids[used:count].long()[None], ids[used + 1 :].long()[None], last)
     finally:
         with torch.no_grad():
             for p, original in zip(params, trained):
                 p.copy_(original)
         model.zero_grad(set_to_none=True)
-        model.train(was_training)
     return EvalResult(count, total.item() / count, dropped)
 
 

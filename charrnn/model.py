@@ -4,9 +4,17 @@ State in, state out: `forward(x, state)` returns the logits and the state after 
 last character, so a long text can be run in chunks (truncated BPTT, evaluation,
 sampling) with the state carried across. A state is always a tuple of (L, B, H)
 tensors: (h, c) for an LSTM, (h,) for a GRU or vanilla RNN.
+
+The network is pure: the same inputs give the same logits whoever calls it, and no
+state is the learned start state (`forward(x)` equals `forward(x, init_state(B))`).
+Tricks of decoding and scoring (temperature, the start mix's prior over the first
+predictions) live in the decoder and the scorer, which take them as arguments.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +23,6 @@ from torch import nn
 from charrnn.cells import HandLSTM
 from charrnn.celltypes import CELL_TYPES
 from charrnn.config import ModelConfig
-from charrnn.startmix import StartMix
 
 State = tuple[torch.Tensor, ...]
 
@@ -54,9 +61,6 @@ class CharRNN(nn.Module):
         self._initialise()
         self.reset_forget_bias(config.forget_bias)
         self.last_weight_masks: list[torch.Tensor] = []  # the weight-drop masks of the last call, per layer
-        # The k-gram model mixed into the first predictions of a fresh read in eval mode
-        # (charrnn.startmix): set by training and by loading a checkpoint that has one.
-        self.start_mix: StartMix | None = None
 
     def _initialise(self) -> None:
         """Apply config.init to the recurrent layers (see ModelConfig.init for why)."""
@@ -101,13 +105,8 @@ class CharRNN(nn.Module):
         return tuple(torch.where(keep, s, s0.to(s.dtype)) for s, s0 in zip(state, start))
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """x: (B, T) character ids -> logits (B, T, V) and the state after x.
-
-        With no state given (a fresh read from the start state) in eval mode, the first
-        predictions are mixed with the start mix's k-gram model when there is one: those
-        logits are then log-probabilities (charrnn.startmix)."""
-        fresh = state is None
-        if fresh:
+        """x: (B, T) character ids -> logits (B, T, V) and the state after x (None: the start state)."""
+        if state is None:
             state = self.init_state(x.shape[0])
         p = self.config.dropout if self.training else 0.0
         hidden = dropout(self.embedding(x), self.config.embedding_dropout if self.training else 0.0)  # (B, T, E)
@@ -126,10 +125,7 @@ class CharRNN(nn.Module):
             layer_states.append(new if isinstance(new, tuple) else (new,))
         logits = self.head(dropout(hidden, p))  # (B, T, V)
         new_state = tuple(torch.cat(parts) for parts in zip(*layer_states))  # (L, B, H) each
-        if fresh and not self.training and self.start_mix is not None:
-            logits = self.start_mix.mix(logits, x)
         return logits, new_state
-
 
     def _weight_dropped(self, rnn: nn.Module, args: tuple) -> tuple:
         """The layer run with DropConnect on its recurrent weights (AWD-LSTM's weight drop,
@@ -156,6 +152,17 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     keep = 1.0 - p
     scale = (torch.rand(x.shape) < keep).to(x.dtype) * (1.0 / keep)
     return x * scale
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode (no dropout) inside the block, in the mode it had after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def detach(state: State) -> State:

@@ -20,12 +20,13 @@ from typing import Any, Callable
 
 import torch
 
-from charrnn import analysis
+from charrnn import analysis, rundir
 from charrnn.celltypes import CELL_TYPES
 from charrnn.data import Vocab
 from charrnn.errors import DataError
 from charrnn.model import CharRNN, count_parameters
 from charrnn.sample import SampleSettings, sample_text
+from charrnn.startmix import StartMix
 
 
 @dataclass(frozen=True)
@@ -38,39 +39,26 @@ class ReportSource:
 
 
 def read_history(run_dir: Path | None) -> tuple[list[dict], list[dict]]:
-    """metrics.jsonl and samples.jsonl records (either may be missing; torn lines are skipped)."""
+    """metrics.jsonl and samples.jsonl records (either may be missing; damaged lines are skipped)."""
     if run_dir is None:
         return [], []
-    return _jsonl(run_dir / "metrics.jsonl"), _jsonl(run_dir / "samples.jsonl")
+    return tuple([record for _, record in rundir.records(run_dir / name, strict=False)] for name in rundir.JOURNALS)
 
 
-def _jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn line: a report shows what it can
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
-
-
-def build(model: CharRNN, vocab: Vocab, ids: list[int], source: ReportSource, *, seed: int = 1,
-          temperature: float = 0.8, sample_length: int = 400,
+def build(model: CharRNN, vocab: Vocab, ids: list[int], source: ReportSource, *, prior: StartMix | None = None,
+          seed: int = 1, temperature: float = 0.8, sample_length: int = 400,
           progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
-    """Everything the page shows, as one JSON-able dict."""
+    """Everything the page shows, as one JSON-able dict. prior: the start mix, read as
+    `charrnn eval` and `charrnn sample` read it (charrnn.startmix)."""
     if len(ids) < 2:
         raise DataError("the text has fewer than 2 characters the model knows; give a longer --text")
     text = vocab.decode(ids)
     started = time.perf_counter()
     progress(f"reading {len(ids):,} characters")
-    found = analysis.trace(model, ids)
+    found = analysis.trace(model, ids, prior)
     progress("scoring units against the text's features")
     findings = analysis.feature_scores(found.activations, text, seed=seed)
-    sample_text, sample_trace = _sample(model, vocab, seed, temperature, sample_length)
+    sample_text, sample_trace = _sample(model, vocab, prior, seed, temperature, sample_length)
     metrics, samples = read_history(source.run_dir)
     config = model.config
     return {
@@ -94,13 +82,14 @@ def build(model: CharRNN, vocab: Vocab, ids: list[int], source: ReportSource, *,
     }
 
 
-def _sample(model: CharRNN, vocab: Vocab, seed: int, temperature: float, length: int):
+def _sample(model: CharRNN, vocab: Vocab, prior: StartMix | None, seed: int, temperature: float, length: int):
     """A fresh sample from the start state and the model's own trace of it (its probabilities)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
-    text = sample_text(model, vocab, SampleSettings(length=length, temperature=temperature), generator, device)
+    settings = SampleSettings(length=length, temperature=temperature)
+    text = sample_text(model, vocab, settings, generator, device, prior=prior)
     ids, _ = vocab.encode(text, "skip")
-    return text, analysis.trace(model, ids.tolist())
+    return text, analysis.trace(model, ids.tolist(), prior)
 
 
 def _round(value: float) -> float | None:

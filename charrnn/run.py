@@ -1,26 +1,65 @@
-"""Starting a run: new, resumed (`resume`) or fine-tuned from another model (`init_from`).
+"""Resolve, then run: everything that decides a run, made once, before the trainer starts.
 
-The one entry that turns "train this text with these settings" into a Trainer: it reads
+`train()` is the one entry that turns "train this text with these settings" into a run:
+the CLI's `charrnn train` and the Python API's `charrnn.train` both call it. It reads
 the config layers (defaults < TOML file < settings), the checkpoint to resume or start
-from, the corpus, chooses the run directory and owns the distributed group's life. The
-CLI's `charrnn train` and the Python API's `charrnn.train` both call `train()` here.
+from, and the corpus; `resolve()` then makes every decision left (device and dtype, the
+batch and validation interval for the device, the vocabulary, the split and the batch
+layout, the width, dropout and weight decay for the text and budget, agreed by every
+rank under DDP) and returns a `Plan`; the Trainer receives the Plan finished and does
+not re-decide it. `train()` also chooses the run directory and owns the distributed
+group's life.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from charrnn import checkpoint, distributed
+import torch
+
+from charrnn import checkpoint, distributed, rundir, sizing
+from charrnn.checkpoint import Checkpoint
 from charrnn.config import ModelConfig, TrainConfig, build, field_names, load_toml
-from charrnn.data import read_corpus
-from charrnn.errors import TrainingInterrupted, UsageError
-from charrnn.sizing import SIZED, SIZED_DECAY, SIZED_TRAIN
+from charrnn.data import Corpus, RandomWindows, RestartingStreams, StatefulBatches, Vocab, read_corpus, rereadable, split
+from charrnn.device import resolve_device, resolve_dtype
+from charrnn.errors import DataError, TrainingInterrupted, UsageError
 from charrnn.events import Notice, OnEvent
-from charrnn.trainer import Trainer, choose_run_dir, resume_configs
+from charrnn.finetune import extended_vocab
+from charrnn.trainer import Trainer
 
 MODEL_FIELDS = tuple(field_names(ModelConfig))
 TRAIN_FIELDS = tuple(field_names(TrainConfig))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run with every decision made: what the Trainer receives."""
+
+    corpus: Corpus
+    model_config: ModelConfig
+    config: TrainConfig  # with its stop condition, batch, validation interval and decay resolved
+    vocab: Vocab
+    train_ids: torch.Tensor  # (N,) on the device
+    val_ids: torch.Tensor
+    batches: StatefulBatches | RandomWindows | RestartingStreams  # this rank's rows of the layout
+    device: torch.device
+    device_reason: str
+    dtype: torch.dtype | None  # autocast; None = fp32
+    dtype_reason: str
+    run_dir: Path
+    resume: Checkpoint | None = None  # the checkpoint to continue exactly
+    base: Checkpoint | None = None  # fine-tuning: the model whose weights start the run
+    parent: dict[str, Any] | None = None  # {"path", "added_chars"} of the base model
+    sizing: dict[str, Any] | None = None  # {"fields", "reason"} when charrnn.sizing chose them
+    probe_s: float = 0.0  # seconds the sizing probe took: they count against a time budget
+
+    def corpus_record(self) -> dict[str, Any]:
+        corpus = self.corpus
+        return {"name": corpus.name, "sources": [str(s) for s in corpus.sources], "sha256": corpus.sha256,
+                "chars": len(self.train_ids) + len(self.val_ids)}
 
 
 def split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -52,20 +91,21 @@ def train(corpus: str | Path | Sequence[str | Path] | None = None, *, config: st
     train_given = {**file_train, **train_set}
     # The batch for the device unless given, and the validation interval for the batch
     # (given or chosen) unless given.
-    auto_train = tuple(k for k in SIZED_TRAIN if k not in train_given)
+    auto_train = tuple(k for k in sizing.SIZED_TRAIN if k not in train_given)
     if resume is not None and init_from is not None:
         raise UsageError("--resume continues a run and --init-from starts a new one; give one of them")
-    payload = base = None
-    run_dir = None
+    payload = base = run_dir = None
     where = ""
     if resume is not None:
         resume = Path(resume)
         payload = checkpoint.load(resume / "last.pt" if resume.is_dir() else resume)
         _refuse_model_changes(payload, model_given, "when resuming")
-        model_config, train_config = resume_configs(payload, {**file_train, **train_set})
+        # As saved, with the train settings given now on top; a resumed run keeps its own choices.
+        model_config = build(ModelConfig, payload.model_config)
+        train_config = build(TrainConfig, payload.train_config, {**file_train, **train_set})
         auto: tuple[str, ...] = ()
         run_dir, where = Path(payload.path).parent, "resumed"
-        sources = sources or [s for s in payload.corpus["sources"] if not s.startswith("<embedded")]
+        sources = sources or rereadable(payload.corpus["sources"])
         if sources == ["-"]:
             raise UsageError("this run was trained on stdin; pipe the same text again with: charrnn train - --resume DIR")
     elif init_from is not None:
@@ -77,12 +117,12 @@ def train(corpus: str | Path | Sequence[str | Path] | None = None, *, config: st
     else:
         model_config = build(ModelConfig, file_model, model_set)
         train_config = build(TrainConfig, file_train, train_set)
-        auto = (tuple(k for k in SIZED if k not in model_given) + tuple(k for k in SIZED_DECAY if k not in train_given)
-                + auto_train)  # chosen for the corpus and budget
+        auto = (tuple(k for k in sizing.SIZED if k not in model_given)
+                + tuple(k for k in sizing.SIZED_DECAY if k not in train_given) + auto_train)  # for the corpus and budget
     corpus_data = read_corpus(sources, encoding)
     group = distributed.init_from_env(train_config.device)  # a group of one without torchrun
     if run_dir is None:  # rank 0 picks the directory and tells the others
-        run_dir, where = choose_run_dir(None if out is None else str(out), corpus_data.name) if group.is_main else (None, "")
+        run_dir, where = rundir.choose(None if out is None else str(out), corpus_data.name) if group.is_main else (None, "")
         run_dir = Path(distributed.broadcast_text(str(run_dir) if run_dir else None))
     if group.is_main:
         if not sources:
@@ -92,8 +132,8 @@ def train(corpus: str | Path | Sequence[str | Path] | None = None, *, config: st
             emit(Notice(f"skipped {skipped}: not a UTF-8 text file"))
     clean = False
     try:
-        summary = Trainer(corpus_data, model_config, train_config, run_dir, on_event=emit, resume=payload,
-                          auto=auto, init_from=base).run()
+        plan = resolve(corpus_data, model_config, train_config, run_dir, resume=payload, base=base, auto=auto)
+        summary = Trainer(plan, emit).run()
         clean = True
     except TrainingInterrupted:
         clean = True  # every rank agreed to stop at the same step
@@ -103,7 +143,89 @@ def train(corpus: str | Path | Sequence[str | Path] | None = None, *, config: st
     return {**summary, "run_dir_reason": where} if group.is_main else None
 
 
-def _refuse_model_changes(payload: checkpoint.Checkpoint, given: dict[str, Any], when: str) -> None:
+def resolve(corpus: Corpus, model_config: ModelConfig, train_config: TrainConfig, run_dir: str | Path, *,
+            resume: Checkpoint | None = None, base: Checkpoint | None = None, auto: tuple[str, ...] = ()) -> Plan:
+    """Every decision about a run, made before it starts.
+
+    auto: the model fields (sizing.SIZED) and the weight decay (sizing.SIZED_DECAY) to
+    choose for this corpus and budget rather than take from the configs, and the training
+    fields (sizing.SIZED_TRAIN) to choose for the device; a resumed run keeps its own.
+    base: a loaded checkpoint whose weights start this run (fine-tuning; model_config
+    must be its own), its vocabulary extended by this corpus's new characters."""
+    group = distributed.current()
+    device, device_reason = resolve_device(train_config.device)
+    device = distributed.rank_device(device)  # this rank's, under DDP
+    dtype, dtype_reason = resolve_dtype(train_config.dtype, device)
+    config = train_config.with_default_stop()
+    auto = auto if resume is None else ()
+    reasons = []
+    if "batch_size" in auto:
+        batch_size, why = sizing.batch_for(device, model_config.cell, group.world_size)
+        config = replace(config, batch_size=batch_size)
+        reasons.append(why)
+    if "eval_every" in auto:  # as many sequences apart whatever the batch
+        config = replace(config, eval_every=sizing.eval_every_for(config.batch_size))
+
+    parent = None
+    if resume is not None:
+        vocab, parent = Vocab(resume.vocab), resume.parent
+        if resume.corpus.get("sha256") not in (None, corpus.sha256):
+            raise DataError("this corpus differs from the one the run was trained on; give the same files to --resume")
+    elif base is not None:
+        vocab, added = extended_vocab(Vocab(base.vocab), Vocab.from_data(corpus))
+        parent = {"path": base.path, "added_chars": added}
+    else:
+        vocab = Vocab.from_data(corpus)
+    # The encoded corpus is small (1 byte a character): on a GPU it lives there whole,
+    # so a step copies nothing from the host.
+    train_ids, val_ids = split(vocab.encode_data(corpus).to(device), config.val_frac)
+    batches = _batches(config, train_ids, group.rows(config.batch_size))
+    if len(val_ids) < 2:
+        raise DataError(f"the validation split has {len(val_ids)} character(s); use a longer corpus or a larger --val-frac")
+
+    choice = None
+    if any(k in sizing.SIZED + sizing.SIZED_DECAY for k in auto):
+        choice = _choose_size(model_config, config, auto, len(train_ids), len(vocab), device, dtype)
+        model_config = replace(model_config, **{k: getattr(choice, k) for k in auto if k in sizing.SIZED})
+        config = replace(config, **{k: getattr(choice, k) for k in auto if k in sizing.SIZED_DECAY})
+        reasons.insert(0, choice.reason(len(train_ids), config.stop_text))
+    return Plan(corpus, model_config, config, vocab, train_ids, val_ids, batches, device, device_reason, dtype,
+                dtype_reason, Path(run_dir), resume, base, parent,
+                sizing={"fields": list(auto), "reason": "; ".join(reasons)} if reasons else None,  # not for eval_every alone
+                probe_s=choice.probe_s if choice else 0.0)
+
+
+def _batches(config: TrainConfig, train_ids: torch.Tensor, rows: slice):
+    """The batch layout of config: random windows, restarting streams or fixed streams."""
+    if config.stateless:
+        return RandomWindows(train_ids, config.batch_size, config.seq_len, rows)
+    if config.stream_restart > 0:
+        return RestartingStreams(train_ids, config.batch_size, config.seq_len, config.stream_restart, rows)
+    return StatefulBatches(train_ids, config.batch_size, config.seq_len, rows)
+
+
+def _choose_size(model_config: ModelConfig, config: TrainConfig, auto: tuple[str, ...], train_chars: int,
+                 vocab_size: int, device: torch.device, dtype) -> sizing.Choice:
+    """Rank 0 chooses (its probe times this machine) and every rank takes its choice."""
+    group = distributed.current()
+    choice = None
+    if group.is_main:
+        widths = sizing.WIDTHS if "hidden_size" in auto else (model_config.hidden_size,)
+        choice = sizing.choose(model_config, config, train_chars, vocab_size, device, dtype, widths=widths)
+    if group.world_size > 1:
+        text = distributed.broadcast_text(json.dumps(asdict(choice)) if choice else None)
+        choice = sizing.Choice(**json.loads(text))
+    return choice
+
+
+def trainer_for(corpus: Corpus, model_config: ModelConfig, train_config: TrainConfig, run_dir: str | Path,
+                on_event: OnEvent | None = None, **resolving: Any) -> Trainer:
+    """A Trainer for these configs, resolved as `train()` resolves them (resolving:
+    resume=, base=, auto=): the entry for tests and scripts that drive a run themselves."""
+    return Trainer(resolve(corpus, model_config, train_config, run_dir, **resolving), on_event)
+
+
+def _refuse_model_changes(payload: Checkpoint, given: dict[str, Any], when: str) -> None:
     changed = [k for k, v in given.items() if payload.model_config.get(k) != v]
     if changed:
         raise UsageError(f"the model cannot change {when} ({', '.join(changed)}); drop those flags")

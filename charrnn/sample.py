@@ -4,6 +4,8 @@ Temperature divides the logits before the softmax: low values (0.5) make the tex
 safer and more repetitive, high values (1.2) wilder; 0 means greedy (argmax).
 top-k keeps the k likeliest characters, top-p the smallest set whose probability
 reaches p. All randomness comes from one seeded `torch.Generator`: same seed, same text.
+`prior` (charrnn.startmix) is mixed into the predictions made while fewer than
+POSITIONS characters have been read from the start state, as `evaluate` scores them.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import torch
 from charrnn.data import Vocab
 from charrnn.decode import make_decoder
 from charrnn.errors import UsageError
-from charrnn.model import CharRNN
-from charrnn.startmix import POSITIONS
+from charrnn.model import CharRNN, evaluating
+from charrnn.startmix import POSITIONS, StartMix
 
 
 @dataclass(frozen=True)
@@ -32,20 +34,25 @@ class SampleSettings:
     def validate(self) -> None:
         if self.length < 0:
             raise UsageError(f"--length must be >= 0, not {self.length}")
-        if not 0 <= self.temperature < float("inf"):
-            raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), not {self.temperature}")
+        check_temperature(self.temperature)
         if self.top_k < 0:
             raise UsageError(f"--top-k must be >= 0 (0 = off), not {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise UsageError(f"--top-p must be in (0, 1], not {self.top_p}")
 
 
+def check_temperature(temperature: float) -> None:
+    if not 0 <= temperature < float("inf"):
+        raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), not {temperature}")
+
+
 def sample_text(model: CharRNN, vocab: Vocab, settings: SampleSettings, generator: torch.Generator,
-                device: torch.device | str = "cpu") -> str:
+                device: torch.device | str = "cpu", prior: StartMix | None = None) -> str:
     """One sample from the start state (no prime), as a string: what training shows at each
     validation and `charrnn viz` colours."""
     empty = torch.zeros(0, dtype=torch.long)
-    return "".join(chars[0] for chars in generate(model, vocab, empty, settings, generator=generator, device=device))
+    return "".join(chars[0] for chars in generate(model, vocab, empty, settings, generator=generator, device=device,
+                                                  prior=prior))
 
 
 def check_num_samples(num_samples: int) -> None:
@@ -96,6 +103,7 @@ def generate(
     device: torch.device | str = "cpu",
     fast: bool = True,
     dtype: torch.dtype | None = None,
+    prior: StartMix | None = None,
 ) -> Iterator[list[str]]:
     """Yield, step by step, the next character of each of num_samples samples.
 
@@ -107,8 +115,8 @@ def generate(
     """
     settings.validate()
     check_num_samples(num_samples)
-    with _threads_for(num_samples, device):
-        yield from _generate(model, vocab, prime_ids, settings, num_samples, generator, device, fast, dtype)
+    with _threads_for(num_samples, device), evaluating(model):
+        yield from _generate(model, vocab, prime_ids, settings, num_samples, generator, device, fast, dtype, prior)
 
 
 @contextmanager
@@ -126,11 +134,14 @@ def _threads_for(num_samples: int, device) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _generate(model, vocab, prime_ids, settings, num_samples, generator, device, fast, dtype):
-    model.eval()
+def _generate(model, vocab, prime_ids, settings, num_samples, generator, device, fast, dtype, prior):
     warm = start_ids(vocab, prime_ids).to(device)
-    logits, state = model(warm[None].expand(num_samples, -1))  # one forward over the prime
+    # The characters read from the start state so far, while the prior still mixes.
+    read_ids = warm[None].expand(num_samples, -1)
+    logits, state = model(read_ids)  # one forward over the prime
     logits = logits[:, -1]  # (N, V)
+    if prior is not None:
+        logits = prior.mix_at(logits, read_ids)
     decoder = None
     if fast:
         decoder = make_decoder(model, num_samples, device, dtype=dtype)
@@ -138,8 +149,6 @@ def _generate(model, vocab, prime_ids, settings, num_samples, generator, device,
     tails = [""] * num_samples
     done = [False] * num_samples
     alphabet = vocab.chars
-    # The characters read from the start state so far, while the start mix still mixes.
-    read = warm[None].expand(num_samples, -1)
     for _ in range(settings.length):
         ids = next_ids(logits, settings, generator)  # (N,)
         chars = [alphabet[i] for i in ids.tolist()]
@@ -155,9 +164,9 @@ def _generate(model, vocab, prime_ids, settings, num_samples, generator, device,
         else:
             logits, state = model(ids[:, None], state)
             logits = logits[:, -1]
-        if model.start_mix is not None and read.shape[1] < POSITIONS:
-            read = torch.cat([read, ids[:, None]], 1)
-            logits = model.start_mix.mix_at(logits, read)
+        if prior is not None and read_ids.shape[1] < POSITIONS:
+            read_ids = torch.cat([read_ids, ids[:, None]], 1)
+            logits = prior.mix_at(logits, read_ids)
 
 
 def _stop_check(n: int, char: str, tails: list[str], done: list[bool], stop: str) -> str:

@@ -1,30 +1,32 @@
-"""The start mix: a k-gram model of the training text, mixed into the first predictions
-of every read from the start state.
+"""The start mix: a prior over the first predictions read from the start state, a k-gram
+model of the training text mixed into them.
 
 From the start state the network knows nothing of where in the text it is, and for the
 first few characters after a short prime it can only guess from those characters. A
 Witten-Bell k-gram model of the training split (the counts of its 1- to 6-grams) guesses
 from the same characters about as well, from other knowledge (the exact n-grams of the
-text, which a 2-million-weight network does not hold), and their mixture guesses better
-than either. Measured on the default 10-minute Tiny Shakespeare model (run E in
-docs/benchmarks.md, the cold-start section) over 4,096 places of the validation split:
-the first 10 predictions read from the start state went from 1.704 to 1.654 nats, and
-the cold-start gap (beside the same predictions after 200 characters) from 0.281 to
-0.231. It costs ~5 MB of checkpoint and 0.1 s a validation.
+text), and their mixture guesses better than either (docs/benchmarks.md, "Why the start
+mix").
 
-Only a fresh read mixes (a forward call with no state given, in eval mode) and only its
-first POSITIONS predictions; `sample` mixes the characters it writes there too. Carried
-state (the rest of a text, training, dynamic evaluation's later segments) is the
-network alone. The k-gram's weight at each of those predictions is fit at every
-validation on windows of the validation split, so it falls as the network gets
-better at reading; a weight of 0 is the network alone.
+It is a decoding and scoring concern, not part of the network: `CharRNN.forward` gives
+the network's logits whatever called it, and the callers that read from the start state
+take the prior and mix it in: `evaluate(..., prior=)`, `generate(..., prior=)`,
+`analysis.trace(..., prior=)` (charrnn viz), and through them `charrnn.load(...)`'s
+sample and score. Only the first POSITIONS predictions of a read from the start state
+are mixed; carried state (the rest of a text, training) is the network alone. The
+k-gram's weight at each of those predictions is fit at every validation on windows of
+the validation split, so it falls as the network gets better at reading; a weight of 0
+is the network alone.
+
+Stored compactly (`state`): the n-gram tables as a trie, each n-gram its last character
+and its count, each (n-1)-gram how many n-grams extend it, in the smallest integer types
+that hold them: ~3-4 bytes an n-gram, against 12 for the int64 keys and int32 counts the
+lookups use in memory (rebuilt at load).
 
 Left alone: mixed into every prediction, the k-gram would also lower the loss read with
-context (1.423 -> 1.398 nats at the same places, weights 0.15-0.35), and the gap,
-measured that way, would be 0.256 (scripts/coldstart.py --warm-mix). But then `eval`
-would no longer score the network that people compare with published LSTM figures and
-with the plain loop, so only the start, where the network has no context to read, is
-mixed.
+context (scripts/coldstart.py --warm-mix shows by how much), but then `eval` would no
+longer score the network that people compare with published LSTM figures and with the
+plain loop, so only the start, where the network has no context to read, is mixed.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ from typing import Any
 import torch
 
 from charrnn.device import autocast
+from charrnn.model import evaluating
 
 POSITIONS = 10  # the first predictions of a fresh read that are mixed
 ORDER = 6  # n-grams of up to 6 characters: contexts of up to 5 (7 and up gained < 0.002)
-MAX_GRAMS = 1_000_000  # table entries kept (~12 MB); a bigger table keeps fewer orders
+MAX_GRAMS = 1_000_000  # table entries kept (~12 MB in memory, ~4 MB stored); a bigger table keeps fewer orders
 FIT_WINDOWS = 512  # validation windows the weights are fit on
 GRID = 21  # weights tried at each position: 0, 0.05, ..., 1
 
@@ -54,6 +57,27 @@ def _keys(ids: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
     for i in range(n):
         keys = keys * vocab_size + ids[i : len(ids) - n + 1 + i]
     return keys
+
+
+def _smallest(values: torch.Tensor) -> torch.Tensor:
+    """values (non-negative integers) in the smallest type that holds them: uint8, int16 or int32."""
+    top = int(values.max()) if len(values) else 0
+    kind = torch.uint8 if top < 1 << 8 else torch.int16 if top < 1 << 15 else torch.int32
+    return values.to(kind)
+
+
+def _keys_problem(state: dict[str, Any], vocab_size: int) -> str | None:
+    """What is wrong with a start mix stored in its first form (int64 keys), or None."""
+    keys, counts = state["keys"], state.get("counts")
+    if not isinstance(keys, list) or not isinstance(counts, list) or len(keys) != len(counts):
+        return "start_mix keys and counts are not lists of the same length"
+    for n, (key, count) in enumerate(zip(keys, counts), 1):
+        if not (isinstance(key, torch.Tensor) and isinstance(count, torch.Tensor)) or key.shape != count.shape \
+                or key.dim() != 1 or key.dtype != torch.long:
+            return f"start_mix's {n}-gram table is malformed"
+        if len(key) and (key.min() < 0 or key.max() >= vocab_size ** n or bool((key[1:] <= key[:-1]).any())):
+            return f"start_mix's {n}-gram keys are out of range or not sorted"
+    return None
 
 
 def _lookup(sorted_keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
@@ -105,29 +129,54 @@ class StartMix:
     # -- storage (a checkpoint field) --------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        return {"keys": list(self.keys), "counts": list(self.counts), "weights": self.weights.clone()}
+        """The stored form: the tables as a trie in the smallest integer types (module docstring).
+
+        chars[n-1]    the last character of each n-gram, in the order of the sorted keys
+        counts[n-1]   how many times each n-gram occurs
+        children[n-1] how many (n+1)-grams extend each n-gram (n < order)
+        """
+        chars = [_smallest(key % self.vocab_size) for key in self.keys]
+        children = [_smallest(torch.bincount(self._prefix_index(n), minlength=len(self.keys[n - 1])))
+                    for n in range(1, self.order)]
+        return {"chars": chars, "counts": [_smallest(c) for c in self.counts], "children": children,
+                "weights": self.weights.clone()}
+
+    def _prefix_index(self, n: int) -> torch.Tensor:
+        """For each (n+1)-gram, the index of the n-gram it extends (its first n characters)."""
+        return torch.searchsorted(self.keys[n - 1], self.keys[n] // self.vocab_size)
 
     @classmethod
     def from_state(cls, state: dict[str, Any], vocab_size: int) -> "StartMix":
-        return cls(vocab_size, list(state["keys"]), list(state["counts"]), state["weights"])
+        if "keys" in state:  # the first stored form: int64 keys and int32 counts as in memory
+            return cls(vocab_size, list(state["keys"]), list(state["counts"]), state["weights"])
+        keys = []
+        for n, chars in enumerate(state["chars"], 1):
+            prefix = keys[-1].repeat_interleave(state["children"][n - 2].long()) if n > 1 else 0
+            keys.append(prefix * vocab_size + chars.long())
+        return cls(vocab_size, keys, [c.int() for c in state["counts"]], state["weights"])
 
     @staticmethod
     def problem(state: Any, vocab_size: int) -> str | None:
         """What is wrong with a stored start mix, or None."""
-        if not isinstance(state, dict) or not {"keys", "counts", "weights"} <= state.keys():
-            return "start_mix is not a dict of keys, counts and weights"
-        keys, counts, weights = state["keys"], state["counts"], state["weights"]
-        if not isinstance(keys, list) or not isinstance(counts, list) or len(keys) != len(counts):
-            return "start_mix keys and counts are not lists of the same length"
-        for n, (key, count) in enumerate(zip(keys, counts), 1):
-            if not (isinstance(key, torch.Tensor) and isinstance(count, torch.Tensor)) or key.shape != count.shape \
-                    or key.dim() != 1 or key.dtype != torch.long:
-                return f"start_mix's {n}-gram table is malformed"
-            if len(key) and (key.min() < 0 or key.max() >= vocab_size ** n or bool((key[1:] <= key[:-1]).any())):
-                return f"start_mix's {n}-gram keys are out of range or not sorted"
+        if not isinstance(state, dict) or "weights" not in state:
+            return "start_mix is not a dict of tables and weights"
+        weights = state["weights"]
         if not isinstance(weights, torch.Tensor) or weights.shape != (POSITIONS,) \
                 or not bool(((weights >= 0) & (weights <= 1)).all()):
             return f"start_mix weights are not {POSITIONS} values in [0, 1]"
+        if "keys" in state:
+            return _keys_problem(state, vocab_size)
+        chars, counts, children = state.get("chars"), state.get("counts"), state.get("children")
+        if not all(isinstance(t, list) and all(isinstance(x, torch.Tensor) and x.dim() == 1 for x in t)
+                   for t in (chars, counts, children)) or len(chars) != len(counts) \
+                or len(children) != max(0, len(chars) - 1):
+            return "start_mix's tables are not lists of 1-D tensors of matching lengths"
+        for n, (char, count) in enumerate(zip(chars, counts), 1):
+            expected = len(chars[0]) if n == 1 else int(children[n - 2].long().sum())
+            if len(char) != len(count) or len(char) != expected or (n > 1 and len(children[n - 2]) != len(chars[n - 2])):
+                return f"start_mix's {n}-gram table does not fit the one before it"
+            if len(char) and (char.min() < 0 or char.max() >= vocab_size or count.min() < 1):
+                return f"start_mix's {n}-gram table holds characters or counts out of range"
         return None
 
     def summary(self) -> dict[str, int]:
@@ -188,11 +237,8 @@ class StartMix:
         span = ids.cpu()[places[:, None] + torch.arange(POSITIONS + 1)].long()
         x, y = span[:, :-1], span[:, 1:]
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        with autocast(device, dtype):
-            logits, _ = model(x.to(device), model.init_state(windows, device))  # given a state: the network alone
-        model.train(was_training)
+        with evaluating(model), autocast(device, dtype):
+            logits, _ = model(x.to(device))
         net = logits.float().log_softmax(-1).cpu().gather(-1, y[..., None])[..., 0].double()  # (W, P)
         grid = torch.linspace(0, 1, GRID, dtype=torch.float64)
         for t in range(POSITIONS):

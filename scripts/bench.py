@@ -39,7 +39,7 @@ from charrnn.device import dtype_name, resolve_device, resolve_dtype  # noqa: E4
 from charrnn.evaluate import evaluate  # noqa: E402
 from charrnn.model import CharRNN  # noqa: E402
 from charrnn.sample import SampleSettings, generate  # noqa: E402
-from charrnn.trainer import Trainer  # noqa: E402
+from charrnn.run import trainer_for  # noqa: E402
 
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -127,12 +127,12 @@ def bench_training(corpus, ids, vocab_size, hidden, layers, batch, seq, device, 
     base_rate = calls * batch * seq / elapsed
     # charrnn: the Trainer's own step (stateful batches, autocast at its default dtype).
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(corpus, ModelConfig(hidden_size=hidden, num_layers=layers, dropout=0.0),
+        trainer = trainer_for(corpus, ModelConfig(hidden_size=hidden, num_layers=layers, dropout=0.0),
                           TrainConfig(batch_size=batch, seq_len=seq, device=str(device), steps=1, sample_length=0),
                           Path(tmp) / "run")
         calls, elapsed = timed(trainer.step, seconds, device)
     rate = calls * batch * seq / elapsed
-    dtype = dtype_name(trainer.dtype)
+    dtype = dtype_name(trainer.plan.dtype)
     peak = peaks["bf16" if dtype == "bf16" else "fp32"] if dtype != "fp16" else peaks.get("fp16", peaks["fp32"])
     return {
         "config": f"{layers}x{hidden} b{batch} t{seq}", "dtype": dtype,
@@ -149,11 +149,11 @@ def bench_cells(corpus, device, seconds, cells=("lstm", "gru", "rnn", "peephole"
     rates = {}
     for cell in cells:
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = Trainer(corpus, ModelConfig(cell=cell),
+            trainer = trainer_for(corpus, ModelConfig(cell=cell),
                               TrainConfig(device=str(device), steps=1, sample_length=0, batch_size=64, seq_len=100),
                               Path(tmp) / "run")
             calls, elapsed = timed(trainer.step, seconds, device)
-            model, vocab = trainer.model.eval(), trainer.vocab
+            model, vocab = trainer.state.model.eval(), trainer.plan.vocab
         rates[cell] = {"chars_per_s": calls * 64 * 100 / elapsed}
         for fast in (True, False):
             rates[cell]["sample_fast" if fast else "sample_reference"] = sampling_rate(
@@ -176,7 +176,7 @@ def bench_options(corpus, device, seconds, rounds=3):
     }
     totals = {name: [0, 0.0] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {name: Trainer(corpus, ModelConfig(dropout=0.0, **model),
+        trainers = {name: trainer_for(corpus, ModelConfig(dropout=0.0, **model),
                                   TrainConfig(device=str(device), steps=1, sample_length=0, batch_size=64, seq_len=100,
                                               **train), Path(tmp) / name)
                     for name, (model, train) in variants.items()}
@@ -218,13 +218,13 @@ def bench_quality(corpus, hidden, layers, batch, seq, steps, device):
     out = {}
     for dtype in ("auto", "fp32"):
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = Trainer(corpus, ModelConfig(hidden_size=hidden, num_layers=layers),
+            trainer = trainer_for(corpus, ModelConfig(hidden_size=hidden, num_layers=layers),
                               TrainConfig(batch_size=batch, seq_len=seq, steps=steps, eval_every=steps,
                                           dtype=dtype, device=str(device), sample_length=0),
                               Path(tmp) / "run")
             start = time.perf_counter()
             summary = trainer.run()
-            out[dtype_name(trainer.dtype) if dtype == "auto" else "fp32"] = {
+            out[dtype_name(trainer.plan.dtype) if dtype == "auto" else "fp32"] = {
                 "val_loss": summary["val_loss"], "seconds": time.perf_counter() - start}
     names = list(out)
     return {"steps": steps, "config": f"{layers}x{hidden} b{batch} t{seq}", "results": out,

@@ -34,7 +34,7 @@ from charrnn.config import ModelConfig, TrainConfig, build, tomllib  # noqa: E40
 from charrnn.data import read_corpus  # noqa: E402
 from charrnn.device import autocast  # noqa: E402
 from charrnn.evaluate import evaluate  # noqa: E402
-from charrnn.trainer import Trainer  # noqa: E402
+from charrnn.run import trainer_for  # noqa: E402
 from yardstick import corpus_path  # noqa: E402
 
 
@@ -71,13 +71,13 @@ def run(corpus, settings: dict, steps: int) -> dict:
     train_config = build(TrainConfig, {"eval_every": 10**9, "sample_length": 0, "steps": steps,
                                        **{k: v for k, v in settings.items() if k not in model_keys}})
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(corpus, model_config, train_config, Path(tmp) / "run")
+        trainer = trainer_for(corpus, model_config, train_config, Path(tmp) / "run")
         started = time.perf_counter()
         trainer.run()
         seconds = time.perf_counter() - started
-    model = trainer.model.eval()
-    carried = evaluate(model, trainer.val_ids, trainer.device, trainer.dtype).loss
-    return {"carried": carried, "chunks": chunk_loss(model, trainer.val_ids, trainer.device, trainer.dtype),
+    model = trainer.state.model.eval()
+    carried = evaluate(model, trainer.plan.val_ids, trainer.device, trainer.dtype).loss
+    return {"carried": carried, "chunks": chunk_loss(model, trainer.plan.val_ids, trainer.device, trainer.dtype),
             "seconds": seconds}
 
 

@@ -8,7 +8,7 @@ import torch
 
 from charrnn.config import ModelConfig, TrainConfig
 from charrnn.data import Corpus
-from charrnn.trainer import Trainer
+from charrnn.run import trainer_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -47,7 +47,7 @@ def trained_run(tmp_path_factory) -> Path:
     """A tiny model trained for 30 steps on VERSE * 20; its run directory."""
     run_dir = tmp_path_factory.mktemp("run") / "runs" / "tiny"
     model_config, train_config = tiny_configs()
-    Trainer(corpus_of(VERSE * 20), model_config, train_config, run_dir).run()
+    trainer_for(corpus_of(VERSE * 20), model_config, train_config, run_dir).run()
     return run_dir
 
 

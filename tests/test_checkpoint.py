@@ -1,9 +1,11 @@
 import os
+import pickle
 import random
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,19 +39,40 @@ def test_run_directory_resolves_to_best(trained_run):
     assert checkpoint.latest_run(trained_run.parent) == trained_run
 
 
-def test_truncated_checkpoint(trained_run, tmp_path):
+def _unreadable_files(trained_run, tmp_path) -> dict[str, Path]:
+    """One file of each kind torch.load refuses."""
     data = (trained_run / "last.pt").read_bytes()
-    bad = tmp_path / "cut.pt"
-    bad.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="not a readable charrnn checkpoint"):
-        checkpoint.load(bad)
+    files = {"truncated": data[: len(data) // 2], "random bytes": os.urandom(4096),
+             "text": b"just some words\n"}
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    paths = {}
+    for kind, content in files.items():
+        paths[kind] = tmp_path / f"{kind.replace(' ', '_')}.pt"
+        paths[kind].write_bytes(content)
+    paths["code"] = tmp_path / "code.pt"
+    torch.save({"format": "charrnn-checkpoint", "x": Payload()}, paths["code"])
+    paths["bare pickle"] = tmp_path / "bare.pt"
+    paths["bare pickle"].write_bytes(pickle.dumps({"x": Payload()}, protocol=2))
+    return paths
 
 
-def test_text_file_as_checkpoint(tmp_path):
-    bad = tmp_path / "notes.txt"
-    bad.write_text("just some words\n")
-    with pytest.raises(CheckpointError, match="not a readable charrnn checkpoint"):
-        checkpoint.load(bad)
+def test_each_kind_of_unreadable_file_gets_its_own_message(trained_run, tmp_path):
+    expected = {"truncated": "a PyTorch archive cut short or damaged", "random bytes": "not a PyTorch checkpoint at all",
+                "text": "not a PyTorch checkpoint at all", "code": "holds Python code or objects (posix.system)",
+                "bare pickle": "holds Python code or objects"}
+    messages = {}
+    for kind, path in _unreadable_files(trained_run, tmp_path).items():
+        with pytest.raises(CheckpointError) as caught:
+            checkpoint.load(path)
+        messages[kind] = str(caught.value)
+        assert expected[kind] in messages[kind] and str(path) in messages[kind] and "\n" not in messages[kind]
+    # Random bytes are not called code, nor a cut-short archive.
+    assert "code" not in messages["random bytes"] and "cut short" not in messages["random bytes"]
+    assert "unreadable" in messages["truncated"] and "unreadable" in messages["random bytes"]
 
 
 def test_foreign_torch_file_and_unknown_version(tmp_path):

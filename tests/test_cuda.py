@@ -13,7 +13,7 @@ from charrnn.device import resolve_device, resolve_dtype
 from charrnn.evaluate import evaluate
 from charrnn.model import CharRNN
 from charrnn.sample import SampleSettings, generate
-from charrnn.trainer import Trainer
+from charrnn.run import trainer_for
 
 from conftest import VERSE, corpus_of, tiny_configs
 
@@ -31,7 +31,7 @@ def test_auto_picks_cuda_and_bf16():
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "peephole", "layernorm"])
 def test_cuda_training_checkpoint_loads_on_cpu(tmp_path, cell):
     model_config, train_config = tiny_configs(model={"cell": cell}, train={"device": "cuda", "dtype": "auto"})
-    summary = Trainer(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "run").run()
+    summary = trainer_for(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "run").run()
     assert summary["val_loss"] < 4.0
     payload = checkpoint.load(tmp_path / "run" / "last.pt")
     model, vocab = checkpoint.restore_model(payload)
@@ -84,17 +84,17 @@ def test_the_start_mix_on_cuda_samples_as_on_cpu():
     ids, _ = vocab.encode(VERSE * 5)
     torch.manual_seed(0)
     model = CharRNN(ModelConfig(hidden_size=64, num_layers=2, dropout=0.0), len(vocab)).eval()
-    model.start_mix = StartMix.build(ids, len(vocab))
-    model.start_mix.weights = torch.full((POSITIONS,), 0.9)
+    prior = StartMix.build(ids, len(vocab))
+    prior.weights = torch.full((POSITIONS,), 0.9)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     prime, _ = vocab.encode("Th")
     settings = SampleSettings(length=30, temperature=0.0)
 
-    def run(device, fast):
-        return "".join(c[0] for c in generate(model.to(device), vocab, prime, settings, 1, None, device, fast=fast))
+    def run(device, fast, prior=prior):
+        return "".join(c[0] for c in generate(model.to(device), vocab, prime, settings, 1, None, device, fast=fast,
+                                              prior=prior))
 
     cpu = run("cpu", False)
     assert run("cuda", True) == run("cuda", False) == cpu
-    model.start_mix = None
-    assert run("cpu", False)[:8] != cpu[:8]
+    assert run("cpu", False, None)[:8] != cpu[:8]

@@ -97,7 +97,7 @@ def test_sharded_validation_equals_one_process(runs, corpus):
     ids, _ = vocab.encode(corpus.read_text())
     _, val = split(ids, payload.train_config["val_frac"])
     assert len(val) > 2 * 1024  # at least 2 streams, so each rank scored part of it
-    one_process = evaluate(model, val, torch.device("cpu")).loss
+    one_process = evaluate(model, val, torch.device("cpu"), prior=checkpoint.restore_prior(payload)).loss
     assert _metrics(runs / "two")[-1]["val_loss"] == pytest.approx(one_process, abs=1e-6)
 
 

@@ -105,7 +105,7 @@ def _play(lines: int = 400) -> str:
 def test_training_from_the_start_state_closes_most_of_the_cold_start_gap(tmp_path):
     """The first characters read from the start state (a prime, an eval) lose much less
     to the same characters read in context once training starts sequences from it."""
-    from charrnn.trainer import Trainer
+    from charrnn.run import trainer_for
 
     from conftest import corpus_of, tiny_configs
 
@@ -113,18 +113,18 @@ def test_training_from_the_start_state_closes_most_of_the_cold_start_gap(tmp_pat
     for stateless in (False, True):
         model_config, train_config = tiny_configs(train={"steps": 150, "eval_every": 150, "seq_len": 32,
                                                          "batch_size": 8, "stateless": stateless})
-        trainer = Trainer(corpus_of(_play()), model_config, train_config, tmp_path / str(stateless))
+        trainer = trainer_for(corpus_of(_play()), model_config, train_config, tmp_path / str(stateless))
         trainer.run()
-        model = trainer.model
-        mixed = _mean_gap(model, trainer.val_ids)  # as sample and eval read: with the start mix (on by default)
-        assert model.start_mix is not None
-        model.start_mix = None
-        gaps[stateless] = _mean_gap(model, trainer.val_ids)  # the network alone
+        model, prior = trainer.state.model, trainer.state.prior
+        assert prior is not None
+        mixed = _mean_gap(model, trainer.plan.val_ids, prior)  # as sample and eval read: with the start mix (on by default)
+        gaps[stateless] = _mean_gap(model, trainer.plan.val_ids)  # the network alone
     assert gaps[True] < 0.5 * gaps[False]
     # The start mix narrows the stateless model's gap further.
     assert mixed < gaps[True] - 0.05
 
 
-def _mean_gap(model, ids) -> float:
-    cold, warm = cold_start(model, ids, windows=128, context=60, positions=10, generator=torch.Generator().manual_seed(0))
+def _mean_gap(model, ids, prior=None) -> float:
+    cold, warm = cold_start(model, ids, windows=128, context=60, positions=10, generator=torch.Generator().manual_seed(0),
+                            prior=prior)
     return (sum(cold) - sum(warm)) / len(cold)

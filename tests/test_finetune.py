@@ -11,7 +11,7 @@ from charrnn import checkpoint
 from charrnn.config import TrainConfig
 from charrnn.cli import app
 from charrnn.evaluate import evaluate
-from charrnn.trainer import Trainer
+from charrnn.run import trainer_for
 
 from conftest import VERSE, corpus_of, tiny_configs
 
@@ -58,15 +58,14 @@ def test_with_no_new_characters_step_0_scores_as_the_base_model(trained_run):
     base, _ = checkpoint.restore_model(payload)
     model_config = base.config
     _, train_config = tiny_configs(train={"steps": 5})
-    trainer = Trainer(corpus_of(VERSE * 10), model_config, train_config, trained_run.parent / "ft", init_from=payload)
-    assert trainer.vocab.chars == payload.vocab
+    trainer = trainer_for(corpus_of(VERSE * 10), model_config, train_config, trained_run.parent / "ft", base=payload)
+    assert trainer.plan.vocab.chars == payload.vocab
     # The start mix is counted on the new text (and fit at its first validation), so the
     # networks alone are compared: the weights carried over.
-    assert trainer.model.start_mix is not None and base.start_mix is not None
-    assert sum(trainer.model.start_mix.counts[0]) == len(trainer.train_ids)
-    trainer.model.start_mix = base.start_mix = None
-    ours = evaluate(trainer.model, trainer.val_ids, torch.device("cpu"))
-    theirs = evaluate(base, trainer.val_ids, torch.device("cpu"))
+    assert trainer.state.prior is not None and payload.start_mix is not None
+    assert sum(trainer.state.prior.counts[0]) == len(trainer.plan.train_ids)
+    ours = evaluate(trainer.state.model, trainer.plan.val_ids, torch.device("cpu"))
+    theirs = evaluate(base, trainer.plan.val_ids, torch.device("cpu"))
     assert ours.loss == theirs.loss
 
 

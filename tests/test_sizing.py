@@ -42,16 +42,16 @@ def test_a_given_width_gets_the_dropout_of_its_own_passes():
 
 
 def test_the_trainer_sizes_a_given_width_alone(tmp_path, monkeypatch):
-    from charrnn.trainer import Trainer
+    from charrnn.run import trainer_for
 
     seen = []
     choose = sizing.choose
     monkeypatch.setattr(sizing, "choose", lambda *a, **k: seen.append(k["widths"]) or choose(*a, **{**k, "probe": False}))
     model_config, train_config = tiny_configs(model={"hidden_size": 24}, train={"time": "10m"})
-    given = Trainer(corpus_of(VERSE * 50), model_config, train_config, tmp_path / "given", auto=("dropout",))
-    chosen = Trainer(corpus_of(VERSE * 50), model_config, train_config, tmp_path / "chosen", auto=("hidden_size", "dropout"))
+    given = trainer_for(corpus_of(VERSE * 50), model_config, train_config, tmp_path / "given", auto=("dropout",))
+    chosen = trainer_for(corpus_of(VERSE * 50), model_config, train_config, tmp_path / "chosen", auto=("hidden_size", "dropout"))
     assert seen == [(24,), sizing.WIDTHS]
-    assert given.model_config.hidden_size == 24 and chosen.model_config.hidden_size in sizing.WIDTHS
+    assert given.plan.model_config.hidden_size == 24 and chosen.plan.model_config.hidden_size in sizing.WIDTHS
 
 
 def test_the_width_is_the_widest_that_reads_enough_characters_per_parameter():
@@ -82,15 +82,15 @@ def test_weight_decay_grows_with_the_passes_over_the_text():
 
 
 def test_the_trainer_takes_the_chosen_weight_decay_and_a_given_one_wins(tmp_path, monkeypatch):
-    from charrnn.trainer import Trainer
+    from charrnn.run import trainer_for
 
     monkeypatch.setattr(sizing, "choose", lambda *a, **k: sizing.Choice(24, 0.0, 1e6, 12.0, None, 0.0))
     model_config, train_config = tiny_configs(train={"weight_decay": 0.07})
-    chosen = Trainer(corpus_of(VERSE * 50), model_config, train_config, tmp_path / "chosen", auto=("weight_decay",))
-    given = Trainer(corpus_of(VERSE * 50), model_config, train_config, tmp_path / "given", auto=("dropout",))
-    assert chosen.config.weight_decay == chosen.optimizer.param_groups[0]["weight_decay"] == 0.2
-    assert given.config.weight_decay == given.optimizer.param_groups[0]["weight_decay"] == 0.07
-    assert chosen.model_config.hidden_size == given.model_config.hidden_size == model_config.hidden_size
+    chosen = trainer_for(corpus_of(VERSE * 50), model_config, train_config, tmp_path / "chosen", auto=("weight_decay",))
+    given = trainer_for(corpus_of(VERSE * 50), model_config, train_config, tmp_path / "given", auto=("dropout",))
+    assert chosen.config.weight_decay == chosen.state.optimizer.param_groups[0]["weight_decay"] == 0.2
+    assert given.config.weight_decay == given.state.optimizer.param_groups[0]["weight_decay"] == 0.07
+    assert chosen.plan.model_config.hidden_size == given.plan.model_config.hidden_size == model_config.hidden_size
 
 
 def test_the_probe_leaves_the_random_streams_as_they_were():

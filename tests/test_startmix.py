@@ -1,4 +1,5 @@
-"""The start mix: a k-gram model mixed into the first predictions of a fresh read."""
+"""The start mix: a prior (a k-gram model) mixed into the first predictions of a read
+from the start state, by the scorer and the decoder that take it."""
 
 import math
 from collections import Counter
@@ -10,7 +11,7 @@ from charrnn import checkpoint
 from charrnn.config import ModelConfig
 from charrnn.data import Vocab, split
 from charrnn.errors import CheckpointError
-from charrnn.evaluate import cold_start, evaluate
+from charrnn.evaluate import cold_start, evaluate, read
 from charrnn.model import CharRNN
 from charrnn.sample import SampleSettings, generate
 from charrnn.startmix import POSITIONS, StartMix, max_order
@@ -71,49 +72,65 @@ def test_a_big_table_keeps_fewer_orders_and_keys_fit_int64():
     assert max_order(65) == 10 and max_order(5000) == 5 and 5000 ** max_order(5000) < 2**63
 
 
-def _model_with_mix(weight: float) -> tuple[CharRNN, torch.Tensor]:
+def _model_with_mix(weight: float) -> tuple[CharRNN, StartMix, torch.Tensor]:
     ids, v = _ids()
     torch.manual_seed(0)
     model = CharRNN(ModelConfig(hidden_size=24, num_layers=2, embedding_size=8, dropout=0.0), v).eval()
-    model.start_mix = StartMix.build(ids, v)
-    model.start_mix.weights = torch.full((POSITIONS,), weight)
-    return model, ids
+    prior = StartMix.build(ids, v)
+    prior.weights = torch.full((POSITIONS,), weight)
+    return model, prior, ids
 
 
-def test_a_fresh_read_mixes_its_first_predictions_only():
-    model, ids = _model_with_mix(0.3)
-    mix = model.start_mix
+def test_a_read_from_the_start_state_mixes_its_first_predictions_only():
+    model, mix, ids = _model_with_mix(0.3)
     x = ids[:40].view(2, 20)
-    mixed, state = model(x)
-    model.start_mix = None
+    mixed, state = read(model, x, None, mix)
     alone, alone_state = model(x)
-    model.start_mix = mix
     for t in range(POSITIONS):
         expected = torch.logaddexp(alone[:, t].log_softmax(-1) + math.log(0.7),
                                    mix.log_probs(x[:, : t + 1]) + math.log(0.3))
         assert torch.allclose(mixed[:, t], expected, atol=1e-5)
     assert torch.equal(mixed[:, POSITIONS:], alone[:, POSITIONS:])
     assert all(torch.equal(a, b) for a, b in zip(state, alone_state))
-    # Carried state, even the start state passed in, and training are the network alone.
-    assert torch.equal(model(x, model.init_state(2))[0], alone)
-    model.train()
-    assert not torch.allclose(model(x)[0][:, 0], mixed[:, 0])
-    model.eval()
+    # Carried state is the network alone, and so is a read given no prior.
+    assert torch.equal(read(model, x, model.init_state(2), mix)[0], alone)
+    assert torch.equal(read(model, x, None, None)[0], alone)
     mix.weights = torch.zeros(POSITIONS)
-    assert torch.equal(model(x)[0], alone)
+    assert torch.equal(read(model, x, None, mix)[0], alone)
 
 
 def test_fit_chooses_weights_that_lower_the_loss_where_the_network_knows_little():
-    model, ids = _model_with_mix(0.0)  # an untrained network: the k-gram knows far more
-    model.start_mix.fit(model, ids, seed=1)
-    weights = model.start_mix.weights
-    assert bool(((weights > 0.5) & (weights <= 1)).all())
+    model, prior, ids = _model_with_mix(0.0)  # an untrained network: the k-gram knows far more
+    prior.fit(model, ids, seed=1)
+    assert bool(((prior.weights > 0.5) & (prior.weights <= 1)).all())
+    assert not model.training  # fit leaves the model in the mode it found it
     generator = torch.Generator().manual_seed(0)
-    cold_mixed, _ = cold_start(model, ids, windows=64, context=20, positions=POSITIONS, generator=generator)
-    model.start_mix = None
+    cold_mixed, _ = cold_start(model, ids, windows=64, context=20, positions=POSITIONS, generator=generator, prior=prior)
     generator = torch.Generator().manual_seed(0)
     cold_alone, _ = cold_start(model, ids, windows=64, context=20, positions=POSITIONS, generator=generator)
     assert sum(cold_mixed) < sum(cold_alone) - 5
+
+
+def test_the_stored_form_is_compact_and_reads_back_the_same_tables():
+    ids, v = _ids()
+    mix = StartMix.build(ids, v)
+    mix.weights = torch.linspace(0, 0.9, POSITIONS)
+    stored = mix.state()
+    assert StartMix.problem(stored, v) is None
+    again = StartMix.from_state(stored, v)
+    assert all(torch.equal(a, b) for a, b in zip(again.keys, mix.keys))
+    assert all(torch.equal(a, b) for a, b in zip(again.counts, mix.counts))
+    assert torch.equal(again.weights, mix.weights)
+    history = ids[:50].view(10, 5)
+    assert torch.equal(again.log_probs(history), mix.log_probs(history))
+    stored_bytes = sum(t.numel() * t.element_size() for part in ("chars", "counts", "children") for t in stored[part])
+    memory_bytes = sum(k.numel() * 8 + c.numel() * 4 for k, c in zip(mix.keys, mix.counts))
+    assert stored_bytes * 3 < memory_bytes  # ~3 bytes an n-gram against 12
+    assert all(t.dtype == torch.uint8 for t in stored["chars"])
+    # The first stored form (int64 keys) still loads.
+    first = {"keys": list(mix.keys), "counts": list(mix.counts), "weights": mix.weights}
+    assert StartMix.problem(first, v) is None
+    assert all(torch.equal(a, b) for a, b in zip(StartMix.from_state(first, v).keys, mix.keys))
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -125,10 +142,10 @@ def test_sampling_mixes_the_characters_it_writes_in_the_first_positions(fast):
     model = CharRNN(ModelConfig(hidden_size=16, num_layers=1, embedding_size=4, dropout=0.0), 3).eval()
     with torch.no_grad():
         model.head.bias.copy_(torch.tensor([0.0, 0.0, 9.0]))  # the network alone says "c" always
-    model.start_mix = StartMix.build(ids, 3)
-    model.start_mix.weights = torch.ones(POSITIONS)  # the k-gram alone in the first positions
+    prior = StartMix.build(ids, 3)
+    prior.weights = torch.ones(POSITIONS)  # the k-gram alone in the first positions
     settings = SampleSettings(length=20, temperature=0)
-    written = "".join(c[0] for c in generate(model, vocab, torch.tensor([0, 1]), settings, fast=fast))
+    written = "".join(c[0] for c in generate(model, vocab, torch.tensor([0, 1]), settings, fast=fast, prior=prior))
     # Read after "ab": predictions 2..10 are the k-gram's (the text's own order), then "c".
     assert written == "cabcabcab" + "c" * 11
 
@@ -137,13 +154,13 @@ def test_training_stores_the_mix_and_eval_reads_with_it(trained_run, tmp_path):
     payload = checkpoint.load(trained_run / "best.pt")
     assert payload.start_mix is not None and payload.start_mix["weights"].shape == (POSITIONS,)
     model, vocab = checkpoint.restore_model(payload)
-    assert torch.equal(model.start_mix.weights, payload.start_mix["weights"])
+    prior = checkpoint.restore_prior(payload)
+    assert torch.equal(prior.weights, payload.start_mix["weights"])
     ids, _ = vocab.encode(VERSE * 20, "skip")
     _, val = split(ids, 0.1)
-    with_mix = evaluate(model, val, torch.device("cpu")).loss
+    with_mix = evaluate(model, val, torch.device("cpu"), prior=prior).loss
     assert with_mix == pytest.approx(payload.progress["best_val_loss"], abs=1e-6)
     if bool((payload.start_mix["weights"] > 0).any()):
-        model.start_mix = None
         assert evaluate(model, val, torch.device("cpu")).loss != with_mix
 
 
@@ -162,23 +179,23 @@ def test_eval_json_says_whether_the_start_mix_read(trained_run, tmp_path):
 
 
 def test_no_start_mix_trains_the_network_alone(tmp_path):
-    from charrnn.trainer import Trainer
+    from charrnn.run import trainer_for
 
     model_config, train_config = tiny_configs(train={"start_mix": False})
     run = tmp_path / "run"
-    Trainer(corpus_of(VERSE * 20), model_config, train_config, run).run()
+    trainer_for(corpus_of(VERSE * 20), model_config, train_config, run).run()
     payload = checkpoint.load(run / "best.pt")
-    assert payload.start_mix is None and checkpoint.restore_model(payload)[0].start_mix is None
+    assert payload.start_mix is None and checkpoint.restore_prior(payload) is None
 
 
-@pytest.mark.parametrize("damage", ["not a dict", "unsorted", "weights"])
+@pytest.mark.parametrize("damage", ["not a dict", "unfitting", "weights"])
 def test_a_damaged_start_mix_is_a_clear_error(trained_run, tmp_path, damage):
     payload = torch.load(trained_run / "best.pt", weights_only=True)
     mix = payload["start_mix"]
     if damage == "not a dict":
         payload["start_mix"] = [1, 2]
-    elif damage == "unsorted":
-        mix["keys"][1] = mix["keys"][1].flip(0)
+    elif damage == "unfitting":
+        mix["children"][0] = mix["children"][0][:-1]
     else:
         mix["weights"] = torch.full((POSITIONS,), 2.0)
     path = tmp_path / "damaged.pt"

@@ -13,7 +13,8 @@ from charrnn.config import TrainConfig
 from charrnn.data import split
 from charrnn.evaluate import evaluate
 from charrnn import events
-from charrnn.trainer import Trainer, lr_at
+from charrnn.run import trainer_for
+from charrnn.trainer import lr_at
 
 from conftest import ROOT, SHAKESPEARE, VERSE, corpus_of, tiny_configs
 
@@ -28,7 +29,7 @@ def _interrupt_at(step, corpus, model_config, train_config, run_dir):
         if isinstance(event, events.Step) and event.step >= step:
             trainer.request_stop()
 
-    trainer = Trainer(corpus, model_config, train_config, run_dir, on_event=stop)
+    trainer = trainer_for(corpus, model_config, train_config, run_dir, on_event=stop)
     with pytest.raises(Exception, match=f"interrupted at step {step}"):
         trainer.run()
 
@@ -36,7 +37,7 @@ def _interrupt_at(step, corpus, model_config, train_config, run_dir):
 def test_tiny_model_overfits_a_short_text(tmp_path):
     text = "the cat sat on the mat. " * 60
     model_config, train_config = tiny_configs(train={"steps": 150, "eval_every": 50, "val_frac": 0.2})
-    summary = Trainer(corpus_of(text), model_config, train_config, tmp_path / "run").run()
+    summary = trainer_for(corpus_of(text), model_config, train_config, tmp_path / "run").run()
     first = _metrics(tmp_path / "run")[0]
     assert summary["best_val_loss"] < 0.3 < first["val_loss"]
 
@@ -66,17 +67,17 @@ def test_weight_decay_shrinks_the_weight_matrices_only(tmp_path):
     all-zero gradients moves no Adam term, so it is the decay alone, (1 - lr x decay) on
     every matrix (embedding, recurrent, head) and nothing on the biases or the start state."""
     model_config, train_config = tiny_configs(train={"weight_decay": 0.2})
-    trainer = Trainer(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "run")
+    trainer = trainer_for(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "run")
     lr = 0.01
-    for group in trainer.optimizer.param_groups:
+    for group in trainer.state.optimizer.param_groups:
         group["lr"] = lr
-    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-    for p in trainer.model.parameters():
+    before = {name: p.detach().clone() for name, p in trainer.state.model.named_parameters()}
+    for p in trainer.state.model.parameters():
         p.grad = torch.zeros_like(p)
-    trainer.optimizer.step()
+    trainer.state.optimizer.step()
     decay = train_config.weight_decay
     matrices = 0
-    for name, p in trainer.model.named_parameters():
+    for name, p in trainer.state.model.named_parameters():
         if p.dim() >= 2 and name != "start_state":
             torch.testing.assert_close(p.detach(), before[name] * (1 - lr * decay), msg=name)
             matrices += 1
@@ -94,13 +95,13 @@ def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path, stateless, cel
     recurrent_dropout = 0.1 if cell in ("peephole", "layernorm") else 0.0
     model_config, train_config = tiny_configs(model={"dropout": 0.1, "cell": cell, "recurrent_dropout": recurrent_dropout},
                                               train={"steps": 24, "eval_every": 4, "stateless": stateless})
-    straight = Trainer(corpus, model_config, train_config, tmp_path / "a")
+    straight = trainer_for(corpus, model_config, train_config, tmp_path / "a")
     straight.run()
 
     _interrupt_at(10, corpus, model_config, train_config, tmp_path / "b")
     payload = checkpoint.load(tmp_path / "b" / "last.pt")
     assert payload.progress["step"] == 10
-    Trainer(corpus, model_config, train_config, tmp_path / "b", resume=payload).run()
+    trainer_for(corpus, model_config, train_config, tmp_path / "b", resume=payload).run()
 
     losses = lambda run: [(m["step"], m["train_loss"], m["val_loss"]) for m in _metrics(run)]
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
@@ -116,7 +117,8 @@ def test_eval_of_validation_split_matches_reported_loss(trained_run):
     ids, _ = vocab.encode(VERSE * 20)
     _, val = split(ids, payload.train_config["val_frac"])
     reported = _metrics(trained_run)[-1]["val_loss"]
-    assert evaluate(model, val, torch.device("cpu")).loss == pytest.approx(reported, abs=1e-9)
+    prior = checkpoint.restore_prior(payload)
+    assert evaluate(model, val, torch.device("cpu"), prior=prior).loss == pytest.approx(reported, abs=1e-9)
 
 
 def test_metrics_records_every_evaluation(trained_run):
@@ -132,9 +134,11 @@ def test_best_checkpoint_has_the_lowest_validation_loss(trained_run):
     assert best["val_loss"] == min(r["val_loss"] for r in _metrics(trained_run))
 
 
+@pytest.mark.skipif(not torch.cpu._is_avx512_supported(),
+                    reason="oneDNN's bf16 LSTM kernels need AVX-512; this CPU has none")
 def test_bf16_autocast_training_step_is_finite(tmp_path):
     model_config, train_config = tiny_configs(train={"dtype": "bf16", "steps": 5, "eval_every": 5})
-    summary = Trainer(corpus_of(VERSE * 10), model_config, train_config, tmp_path / "run").run()
+    summary = trainer_for(corpus_of(VERSE * 10), model_config, train_config, tmp_path / "run").run()
     assert math.isfinite(summary["val_loss"])
 
 
@@ -167,21 +171,21 @@ def test_shakespeare_defaults_learn_words(tmp_path):
     from charrnn.data import read_corpus
 
     torch.set_num_threads(2)
-    summary = Trainer(read_corpus([str(SHAKESPEARE)]), ModelConfig(), TrainConfig(steps=300, eval_every=300, sample_length=0),
+    summary = trainer_for(read_corpus([str(SHAKESPEARE)]), ModelConfig(), TrainConfig(steps=300, eval_every=300, sample_length=0),
                       tmp_path / "run").run()
     assert summary["best_val_loss"] < 2.0
 
 
 def test_burn_in_leaves_the_first_predictions_out_of_the_loss(tmp_path):
     model_config, train_config = tiny_configs(train={"stateless": True, "burn_in": 6})
-    trainer = Trainer(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "run")
+    trainer = trainer_for(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "run")
     probe = torch.Generator().manual_seed(0)
-    probe.set_state(trainer.windows_rng.get_state())
-    x, y = trainer.batches.batch(probe)  # the batch train_step will draw
+    probe.set_state(trainer.state.windows_rng.get_state())
+    x, y = trainer.state.batches.batch(probe)  # the batch train_step will draw
     with torch.no_grad():
-        logits, _ = trainer.model(x)
+        logits, _ = trainer.state.model(x)
     expected = torch.nn.functional.cross_entropy(logits[:, 6:].flatten(0, 1), y[:, 6:].flatten())
-    loss, _ = trainer.train_step()
+    loss, _, _ = trainer.step()
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
@@ -196,9 +200,9 @@ def test_burn_in_needs_stateless_mode():
 @pytest.mark.parametrize("mode", ["norm", "value"])
 def test_gradient_clipping_modes(tmp_path, mode):
     model_config, train_config = tiny_configs(train={"clip_mode": mode, "grad_clip": 1e-3, "learning_rate": 1e-9})
-    trainer = Trainer(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "run")
-    _, pre_clip = trainer.train_step()
-    grads = [p.grad for p in trainer.model.parameters()]
+    trainer = trainer_for(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "run")
+    _, pre_clip, _ = trainer.step()
+    grads = [p.grad for p in trainer.state.model.parameters()]
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     assert pre_clip.item() > 1e-3  # the recorded norm is the one before clipping
     if mode == "norm":
@@ -214,10 +218,10 @@ def test_resume_is_exact_with_weight_drop_averaging_and_restarting_streams(tmp_p
     corpus = corpus_of(VERSE * 20)
     model_config, train_config = tiny_configs(model={"dropout": 0.1, "cell": cell, "weight_drop": 0.3},
                                               train={"steps": 24, "eval_every": 4, "ema_decay": 0.9, **layout})
-    Trainer(corpus, model_config, train_config, tmp_path / "a").run()
+    trainer_for(corpus, model_config, train_config, tmp_path / "a").run()
 
     _interrupt_at(10, corpus, model_config, train_config, tmp_path / "b")
-    Trainer(corpus, model_config, train_config, tmp_path / "b", resume=checkpoint.load(tmp_path / "b" / "last.pt")).run()
+    trainer_for(corpus, model_config, train_config, tmp_path / "b", resume=checkpoint.load(tmp_path / "b" / "last.pt")).run()
     losses = lambda run: [(m["step"], m["train_loss"], m["val_loss"]) for m in _metrics(run)]
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     a, b = (checkpoint.load(tmp_path / run / "last.pt") for run in "ab")
@@ -229,10 +233,10 @@ def test_resume_is_exact_with_weight_drop_averaging_and_restarting_streams(tmp_p
 def test_weight_averaging_is_what_validation_best_pt_and_sampling_use(tmp_path):
     corpus = corpus_of(VERSE * 20)
     model_config, train_config = tiny_configs(train={"steps": 20, "eval_every": 10, "ema_decay": 0.9})
-    trainer = Trainer(corpus, model_config, train_config, tmp_path / "run")
+    trainer = trainer_for(corpus, model_config, train_config, tmp_path / "run")
     trainer.run()
-    averaged = trainer.average.state_dict()
-    raw = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    averaged = trainer.state.average.state_dict()
+    raw = {k: v.detach().clone() for k, v in trainer.state.model.state_dict().items()}
     assert any(not torch.equal(averaged[k], raw[k]) for k in raw)
     last = checkpoint.load(tmp_path / "run" / "last.pt")
     for key in raw:
@@ -240,7 +244,8 @@ def test_weight_averaging_is_what_validation_best_pt_and_sampling_use(tmp_path):
     best = checkpoint.load(tmp_path / "run" / "best.pt")
     model, vocab = checkpoint.restore_model(best)
     reported = min(m["val_loss"] for m in _metrics(tmp_path / "run"))
-    assert evaluate(model, trainer.val_ids, torch.device("cpu")).loss == pytest.approx(reported, abs=1e-9)
+    prior = checkpoint.restore_prior(best)
+    assert evaluate(model, trainer.plan.val_ids, torch.device("cpu"), prior=prior).loss == pytest.approx(reported, abs=1e-9)
     # Sampling a checkpoint restores the averaged weights.
     sampled, _ = checkpoint.restore_model(last)
     assert all(torch.equal(p, averaged[k]) for k, p in sampled.state_dict().items())
@@ -272,14 +277,14 @@ def test_resume_heals_a_torn_last_line_of_metrics_and_names_damage_elsewhere(tmp
     corpus = corpus_of(VERSE * 20)
     model_config, train_config = tiny_configs(train={"steps": 8, "eval_every": 4})
     run_dir = tmp_path / "run"
-    Trainer(corpus, model_config, train_config, run_dir).run()
+    trainer_for(corpus, model_config, train_config, run_dir).run()
     metrics = run_dir / "metrics.jsonl"
     whole = metrics.read_text()
     metrics.write_text(whole + '{"step": 12, "train_lo')  # what a crash or a full disk leaves
     warnings = []
     on_event = lambda event: warnings.append(event.message) if isinstance(event, events.Notice) else None
     longer = TrainConfig(**{**train_config.__dict__, "steps": 12})
-    Trainer(corpus, model_config, longer, run_dir, on_event=on_event,
+    trainer_for(corpus, model_config, longer, run_dir, on_event=on_event,
             resume=checkpoint.load(run_dir / "last.pt")).run()
     assert len(warnings) == 1 and "metrics.jsonl" in warnings[0] and "last line" in warnings[0]
     assert [m["step"] for m in _metrics(run_dir)] == [4, 8, 12]
@@ -289,18 +294,18 @@ def test_resume_heals_a_torn_last_line_of_metrics_and_names_damage_elsewhere(tmp
     before = metrics.read_bytes()
     evenlonger = TrainConfig(**{**train_config.__dict__, "steps": 16})
     with pytest.raises(DataError, match=r"metrics.jsonl is damaged at line 2"):
-        Trainer(corpus, model_config, evenlonger, run_dir, resume=checkpoint.load(run_dir / "last.pt")).run()
+        trainer_for(corpus, model_config, evenlonger, run_dir, resume=checkpoint.load(run_dir / "last.pt")).run()
     assert metrics.read_bytes() == before
 
 
 def test_public_step_is_the_step_run_takes(tmp_path):
     """run() is step() in a loop (plus validations and saves): the same weights after N steps."""
     model_config, train_config = tiny_configs(train={"steps": 6, "eval_every": 100, "sample_length": 0})
-    ran = Trainer(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "a")
+    ran = trainer_for(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "a")
     ran.run()
-    stepped = Trainer(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "b")
+    stepped = trainer_for(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "b")
     lrs = [stepped.step()[2] for _ in range(6)]
     assert lrs == [lr_at(stepped.config, k, k / 6) for k in range(6)]
-    assert stepped.progress.step == 6
-    for key, value in ran.model.state_dict().items():
-        assert torch.equal(value, stepped.model.state_dict()[key]), key
+    assert stepped.state.progress.step == 6
+    for key, value in ran.state.model.state_dict().items():
+        assert torch.equal(value, stepped.state.model.state_dict()[key]), key
