@@ -101,6 +101,16 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+def agree(stop: bool, elapsed_s: float, device: torch.device) -> tuple[bool, float]:
+    """Whether any rank stops (Ctrl-C) and the largest elapsed time: every rank takes the
+    same decision and the same clock. One process: its own."""
+    if current().world_size == 1:
+        return stop, elapsed_s
+    flags = torch.tensor([float(stop), elapsed_s], dtype=torch.float64, device=device)
+    all_reduce(flags, "max")
+    return bool(flags[0].item()), flags[1].item()
+
+
 def gather_rows(tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Concatenate every rank's tensor along dim, in rank order (the full carried state)."""
     group = current()

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from charrnn import distributed
 from charrnn.average import WeightAverage
-from charrnn.config import TrainConfig, parse_duration, to_toml
+from charrnn.config import parse_duration, to_toml
 from charrnn.data import RestartingStreams, StatefulBatches, Vocab
 from charrnn.device import autocast, dtype_name
 from charrnn.errors import CharRNNError, TrainingInterrupted
@@ -37,41 +37,13 @@ from charrnn.model import CharRNN, count_parameters, detach
 from charrnn.rundir import RunDir
 from charrnn.sample import SampleSettings, sample_text
 from charrnn.startmix import StartMix
+from charrnn.schedule import fraction_done, lr_at
 from charrnn.trainstate import Progress, TrainState
 
 if TYPE_CHECKING:
     from charrnn.run import Plan
 
 LOG_EVERY = 10
-
-
-def lr_at(config: TrainConfig, step: int, fraction: float) -> float:
-    """Linear warmup over warmup_steps, the peak held, then cosine decay to min_lr_ratio
-    over the last decay_frac of the run (fraction = how far the run is, 0..1)::
-
-        lr |   ______________
-           |  /              `-.
-           | /                  `-._  min_lr_ratio
-           +---------------------------> fraction
-            warmup           1 - decay_frac   1
-    """
-    warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
-    start = 1.0 - config.decay_frac
-    decayed = min(1.0, max(0.0, (fraction - start) / config.decay_frac)) if config.decay_frac else 0.0
-    cosine = 0.5 * (1.0 + math.cos(math.pi * decayed))
-    return config.learning_rate * warm * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
-
-
-def fraction_done(config: TrainConfig, progress: Progress, steps_per_epoch: int) -> float:
-    """How far training is, 0..1, by whichever stop condition is nearest."""
-    parts = []
-    if config.steps:
-        parts.append(progress.step / config.steps)
-    if config.epochs:
-        parts.append((progress.epoch + progress.batch / steps_per_epoch) / config.epochs)
-    if config.time:
-        parts.append(progress.elapsed_s / config.time_budget_s)
-    return max(parts)
 
 
 class Trainer:
@@ -150,7 +122,7 @@ class Trainer:
         self._stop.set()
 
     def run(self) -> dict[str, Any]:
-        config, state, progress = self.config, self.state, self.state.progress
+        config, progress = self.config, self.state.progress
         steps_per_epoch = self.plan.batches.steps_per_epoch
         log_loss, log_steps = torch.zeros((), device=self.device), 0
         last_eval_step = progress.step
@@ -184,7 +156,9 @@ class Trainer:
                     ))
                     log_loss.zero_()
                     log_steps = 0
-                stop_now = self._agree_on_stop()
+                # Under DDP every rank takes the same decision and elapsed time, so they
+                # stop and validate at the same step.
+                stop_now, progress.elapsed_s = distributed.agree(self._stop.is_set(), progress.elapsed_s, self.device)
                 done = fraction_done(config, progress, steps_per_epoch) >= 1.0
                 if progress.step % config.eval_every == 0 or done:
                     self._validate(lr, float(grad_norm))  # saves last.pt too
@@ -254,17 +228,6 @@ class Trainer:
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_value_(params, config.grad_clip)
         return grad_norm
-
-    def _agree_on_stop(self) -> bool:
-        """Whether to stop (Ctrl-C); under DDP every rank takes the same decision and the
-        same elapsed time (the largest), so they stop and validate at the same step."""
-        progress = self.state.progress
-        if self.group.world_size == 1:
-            return self._stop.is_set()
-        flags = torch.tensor([float(self._stop.is_set()), progress.elapsed_s], dtype=torch.float64, device=self.device)
-        distributed.all_reduce(flags, "max")
-        progress.elapsed_s = flags[1].item()
-        return bool(flags[0].item())
 
     # -- validation and saving ----------------------------------------------------------
 

@@ -128,8 +128,8 @@ def bench_training(corpus, ids, vocab_size, hidden, layers, batch, seq, device, 
     # charrnn: the Trainer's own step (stateful batches, autocast at its default dtype).
     with tempfile.TemporaryDirectory() as tmp:
         trainer = trainer_for(corpus, ModelConfig(hidden_size=hidden, num_layers=layers, dropout=0.0),
-                          TrainConfig(batch_size=batch, seq_len=seq, device=str(device), steps=1, sample_length=0),
-                          Path(tmp) / "run")
+                              TrainConfig(batch_size=batch, seq_len=seq, device=str(device), steps=1, sample_length=0),
+                              Path(tmp) / "run")
         calls, elapsed = timed(trainer.step, seconds, device)
     rate = calls * batch * seq / elapsed
     dtype = dtype_name(trainer.plan.dtype)
@@ -150,8 +150,8 @@ def bench_cells(corpus, device, seconds, cells=("lstm", "gru", "rnn", "peephole"
     for cell in cells:
         with tempfile.TemporaryDirectory() as tmp:
             trainer = trainer_for(corpus, ModelConfig(cell=cell),
-                              TrainConfig(device=str(device), steps=1, sample_length=0, batch_size=64, seq_len=100),
-                              Path(tmp) / "run")
+                                  TrainConfig(device=str(device), steps=1, sample_length=0, batch_size=64, seq_len=100),
+                                  Path(tmp) / "run")
             calls, elapsed = timed(trainer.step, seconds, device)
             model, vocab = trainer.state.model.eval(), trainer.plan.vocab
         rates[cell] = {"chars_per_s": calls * 64 * 100 / elapsed}
@@ -177,8 +177,8 @@ def bench_options(corpus, device, seconds, rounds=3):
     totals = {name: [0, 0.0] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {name: trainer_for(corpus, ModelConfig(dropout=0.0, **model),
-                                  TrainConfig(device=str(device), steps=1, sample_length=0, batch_size=64, seq_len=100,
-                                              **train), Path(tmp) / name)
+                                      TrainConfig(device=str(device), steps=1, sample_length=0, batch_size=64, seq_len=100,
+                                                  **train), Path(tmp) / name)
                     for name, (model, train) in variants.items()}
         for _ in range(rounds):
             for name, trainer in trainers.items():
@@ -219,9 +219,9 @@ def bench_quality(corpus, hidden, layers, batch, seq, steps, device):
     for dtype in ("auto", "fp32"):
         with tempfile.TemporaryDirectory() as tmp:
             trainer = trainer_for(corpus, ModelConfig(hidden_size=hidden, num_layers=layers),
-                              TrainConfig(batch_size=batch, seq_len=seq, steps=steps, eval_every=steps,
-                                          dtype=dtype, device=str(device), sample_length=0),
-                              Path(tmp) / "run")
+                                  TrainConfig(batch_size=batch, seq_len=seq, steps=steps, eval_every=steps,
+                                              dtype=dtype, device=str(device), sample_length=0),
+                                  Path(tmp) / "run")
             start = time.perf_counter()
             summary = trainer.run()
             out[dtype_name(trainer.plan.dtype) if dtype == "auto" else "fp32"] = {

@@ -49,11 +49,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from collections import Counter  # noqa: E402
 
-from charrnn import checkpoint  # noqa: E402
-from charrnn.data import read_corpus, split  # noqa: E402
-from charrnn.evaluate import cold_start, cold_start_places  # noqa: E402
-
-POSITIONS = 10  # predictions read from the start state
+import charrnn  # noqa: E402
+from charrnn.data import read_corpus, rereadable, split  # noqa: E402
+from charrnn.evaluate import cold_start, cold_start_places, read  # noqa: E402
+from charrnn.startmix import POSITIONS, StartMix  # noqa: E402
 
 
 def main() -> None:
@@ -75,16 +74,16 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    payload = checkpoint.load(args.checkpoint)
-    model, vocab = checkpoint.restore_model(payload)
-    if args.no_start_mix:
-        model.start_mix = None
-    weights = model.start_mix.weights.tolist() if model.start_mix is not None else []
-    sources = [args.text] if args.text else payload.corpus["sources"]
-    text = read_corpus([s for s in sources if not s.startswith("<embedded")] or []).data.decode("utf-8")
+    loaded = charrnn.load(args.checkpoint, device="cpu")
+    model, vocab = loaded.network, loaded.vocab
+    prior = None if args.no_start_mix else loaded.prior
+    weights = prior.weights.tolist() if prior is not None else []
+    sources = [args.text] if args.text else rereadable(loaded.checkpoint.corpus["sources"])
+    text = read_corpus(sources).data.decode("utf-8")
     ids, _ = vocab.encode(text, "skip")
     train, val = split(ids, args.val_frac)
-    cold, warm = cold_start(model, val, args.windows, args.context, POSITIONS, torch.Generator().manual_seed(args.seed))
+    cold, warm = cold_start(model, val, args.windows, args.context, POSITIONS, torch.Generator().manual_seed(args.seed),
+                            prior=prior)
     gaps = [c - w for c, w in zip(cold, warm)]
     # the places cold_start read from (the same generator, the same draw)
     places = cold_start_places(len(val), args.windows, args.context, POSITIONS,
@@ -93,10 +92,10 @@ def main() -> None:
     trained = kgram_trained(train, val, len(vocab), places, args.floor_positions)
     mixed = mixture(model, train, val, places, POSITIONS, args.mixture, args.mixture_warmup, args.start_weight,
                     torch.Generator().manual_seed(args.seed + 1)) if args.mixture else []
-    warm_mixed = warm_mix(model, val, args.windows, args.context, args.seed) if args.warm_mix else []
+    warm_mixed = warm_mix(model, loaded.prior, val, args.windows, args.context, args.seed) if args.warm_mix else []
     prime_ids, _ = vocab.encode(args.prime, "skip")
     with torch.no_grad():
-        logits, _ = model(prime_ids.long()[None])
+        logits, _ = read(model, prime_ids.long()[None], None, prior)
     probs = torch.softmax(logits[0, -1].float(), -1)
     top = [(vocab.chars[i], round(probs[i].item(), 3)) for i in probs.topk(5).indices.tolist()]
     if args.json:
@@ -104,7 +103,7 @@ def main() -> None:
                           "kgram_trained": trained, "mixture": mixed, "after_prime": top, "warm_mixed": warm_mixed,
                           "start_mix_weights": weights}))
         return
-    print("position     " + " ".join(f"{i:>5d}" for i in range(1, 11)) + "   mean")
+    print("position     " + " ".join(f"{i:>5d}" for i in range(1, POSITIONS + 1)) + "   mean")
     rows = [("start state", cold), (f"{args.context} context", warm), ("gap", gaps)]
     if mixed:
         rows += [(f"mixture {args.mixture}", mixed), ("mixture gap", [m - w for m, w in zip(mixed, warm)])]
@@ -158,12 +157,12 @@ def mixture(model, train: torch.Tensor, val: torch.Tensor, places: list[int], po
 
 
 @torch.no_grad()
-def warm_mix(model, val: torch.Tensor, windows: int, context: int, seed: int, fit_windows: int = 1024) -> list[float]:
+def warm_mix(model, mix: StartMix | None, val: torch.Tensor, windows: int, context: int, seed: int,
+             fit_windows: int = 1024) -> list[float]:
     """Loss at positions 1..POSITIONS read after `context` characters (cold_start's places)
     with the start mix's k-gram mixed in too (its last 10 characters before each
     prediction), at one weight per position fit on other places (seed + 1): what the
     k-gram would add where the network has context, were it mixed everywhere."""
-    mix = model.start_mix
     if mix is None:
         raise SystemExit("--warm-mix needs a checkpoint trained with the start mix")
     grid = torch.linspace(0, 1, 41, dtype=torch.float64)
@@ -207,29 +206,13 @@ def kgram_trained(train: torch.Tensor, val: torch.Tensor, vocab_size: int, place
                   positions: int) -> list[float]:
     """Loss at positions 1..positions of a (p+1)-gram model counted on the training split
     only and read out of sample, at the same places: what a k-gram model learns from
-    the same text. Witten-Bell interpolation down to an add-one unigram, so contexts
-    unseen in training still get a probability."""
+    the same text. The start mix's own k-gram (charrnn.startmix: Witten-Bell interpolation
+    down to an add-one unigram, so contexts unseen in training still get a probability)."""
     if positions <= 0:
         return []
-    text = train.tolist()
-    grams = [Counter(tuple(text[i : i + n]) for i in range(len(text) - n + 1)) for n in range(positions + 2)]
-    totals = [Counter() for _ in range(positions + 1)]  # per context: how often something follows it
-    kinds = [Counter() for _ in range(positions + 1)]  # and how many different characters
-    for n in range(1, positions + 1):
-        for gram, count in grams[n + 1].items():
-            totals[n][gram[:-1]] += count
-            kinds[n][gram[:-1]] += 1
-
-    def probability(history: tuple, char: int) -> float:
-        p = (grams[1][(char,)] + 1) / (len(text) + vocab_size)
-        for n in range(1, len(history) + 1):
-            h = history[-n:]
-            if totals[n][h]:
-                p = (grams[n + 1][h + (char,)] + kinds[n][h] * p) / (totals[n][h] + kinds[n][h])
-        return p
-
-    window = val.tolist()
-    return [sum(-math.log(probability(tuple(window[s : s + p]), window[s + p])) for s in places) / len(places)
+    kgram = StartMix.build(train, vocab_size, order=positions + 1, max_grams=len(train) * (positions + 1))
+    span = val[torch.tensor(places)[:, None] + torch.arange(positions + 1)].long()  # (W, P + 1)
+    return [-kgram.log_probs(span[:, :p]).gather(-1, span[:, p : p + 1]).double().mean().item()
             for p in range(1, positions + 1)]
 
 

@@ -8,6 +8,7 @@ import torch
 
 from charrnn.config import ModelConfig, TrainConfig
 from charrnn.data import Corpus
+from charrnn.model import CharRNN
 from charrnn.run import trainer_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,3 +57,20 @@ def run_cli(*args, cwd=None, input=None, timeout=120, env=None):
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "charrnn", *map(str, args)], cwd=cwd, input=input,
                           capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+CELLS = ["lstm", "gru", "rnn", "peephole", "layernorm"]
+
+
+def make_model(cell="lstm", vocab_size=20, seed=0):
+    torch.manual_seed(seed)
+    return CharRNN(ModelConfig(cell=cell, hidden_size=24, num_layers=2, embedding_size=8, dropout=0.0), vocab_size).eval()
+
+
+def shaken(model: CharRNN) -> CharRNN:
+    """Noise on every parameter, so that peepholes (0 at init) and layer-norm gains and
+    shifts (1 and 0) take part in what a test compares."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model

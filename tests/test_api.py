@@ -81,3 +81,23 @@ def test_public_surface_is_listed_and_documented():
     for name in ("load", "train", "Model", "EvalResult", "CharRNNError"):
         assert name in charrnn.__all__ and getattr(charrnn, name).__doc__
     assert "run directory" in charrnn.load.__doc__ and "settings" in charrnn.train.__doc__
+
+
+def test_the_inference_api_does_not_import_training():
+    """charrnn.api, and charrnn.load with it, is inference only: what a server or a
+    notebook pays for is the network, the decoder and the scorer."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, charrnn, charrnn.api; charrnn.load; "
+             "print(sorted(m for m in sys.modules if m.startswith('charrnn')))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    loaded = set(eval(done.stdout))
+    assert "charrnn.api" in loaded and "charrnn.sample" in loaded
+    assert not loaded & {"charrnn.trainer", "charrnn.run", "charrnn.trainstate", "charrnn.sizing", "charrnn.finetune"}
+    # charrnn.train is still there, imported on first use.
+    done = subprocess.run([sys.executable, "-c", "import sys, charrnn; charrnn.train; print('charrnn.trainer' in sys.modules)"],
+                          capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert done.stdout.strip() == "True", done.stderr

@@ -1,16 +1,18 @@
-"""Dynamic evaluation and the cold-start measurement."""
+"""Scoring: loss over streams and a tail, dynamic evaluation, the cold-start measurement."""
 
 import hashlib
 import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from charrnn.config import DynamicSettings, ModelConfig
-from charrnn.evaluate import cold_start, dynamic_evaluate, evaluate
+from charrnn.evaluate import cold_start, dynamic_evaluate, evaluate, stream_count
 from charrnn.model import CharRNN
 
-from conftest import VERSE, run_cli
+from conftest import VERSE, make_model, run_cli
 
 CPU = torch.device("cpu")
 
@@ -128,3 +130,45 @@ def _mean_gap(model, ids, prior=None) -> float:
     cold, warm = cold_start(model, ids, windows=128, context=60, positions=10, generator=torch.Generator().manual_seed(0),
                             prior=prior)
     return (sum(cold) - sum(warm)) / len(cold)
+
+
+def test_evaluate_equals_one_pass_cross_entropy():
+    model = make_model(vocab_size=20)
+    ids = torch.randint(0, 20, (300,))
+    logits, _ = model(ids[None, :-1])
+    expected = F.cross_entropy(logits[0], ids[1:]).item()
+    result = evaluate(model, ids, torch.device("cpu"))
+    assert result.chars == 299
+    assert math.isclose(result.loss, expected, rel_tol=1e-5)
+    assert math.isclose(result.bpc, expected / math.log(2), rel_tol=1e-5)
+    assert math.isclose(result.perplexity, math.exp(expected), rel_tol=1e-5)
+
+
+def test_evaluate_streams_and_tail_score_every_character_once():
+    """Several streams plus a tail: equals a manual computation with the same layout."""
+    model = make_model(vocab_size=20)
+    ids = torch.randint(0, 20, (2 * 1024 + 38,))  # 2085 predictions: 2 streams of 1042 + a tail of 1
+    count = len(ids) - 1
+    stream_len = count // 2
+    total = 0.0
+    for s in range(2):
+        x = ids[s * stream_len : (s + 1) * stream_len]
+        y = ids[s * stream_len + 1 : (s + 1) * stream_len + 1]
+        logits, state = model(x[None])
+        total += F.cross_entropy(logits[0], y, reduction="sum").item()
+    logits, _ = model(ids[2 * stream_len : count][None], state)  # tail continues stream 1
+    total += F.cross_entropy(logits[0], ids[2 * stream_len + 1 :], reduction="sum").item()
+    result = evaluate(model, ids, torch.device("cpu"))
+    assert result.chars == count
+    assert math.isclose(result.loss, total / count, rel_tol=1e-5)
+
+
+def test_evaluate_in_one_stream_reads_the_text_as_one_sequence():
+    """max_streams=1 (eval --streams 1) is one forward pass over the whole text."""
+    model = make_model(vocab_size=20)
+    ids = torch.randint(0, 20, (5_000,))
+    logits, _ = model(ids[:-1][None])
+    whole = F.cross_entropy(logits[0], ids[1:]).item()
+    one = evaluate(model, ids, torch.device("cpu"), max_streams=1)
+    assert one.chars == len(ids) - 1 and math.isclose(one.loss, whole, rel_tol=1e-5)
+    assert stream_count(len(ids) - 1) == 4  # where the default cuts it in four

@@ -2,7 +2,6 @@
 
 import hashlib
 
-import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -77,3 +76,27 @@ def test_a_model_flag_that_differs_is_named_and_resume_with_init_from_is_refused
     result = invoke("train", corpus, "--init-from", trained_run, "--resume", trained_run)
     assert result.exit_code == 2 and "give one of them" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_extending_the_vocabulary_is_pure_and_keeps_every_base_row():
+    from charrnn.config import ModelConfig
+    from charrnn.data import Vocab
+    from charrnn.finetune import extended_vocab, extended_weights
+    from charrnn.model import CharRNN
+
+    base_vocab = Vocab("abc")
+    vocab, added = extended_vocab(base_vocab, Vocab("abdz"))
+    assert vocab.chars == "abcdz" and added == "dz"
+    config = ModelConfig(hidden_size=8, embedding_size=4, num_layers=1)
+    torch.manual_seed(0)
+    base = CharRNN(config, 3).state_dict()
+    fresh = CharRNN(config, 5).state_dict()
+    before = {k: v.clone() for k, v in base.items()}
+    weights = extended_weights(base, base_vocab, vocab, fresh)
+    assert all(torch.equal(before[k], base[k]) for k in base)  # the inputs are not changed
+    kept = [0, 1, 2]  # a, b, c keep their places in "abcdz"
+    assert torch.equal(weights["embedding.weight"][kept], base["embedding.weight"])
+    assert torch.equal(weights["embedding.weight"][3:], fresh["embedding.weight"][3:])
+    assert torch.equal(weights["head.weight"][3:], torch.zeros(2, 8))
+    assert torch.equal(weights["head.bias"][3:], torch.full((2,), float(base["head.bias"].min())))
+    assert torch.equal(weights["layers.0.weight_hh_l0"], base["layers.0.weight_hh_l0"])

@@ -14,7 +14,7 @@ from charrnn.data import split
 from charrnn.evaluate import evaluate
 from charrnn import events
 from charrnn.run import trainer_for
-from charrnn.trainer import lr_at
+from charrnn.schedule import lr_at
 
 from conftest import ROOT, SHAKESPEARE, VERSE, corpus_of, tiny_configs
 
@@ -40,25 +40,6 @@ def test_tiny_model_overfits_a_short_text(tmp_path):
     summary = trainer_for(corpus_of(text), model_config, train_config, tmp_path / "run").run()
     first = _metrics(tmp_path / "run")[0]
     assert summary["best_val_loss"] < 0.3 < first["val_loss"]
-
-
-def test_learning_rate_warms_up_then_decays():
-    config = TrainConfig(learning_rate=1.0, warmup_steps=10, min_lr_ratio=0.1, decay_frac=1.0)
-    assert lr_at(config, 0, 0.0) == pytest.approx(0.1)
-    assert lr_at(config, 9, 0.0) == pytest.approx(1.0)
-    assert lr_at(config, 100, 0.5) == pytest.approx(0.55)
-    assert lr_at(config, 100, 1.0) == pytest.approx(0.1)
-
-
-def test_learning_rate_holds_its_peak_then_decays_over_the_last_decay_frac():
-    config = TrainConfig(learning_rate=1.0, warmup_steps=0, min_lr_ratio=0.1, decay_frac=0.2)
-    assert lr_at(config, 50, 0.0) == lr_at(config, 500, 0.8) == 1.0
-    assert lr_at(config, 900, 0.9) == pytest.approx(0.55)
-    assert lr_at(config, 1000, 1.0) == pytest.approx(0.1)
-    constant = TrainConfig(learning_rate=1.0, warmup_steps=0, decay_frac=0.0)
-    assert lr_at(constant, 1000, 1.0) == 1.0
-    whole = TrainConfig(learning_rate=1.0, warmup_steps=0, min_lr_ratio=0.1, decay_frac=1.0)
-    assert lr_at(whole, 100, 0.5) == pytest.approx(0.55)
 
 
 def test_weight_decay_shrinks_the_weight_matrices_only(tmp_path):
@@ -172,7 +153,7 @@ def test_shakespeare_defaults_learn_words(tmp_path):
 
     torch.set_num_threads(2)
     summary = trainer_for(read_corpus([str(SHAKESPEARE)]), ModelConfig(), TrainConfig(steps=300, eval_every=300, sample_length=0),
-                      tmp_path / "run").run()
+                          tmp_path / "run").run()
     assert summary["best_val_loss"] < 2.0
 
 
@@ -269,33 +250,6 @@ def test_weight_average_follows_its_definition():
     with average.applied():
         assert all(torch.equal(p, a) for p, a in zip(layer.parameters(), average.averaged))
     assert not any(torch.equal(p, a) for p, a in zip(layer.parameters(), average.averaged))
-
-
-def test_resume_heals_a_torn_last_line_of_metrics_and_names_damage_elsewhere(tmp_path):
-    from charrnn.errors import DataError
-
-    corpus = corpus_of(VERSE * 20)
-    model_config, train_config = tiny_configs(train={"steps": 8, "eval_every": 4})
-    run_dir = tmp_path / "run"
-    trainer_for(corpus, model_config, train_config, run_dir).run()
-    metrics = run_dir / "metrics.jsonl"
-    whole = metrics.read_text()
-    metrics.write_text(whole + '{"step": 12, "train_lo')  # what a crash or a full disk leaves
-    warnings = []
-    on_event = lambda event: warnings.append(event.message) if isinstance(event, events.Notice) else None
-    longer = TrainConfig(**{**train_config.__dict__, "steps": 12})
-    trainer_for(corpus, model_config, longer, run_dir, on_event=on_event,
-            resume=checkpoint.load(run_dir / "last.pt")).run()
-    assert len(warnings) == 1 and "metrics.jsonl" in warnings[0] and "last line" in warnings[0]
-    assert [m["step"] for m in _metrics(run_dir)] == [4, 8, 12]
-
-    lines = metrics.read_text().splitlines()
-    metrics.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
-    before = metrics.read_bytes()
-    evenlonger = TrainConfig(**{**train_config.__dict__, "steps": 16})
-    with pytest.raises(DataError, match=r"metrics.jsonl is damaged at line 2"):
-        trainer_for(corpus, model_config, evenlonger, run_dir, resume=checkpoint.load(run_dir / "last.pt")).run()
-    assert metrics.read_bytes() == before
 
 
 def test_public_step_is_the_step_run_takes(tmp_path):
