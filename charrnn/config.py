@@ -38,9 +38,8 @@ class ModelConfig:
     # peephole or layernorm (hand-written LSTMs, charrnn.cells).
     cell: str = setting("lstm", "Recurrent cell: lstm, gru, rnn, peephole or layernorm.")
     # Width of the character embedding. 256, not the 64 a vocabulary of ~100 symbols seems
-    # to need: at equal steps a 64-wide embedding ended 0.21 nats behind (2x256, 500 steps
-    # on 3 MB of prose), most of it because 64 N(0, 1) inputs drive the gates too weakly
-    # at first; the wider one costs ~12 % more compute at 2x512.
+    # to need: 64 N(0, 1) inputs drive the gates too weakly at first, and a 64-wide
+    # embedding fell far behind at equal steps (docs/benchmarks.md, "The recipe").
     embedding_size: int = setting(256, "Character embedding width.")
     # Units per recurrent layer. `charrnn train` chooses it for the corpus and the budget
     # unless given (charrnn.sizing); 512 is what the library builds when asked for nothing.
@@ -48,8 +47,8 @@ class ModelConfig:
     # Stacked recurrent layers; 2 is char-rnn's default and the sweet spot for ~1 MB.
     num_layers: int = setting(2, "Stacked recurrent layers.")
     # Dropout between layers and before the output head. `charrnn train` chooses it from
-    # the passes the run makes over the text unless given (charrnn.sizing); 0.35 measured
-    # best against overfitting of 2x512 on ~1 MB in 10 minutes.
+    # the passes the run makes over the text unless given (charrnn.sizing); 0.35 is the
+    # most the ramp gives, for a model that sees its text many times.
     dropout: float = setting(0.35, "Dropout between layers and before the head.", show="chosen for the text and budget (0.35 in the library)")
     # Dropout on h_{t-1} inside the recurrence, one mask per sequence (peephole and
     # layernorm cells only); 0 = off.
@@ -94,14 +93,14 @@ class TrainConfig:
                               show="16 for the LSTM on a CPU, else 64 (64 in the library)")
     # Characters per sequence: how far back-propagation through time is truncated.
     seq_len: int = setting(100, "BPTT length in characters.", flags=("--seq-len", "-t"))
-    # Peak AdamW learning rate, reached after warmup; 3e-3 held constant ended 0.05 nats
-    # ahead of 2e-3 after 500 steps (2x256 on 3 MB of prose) and is stable with clipping.
+    # Peak AdamW learning rate, reached after warmup: held, it beat the plain loop's 2e-3
+    # at equal steps and is stable with clipping (docs/benchmarks.md, "The recipe").
     learning_rate: float = setting(3e-3, "Peak AdamW learning rate.", flags=("--learning-rate", "--lr"))
     # The learning rate decays (cosine) to learning_rate * min_lr_ratio at the end.
     min_lr_ratio: float = setting(0.05, "Final learning rate as a fraction of the peak (cosine decay).")
     # The learning rate holds its peak, then decays (cosine) over this last fraction of the
     # run: 1 = cosine over the whole run; less keeps the rate high while the model is far
-    # from done (over a short budget a whole-run decay lost 0.14 nats at 500 steps).
+    # from done (a decay over the whole of a short run lost much of it: docs/benchmarks.md).
     decay_frac: float = setting(0.2, "Hold the peak learning rate, then decay over this last fraction of the run (1 = cosine over all of it).")
     # Linear warmup steps: keeps the first updates of a fresh model from overshooting.
     warmup_steps: int = setting(50, "Linear warmup steps.")
@@ -147,15 +146,13 @@ class TrainConfig:
     # Seed for initialisation, dropout and batch order: same seed, same run.
     seed: int = setting(1337, "Random seed.")
     # Random windows, each read from the learned start state (default), instead of
-    # streams whose state is carried across batches. At equal steps random windows ended
-    # 0.02 nats ahead of carried streams (500 steps, 3 MB of prose): a batch of 64 random
-    # places of the text teaches more than the next 100 characters of 64 fixed places;
-    # and every window trains the start state that sampling and eval begin from.
+    # streams whose state is carried across batches: a batch of 64 random places of the
+    # text teaches more than the next 100 characters of 64 fixed places, and every window
+    # trains the start state that sampling and eval begin from (docs/benchmarks.md).
     stateless: bool = setting(True, "Random windows read from the learned start state, or streams with state carried across batches.", flags=("--stateless/--stateful",), show="stateless")
-    # The start mix (charrnn.startmix): a k-gram model of the training split, mixed into
-    # the first 10 predictions of every read from the start state (sample --prime, eval's
-    # stream starts), its weights fit at each validation. It took the first 10 characters
-    # after a short prime from 1.704 to 1.654 nats on a 10-minute Tiny Shakespeare model.
+    # The start mix (charrnn.startmix): a k-gram model of the training split, the prior
+    # that sampling, eval and viz mix into the first 10 predictions read from the start
+    # state, its weights fit at each validation (docs/benchmarks.md, "The start mix").
     start_mix: bool = setting(True, "Mix a k-gram model of the text into the first 10 predictions read from the start state.", flags=("--start-mix/--no-start-mix",), show="on")
     # Autocast precision: auto picks bf16 where the hardware runs it fast, else fp32.
     dtype: str = setting("auto", "Precision: auto, fp32, bf16 or fp16.")
@@ -226,8 +223,8 @@ class DynamicSettings:
     is still scored before the model has trained on it, so the figure is a fair loss of
     a model allowed to learn as it reads, a different protocol from plain eval."""
 
-    # lr above; 0 = static evaluation. 1e-3 was best of 1e-4 / 3e-4 / 1e-3 / 3e-3 on Tiny
-    # Shakespeare's validation split with a 10-minute model (docs/benchmarks.md).
+    # lr above; 0 = static evaluation. 1e-3 was the best of four step sizes tried
+    # (docs/benchmarks.md, "Evaluation").
     step_size: float = 1e-3
     decay: float = 0.01  # pull toward the trained weights per step
     segment: int = 50  # characters scored between two updates

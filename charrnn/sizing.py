@@ -18,26 +18,8 @@ So when neither a flag nor a config file sets them, `charrnn train` chooses:
 4. **The weight decay**, from the same passes: AdamW's 0.01 up to 4.5 passes, rising to
    0.2 at 7 (`weight_decay_for`). A new run only: fine-tuning keeps the library's 0.01.
 
-Where K and the dropout curve come from (see docs/benchmarks.md): on a fast day of this
-2-core CPU, 10 minutes of Tiny Shakespeare read ~13M characters at 2x512 (3.5 per
-parameter) with dropout 0.35 against ~13 passes, the best of the fixed settings tried
-there; on 3 MB of prose in 5 minutes, an undropped 2x256 (~10 characters per parameter,
-~4 passes) beat 2x512 with dropout 0.35. K was 3 from those. In 90 seconds and 2 minutes
-(2026-11-29/30) 2x256 then beat 2x192 at every try, at 2.4-3.1 characters per
-parameter: the Python docs corpus 1.1312 against 1.1381-1.1523 (90 s, 2.4 per parameter),
-Tiny Shakespeare 1.5386 against 1.5668-1.5748 (90 s, 3.1), and in 2 minutes 1.1119
-against 1.1373 and 1.5384 against 1.5601. So K = 2.5. At 5 and 10 minutes the next width
-up reads under 2 per parameter on this CPU (2x384 in 5 minutes ~1.9, 2x512 in 10 ~1.4),
-so those choices do not change; at 10 minutes 2x384 (3.4) beat 2x512 (~1.3) by 0.02.
-
-The dropout ramp was first drawn from 0 at 2 passes to 0.35 at 12, which gave ~0.2 to
-Tiny Shakespeare's ~9 passes in 5 and 10 minutes. Measured there on 2026-11-29 (best
-validation loss, each run alone on the machine, batch 64): 5 minutes at 2x256 (~9
-passes), dropout 0 -> 1.5158, 0.1 -> 1.5120, 0.2 -> 1.5334; 10 minutes at 2x384 (~9
-passes), 0.1 -> 1.4616 against 1.4628-1.4711 at 0.17-0.23. The random windows already
-regularise more than the old fixed streams did, so the ramp now starts at 3 passes and
-reaches 0.35 at 23 (~0.1 at 9 passes); for ~20 passes (pydocs, 0.47 MB, in 5 minutes)
-it changes little (0.35 -> ~0.3).
+The measurements behind K, the widths, the dropout ramp, the decay's ramp and the batch
+are in docs/benchmarks.md ("Why each default is what it is").
 """
 
 from __future__ import annotations
@@ -54,9 +36,7 @@ from charrnn.config import ModelConfig, TrainConfig
 from charrnn.device import autocast
 
 # 192 keeps the step small where a short budget sits at the 256 bar, which the
-# machine's own speed (+-20 % minute to minute) moves a run across: on 2026-11-29, 2
-# minutes of the Python docs corpus reached 1.1834 at 2x128, 1.1373 at 2x192, 1.1119 at
-# 2x256; of Tiny Shakespeare 1.5646 (decay 0.01) / 1.5601 / 1.5384.
+# machine's own speed (+-20 % minute to minute) moves a run across.
 WIDTHS = (128, 192, 256, 384, 512, 768, 1024)
 CHARS_PER_PARAMETER = 2.5  # K in the module docstring, and where it comes from
 MAX_DROPOUT = 0.35
@@ -90,16 +70,11 @@ def batch_for(device: torch.device, cell: str = "lstm", ranks: int = 1) -> tuple
     """The (global) batch size for this device, cell and number of ranks, and why.
 
     On a CPU a step of the fused nn.LSTM costs about the same per character at a batch of
-    16 as at 64 (16, 32 and 64 sequences of 100 characters train 2x256 at 34k, 34k and
-    36k chars/s on the 2-core CPU), so smaller batches buy more optimizer steps for the
-    same characters, and each step learns about as much: Tiny Shakespeare in 5 minutes
-    (2x256, dropout 0.1) reached 1.5120 at 64, 1.4871 at 32 and 1.4783 at 16. The other
-    cells lose a third of their speed at 16 (probed at 2x384: nn.GRU 0.63x, nn.RNN 0.70x,
-    the hand-written layernorm and peephole cells 0.66x and 0.75x the chars/s of 64),
-    and in 10 minutes on Tiny Shakespeare the GRU and the layer-norm LSTM did worse at 16
-    than at 64 (docs/benchmarks.md), so they keep 64. A GPU runs a batch of 64 in about
-    the time of one of 16, so there the bigger batch reads 4x the characters in the same
-    minutes; 64 stays its default (not tuned for quality on a GPU).
+    16 as at 64, so smaller batches buy more optimizer steps for the same characters, and
+    each learns about as much. The other cells lose a third of their speed at 16 and did
+    worse there, so they keep 64. A GPU runs a batch of 64 in about the time of one of 16;
+    64 stays its default (not tuned for quality on a GPU). Measured in docs/benchmarks.md
+    ("A batch of 16 on a CPU").
     """
     if device.type == "cpu" and cell == "lstm":  # per rank: each CPU rank has cores of its own
         return 16 * ranks, "on a CPU, smaller batches learn more per minute"
@@ -131,18 +106,10 @@ def dropout_for(epochs: float) -> float:
 
 def weight_decay_for(epochs: float) -> float:
     """AdamW's decay on the weight matrices: MIN_WEIGHT_DECAY up to 4.5 passes over the
-    text, MAX_WEIGHT_DECAY from 7 on, linear between.
-
-    Measured on 2026-11-29 (each run alone, best validation loss): 10 minutes of Tiny
-    Shakespeare at 2x384 (~8 passes) reached 1.4456-1.4463 at 0.01, 1.4259 at 0.1, 1.4229
-    at 0.2 (then 1.4183 and 1.4180 as the default) and 1.4349 at 0.4; 5 minutes of 3 MB
-    of prose at 2x256 (~1.7 passes) 1.3859 at 0.01 and 1.3993 at 0.2. With little to
-    memorise the decay only slows learning; where the model starts to memorise, it
-    generalises better. At 4.5 passes (2,800 steps of 16 x 100 at 2x192, same dropout,
-    2026-11-30) 0.01 was still the best: 1.5576, against 1.5649 at 0.1 and 1.5775 at 0.2,
-    so the ramp starts there (it first started at 3). It ends at 7 so that the ~8 passes
-    of the 10-minute runs (7.8-8.9 as probed) are well inside the 0.2; between 4.5 and 7
-    the line is drawn, not measured.
+    text, MAX_WEIGHT_DECAY from 7 on, linear between. With little to memorise the decay
+    only slows learning; where the model starts to memorise, it generalises better. The
+    ramp's ends are measured (docs/benchmarks.md, "The weight decay"); between them the
+    line is drawn.
     """
     return round(MIN_WEIGHT_DECAY + (MAX_WEIGHT_DECAY - MIN_WEIGHT_DECAY) * _ramp(epochs, 4.5, 7.0), 3)
 
