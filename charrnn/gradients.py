@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from charrnn.model import CharRNN
+from charrnn.model import CharRNN, evaluating
 
 
 def gradient_reach(model: CharRNN, ids: torch.Tensor, span: int = 100, windows: int = 32,
@@ -20,7 +20,11 @@ def gradient_reach(model: CharRNN, ids: torch.Tensor, span: int = 100, windows: 
     """Mean ||d loss_T / d h_{T-k}|| for k = 1..span over `windows` random windows of ids."""
     if len(ids) < span + 2:
         raise ValueError(f"need at least {span + 2} characters for a span of {span}")
-    model.eval()
+    with evaluating(model):  # no dropout; gradients still flow
+        return _reach(model, ids, span, windows, generator)
+
+
+def _reach(model: CharRNN, ids: torch.Tensor, span: int, windows: int, generator) -> list[float]:
     starts = torch.randint(0, len(ids) - span - 1, (windows, 1), generator=generator)
     window = ids[starts + torch.arange(span + 2)].long()  # (W, K + 2)
     x, target = window[:, : span + 1], window[:, span + 1]
