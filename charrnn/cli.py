@@ -84,6 +84,10 @@ def _errors_to_exit_codes():
             _err("error: not enough memory for this model and batch; lower --batch-size, --seq-len, "
                  "--hidden-size or --num-samples, or use a device with more memory")
             raise typer.Exit(1) from None
+        if _no_bf16_lstm(err):
+            _err("error: this CPU cannot run PyTorch's bf16 LSTM kernels (oneDNN needs AVX-512 for them); "
+                 "use --dtype fp32, or auto, which picks bf16 only where it runs fast")
+            raise typer.Exit(1) from None
         _err(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)")
         raise typer.Exit(1) from None
 
@@ -93,6 +97,11 @@ def _out_of_memory(err: Exception) -> bool:
     text = str(err)
     return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
             or (isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)))
+
+
+def _no_bf16_lstm(err: Exception) -> bool:
+    """oneDNN's refusal of a bf16 LSTM on a CPU without AVX-512 (--dtype bf16 asked for)."""
+    return isinstance(err, RuntimeError) and "primitive descriptor for the LSTM" in str(err)
 
 
 def _silence_stdout() -> None:

@@ -275,3 +275,18 @@ def test_shell_completion_completes_commands_and_flags():
     assert run_cli(env=env).stdout.split() == ["train"]
     env.update(COMP_WORDS="charrnn sample --tem", COMP_CWORD="2")
     assert run_cli(env=env).stdout.split() == ["--temperature"]
+
+
+def test_bf16_on_a_cpu_that_cannot_run_it_is_a_one_line_error(trained_run, tmp_path):
+    """--dtype bf16 runs where the CPU has AVX-512; elsewhere oneDNN refuses the LSTM, and
+    that is said in charrnn's words, not oneDNN's."""
+    import torch
+
+    text = tmp_path / "t.txt"
+    text.write_text(VERSE)
+    result = invoke("eval", text, "-m", trained_run, "--dtype", "bf16", "--device", "cpu")
+    if torch.cpu._is_avx512_supported():
+        assert result.exit_code == 0, result.stderr
+        return
+    _one_line_error(result, 1)
+    assert "AVX-512" in result.stderr and "--dtype fp32" in result.stderr and "primitive" not in result.stderr
