@@ -39,8 +39,10 @@ class Model:
     """A trained model, ready for inference (see `load`)."""
 
     def __init__(self, payload: checkpoint.Checkpoint, device: str = "auto"):
-        self.checkpoint = payload
         self.path = Path(payload.path)
+        # What the run was (not its optimizer state, which inference never needs).
+        self.corpus: dict[str, Any] = payload.corpus
+        self.train_config: dict[str, Any] = payload.train_config
         self.network, self.vocab = checkpoint.restore_model(payload)
         self.prior = checkpoint.restore_prior(payload)  # the start mix, None when trained without it
         self.device, _ = resolve_device(device)
@@ -121,12 +123,12 @@ class Model:
     def validation_ids(self) -> tuple[torch.Tensor, str]:
         """The run's validation split (its corpus read again, cut as training cut it) and
         a description of it."""
-        corpus = self.checkpoint.corpus
+        corpus = self.corpus
         if self.run_dir is None:
             raise UsageError(f"{self.path} has no run directory beside it, so no validation text; give one with --text FILE")
         if corpus["sources"] == ["-"]:
             raise UsageError("this run was trained on stdin; give the text to analyse with --text FILE")
-        val_frac = self.checkpoint.train_config["val_frac"]
+        val_frac = self.train_config["val_frac"]
         _, val_ids = split(self.vocab.encode_data(read_corpus(rereadable(corpus["sources"]))), val_frac)
         return val_ids, f"validation split of {corpus['name']} (its last {val_frac:.0%})"
 

@@ -78,7 +78,7 @@ def main() -> None:
     model, vocab = loaded.network, loaded.vocab
     prior = None if args.no_start_mix else loaded.prior
     weights = prior.weights.tolist() if prior is not None else []
-    sources = [args.text] if args.text else rereadable(loaded.checkpoint.corpus["sources"])
+    sources = [args.text] if args.text else rereadable(loaded.corpus["sources"])
     text = read_corpus(sources).data.decode("utf-8")
     ids, _ = vocab.encode(text, "skip")
     train, val = split(ids, args.val_frac)
