@@ -36,8 +36,8 @@ from charrnn.finetune import extended_weights
 from charrnn.model import CharRNN, count_parameters, detach
 from charrnn.rundir import RunDir
 from charrnn.sample import SampleSettings, sample_text
-from charrnn.startmix import StartMix
 from charrnn.schedule import fraction_done, lr_at
+from charrnn.startmix import StartMix
 from charrnn.trainstate import Progress, TrainState
 
 if TYPE_CHECKING:
