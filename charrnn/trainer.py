@@ -69,7 +69,7 @@ class Trainer:
             dtype=dtype_name(self.dtype), dtype_reason=plan.dtype_reason,
             parameters=count_parameters(self.state.model), vocab_size=len(plan.vocab),
             train_chars=len(plan.train_ids), val_chars=len(plan.val_ids),
-            steps_per_epoch=plan.batches.steps_per_epoch, run_dir=str(plan.run_dir),
+            steps_per_epoch=self.state.batches.steps_per_epoch, run_dir=str(plan.run_dir),
             resumed_step=self.state.progress.step if plan.resume is not None else None,
             parent=plan.parent if plan.base is not None else None, sizing=plan.sizing,
             start_mix=self.state.prior.summary() if self.state.prior else None,
@@ -92,6 +92,7 @@ class Trainer:
         prior = StartMix.build(plan.train_ids, len(plan.vocab)) if config.start_mix else None
         model.to(self.device)
         average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
+        # The batch layout comes resolved from the plan; from here on it is the state's (its cursors move).
         return TrainState(model, self._setup_optimizer(model), average, Progress(elapsed_s=plan.probe_s),
                           windows_rng, plan.batches, prior, window_loss=torch.zeros((), device=self.device))
 
@@ -123,7 +124,7 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         config, progress = self.config, self.state.progress
-        steps_per_epoch = self.plan.batches.steps_per_epoch
+        steps_per_epoch = self.state.batches.steps_per_epoch
         log_loss, log_steps = torch.zeros((), device=self.device), 0
         last_eval_step = progress.step
         save_every, last_save_s = parse_duration(config.save_every), progress.elapsed_s
@@ -178,7 +179,7 @@ class Trainer:
         the schedule's learning rate. Returns the loss, the pre-clip gradient norm and the
         learning rate. scripts/bench.py times it alone."""
         config, state, progress = self.config, self.state, self.state.progress
-        batches = self.plan.batches
+        batches = self.state.batches
         if progress.batch >= batches.steps_per_epoch:
             progress.epoch, progress.batch = progress.epoch + 1, 0
             if isinstance(batches, StatefulBatches):
@@ -251,7 +252,7 @@ class Trainer:
         state.window_loss /= self.group.world_size
         steps = progress.window_steps
         record = Validation(
-            step=progress.step, epoch=round(progress.epoch + progress.batch / self.plan.batches.steps_per_epoch, 4),
+            step=progress.step, epoch=round(progress.epoch + progress.batch / self.state.batches.steps_per_epoch, 4),
             train_loss=state.window_loss.item() / steps if steps else math.nan,
             val_loss=result.loss, val_bpc=result.bpc, best_val_loss=progress.best_val_loss, lr=lr,
             grad_norm=grad_norm, chars_per_s=self._chars / self._train_time if self._train_time else math.nan,
