@@ -28,7 +28,7 @@ from charrnn.config import EVAL_STREAMS, DynamicSettings, check_seed, check_stre
 from charrnn.data import read_corpus, rereadable, split
 from charrnn.device import resolve_device, resolve_dtype
 from charrnn.errors import UsageError
-from charrnn.evaluate import EvalResult, dynamic_evaluate, evaluate
+from charrnn.evaluate import EvalResult, dynamic_evaluate, evaluate, read
 from charrnn.rundir import is_run
 from charrnn.sample import SampleSettings, generate
 
@@ -119,6 +119,16 @@ class Model:
         ids, dropped = self.vocab.encode(text, unknown)
         precision, _ = resolve_dtype(dtype, self.device)
         return dynamic_evaluate(self.network, ids, self.device, settings, precision, dropped, prior=self.prior)
+
+    @torch.no_grad()
+    def log_probs(self, text: str, unknown: str = "error") -> tuple[torch.Tensor, torch.Tensor]:
+        """The ids of text (T,) and the log-probabilities (T-1, V) the model gives each
+        character after the first, read as one stream from the start state with the start
+        mix (`score(text, streams=1)` is their mean's negative, to float rounding)."""
+        ids, _ = self.vocab.encode(text, unknown)
+        ids = ids.long().to(self.device)
+        logits, _ = read(self.network, ids[None], None, self.prior)
+        return ids, logits[0, :-1].float().log_softmax(-1)
 
     def validation_ids(self) -> tuple[torch.Tensor, str]:
         """The run's validation split (its corpus read again, cut as training cut it) and

@@ -506,6 +506,49 @@ def viz(
             webbrowser.open(target.resolve().as_uri())
 
 
+@app.command()
+def serve(
+    models: Optional[List[str]] = typer.Argument(None, help="Run directories or .pt files, each NAME=PATH or PATH (named for its run directory).", show_default="the most recent run under runs/"),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; 0.0.0.0 opens it to the network (set --api-key)."),
+    port: int = typer.Option(8000, help="Port to listen on (0: any free one, printed)."),
+    api_key: Optional[str] = typer.Option(None, envvar="CHARRNN_API_KEY", help="Require Authorization: Bearer KEY on every route but / and /health.", show_default="none; or CHARRNN_API_KEY"),
+    max_streams: int = typer.Option(64, help="Streams decoded together per model; past them requests queue."),
+    max_queued: int = typer.Option(64, help="Streams waiting per model; past them a 503 with Retry-After."),
+    max_prompt: int = typer.Option(4096, help="Characters in a prompt."),
+    max_tokens: int = typer.Option(4096, help="New characters per choice (max_tokens)."),
+    max_n: int = typer.Option(16, help="Choices per prompt (n)."),
+    max_body: int = typer.Option(4 * 1024 * 1024, help="Bytes in a request body."),
+    unknown: Unknown = typer.Option(Unknown.error, help="Characters a model does not know: error (a 400 naming them) or skip."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+):
+    """Serve models over HTTP: OpenAI-compatible completions, scoring, a playground page."""
+    with _errors_to_exit_codes():
+        try:
+            from charrnn import server
+        except ImportError as err:
+            raise UsageError(f"charrnn serve needs {err.name}: pip install 'charrnn[serve]' (scripts/setup.sh does)") from None
+        from charrnn import api, checkpoint
+
+        for flag, value in (("--max-streams", max_streams), ("--max-queued", max_queued), ("--max-prompt", max_prompt),
+                            ("--max-tokens", max_tokens), ("--max-n", max_n), ("--max-body", max_body)):
+            if value < (0 if flag == "--max-queued" else 1):
+                raise UsageError(f"{flag} must be at least {0 if flag == '--max-queued' else 1}, not {value}")
+        if not 0 <= port <= 65535:
+            raise UsageError(f"--port must be 0 to 65535, not {port}")
+        named = server.model_names([str(checkpoint.latest_run())] if not models else models)
+        loaded = {}
+        for name, path in named.items():
+            loaded[name] = api.load(path, device)
+            _err(f"model {name}: {loaded[name]!r}")
+        limits = server.Limits(max_streams=max_streams, max_queued=max_queued, max_prompt=max_prompt,
+                               max_tokens=max_tokens, max_n=max_n, max_body=max_body, unknown=unknown.value)
+        if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+            _err(f"warning: listening on {host} with no --api-key: anyone who can reach it can use it")
+        server.serve(loaded, host, port, limits, api_key,
+                     on_ready=lambda url: _err(f"serving {', '.join(loaded)} at {url} (playground: {url}/; Ctrl-C stops)"),
+                     log=_err)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: runs the app, turning usage errors into one line and exit 2."""
     global _debug

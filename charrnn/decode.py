@@ -21,6 +21,8 @@ is the cell's own equations on packed weights. `make_decoder` picks the class.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -49,13 +51,36 @@ class Decoder:
         with torch.no_grad():
             self.w_head = model.head.weight.T.contiguous().to(self.device, self.mm_dtype)  # (H, V)
             self.b_head = model.head.bias.float().to(self.device)
-        self.logits = torch.empty(num_streams, model.vocab_size, device=self.device)
-        self.ids = torch.zeros(num_streams, dtype=torch.long, device=self.device)
+        self.vocab_size = model.vocab_size
         self.graph = None
         self.use_graph = cuda_graph and self.device.type == "cuda"
 
+    def _allocate(self, num_streams: int) -> None:
+        """The per-stream buffers, zeroed: what `with_streams` makes anew."""
+        self.num_streams = num_streams
+        self.logits = torch.empty(num_streams, self.vocab_size, device=self.device)
+        self.ids = torch.zeros(num_streams, dtype=torch.long, device=self.device)
+
+    def with_streams(self, num_streams: int) -> "Decoder":
+        """A decoder for num_streams streams sharing these packed weights (and their matmul
+        precision), its state zero.
+        (The server moves its streams into a wider or narrower one as requests come and go.)"""
+        other = copy.copy(self)
+        other.graph = None
+        other._allocate(num_streams)
+        return other
+
     def state_buffers(self) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def state(self, rows: slice | torch.Tensor = slice(None)) -> tuple[torch.Tensor, ...]:
+        """The streams' state in the model's form, (h, c) or (h,), each (L, N, H)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def move(self, source: slice | torch.Tensor, target: slice | torch.Tensor) -> None:
+        """Copy the state of the streams at rows source to rows target."""
+        self.load_state(tuple(x.clone() for x in self.state(source)), target)
 
     def _step(self) -> None:
         raise NotImplementedError
@@ -115,23 +140,31 @@ class LSTMDecoder(Decoder):
                 self.w_cat.append(w[order].T.contiguous().to(self.device, self.mm_dtype))  # (2H, 4H)
                 b = rnn.bias_ih_l0 + rnn.bias_hh_l0
                 self.b_cat.append(b[order].float().to(self.device))
-        n = num_streams
-        self.xh = [torch.zeros(n, 2 * hidden, device=self.device) for _ in range(layers)]  # [h_{l-1}, h_l]
-        self.c = torch.zeros(layers, n, hidden, device=self.device)
-        self.gates = torch.empty(n, 4 * hidden, device=self.device)
-        self.gates_act = torch.empty(n, 4 * hidden, device=self.device)
-        self.tanh_c = torch.empty(n, hidden, device=self.device)
+        self._allocate(num_streams)
+
+    def _allocate(self, num_streams: int) -> None:
+        super()._allocate(num_streams)
+        n, hidden, to = num_streams, self.hidden, dict(device=self.device)
+        self.xh = [torch.zeros(n, 2 * hidden, **to) for _ in range(self.layers)]  # [h_{l-1}, h_l]
+        self.c = torch.zeros(self.layers, n, hidden, **to)
+        self.gates = torch.empty(n, 4 * hidden, **to)
+        self.gates_act = torch.empty(n, 4 * hidden, **to)
+        self.tanh_c = torch.empty(n, hidden, **to)
 
     def state_buffers(self) -> list[torch.Tensor]:
         return [*self.xh, self.c]
 
+    def state(self, rows: slice | torch.Tensor = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack([xh[rows, self.hidden :] for xh in self.xh]), self.c[:, rows]
+
     @torch.no_grad()
-    def load_state(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Take (h, c), each (L, N, H), e.g. from a forward pass over the prime."""
+    def load_state(self, state: tuple[torch.Tensor, torch.Tensor], rows: slice | torch.Tensor = slice(None)) -> None:
+        """Take (h, c), each (L, N, H), e.g. from a forward pass over the prime, into the
+        streams at rows (all of them by default)."""
         h, c = state
         for layer in range(self.layers):
-            self.xh[layer][:, self.hidden :].copy_(h[layer])
-        self.c.copy_(c)
+            self.xh[layer][rows, self.hidden :] = h[layer]
+        self.c[:, rows] = c
 
     def _step(self) -> None:
         hidden = self.hidden
@@ -186,9 +219,13 @@ class CellDecoder(Decoder):
             self.table = (table + self.in_bias[0]).to(**to).contiguous()
             self.peepholes = [tuple(getattr(l, f"peephole_{g}").float().to(**to) for g in "ifo")
                               if CELL_TYPES[self.cell].peephole else None for l in layers]
-        n, hidden = num_streams, self.hidden
-        self.h = torch.zeros(self.layers, n, hidden, **to)
-        self.c = torch.zeros(self.layers, n, hidden, **to) if CELL_TYPES[self.cell].has_cell_state else None
+        self._allocate(num_streams)
+
+    def _allocate(self, num_streams: int) -> None:
+        super()._allocate(num_streams)
+        shape = (self.layers, num_streams, self.hidden)
+        self.h = torch.zeros(shape, device=self.device)
+        self.c = torch.zeros(shape, device=self.device) if CELL_TYPES[self.cell].has_cell_state else None
 
     def _norms(self, layer) -> list[tuple] | None:
         """(weight, bias, eps) of norm_x, norm_h, norm_c for a layernorm layer, else None."""
@@ -200,11 +237,14 @@ class CellDecoder(Decoder):
     def state_buffers(self) -> list[torch.Tensor]:
         return [self.h] if self.c is None else [self.h, self.c]
 
+    def state(self, rows: slice | torch.Tensor = slice(None)) -> tuple[torch.Tensor, ...]:
+        return tuple(buffer[:, rows] for buffer in self.state_buffers())
+
     @torch.no_grad()
-    def load_state(self, state: tuple[torch.Tensor, ...]) -> None:
-        """Take the model's state, (h,) or (h, c), each (L, N, H)."""
+    def load_state(self, state: tuple[torch.Tensor, ...], rows: slice | torch.Tensor = slice(None)) -> None:
+        """Take the model's state, (h,) or (h, c), each (L, N, H), into the streams at rows."""
         for buffer, value in zip(self.state_buffers(), state):
-            buffer.copy_(value)
+            buffer[:, rows] = value
 
     def _matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return x.mm(w) if self.exact else x.to(self.mm_dtype).mm(w).float()

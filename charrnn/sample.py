@@ -84,6 +84,25 @@ def next_ids(logits: torch.Tensor, settings: SampleSettings, generator: torch.Ge
     return (cdf < u * cdf[:, -1:]).sum(dim=-1).clamp_(max=probs.shape[-1] - 1)
 
 
+def next_ids_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                  uniforms: torch.Tensor) -> torch.Tensor:
+    """next_ids with settings per row, for rows of different requests decoded together:
+    (N, V) logits, (N, 1) temperature (0 = greedy), top_p (1 = off) and uniforms (each
+    row's own draw) -> (N,) int64. A row gets the id next_ids would give it alone, bit
+    for bit (tests/test_sample.py): the same operations, each one row-wise."""
+    greedy = temperature == 0
+    logits32 = logits.float() / torch.where(greedy, torch.ones_like(temperature), temperature)
+    probs = torch.softmax(logits32, dim=-1)
+    limit = torch.where(top_p < 1, top_p, torch.full_like(top_p, float("inf")))  # inf: no filter at all
+    if bool((top_p < 1).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= limit
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    cdf = probs.cumsum(dim=-1)
+    ids = (cdf < uniforms.to(cdf.dtype) * cdf[:, -1:]).sum(dim=-1).clamp_(max=probs.shape[-1] - 1)
+    return torch.where(greedy[:, 0], logits.argmax(dim=-1), ids)
+
+
 def start_ids(vocab: Vocab, prime_ids: torch.Tensor) -> torch.Tensor:
     """The characters that warm the state: the prime, or a newline when there is none."""
     if len(prime_ids):
@@ -134,14 +153,32 @@ def _threads_for(num_samples: int, device) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _generate(model, vocab, prime_ids, settings, num_samples, generator, device, fast, dtype, prior):
+def read_prime(model: CharRNN, vocab: Vocab, prime_ids: torch.Tensor, num_samples: int, device,
+               prior: StartMix | None) -> tuple[torch.Tensor, tuple, torch.Tensor]:
+    """Read the prime (or the newline start) for num_samples streams in one forward pass:
+    the logits of the first new character (N, V), the state after the prime, and the ids
+    read from the start state so far (N, T), which the prior needs for its next mixes."""
     warm = start_ids(vocab, prime_ids).to(device)
-    # The characters read from the start state so far, while the prior still mixes.
     read_ids = warm[None].expand(num_samples, -1)
-    logits, state = model(read_ids)  # one forward over the prime
+    logits, state = model(read_ids)
     logits = logits[:, -1]  # (N, V)
     if prior is not None:
         logits = prior.mix_at(logits, read_ids)
+    return logits, state, read_ids
+
+
+def mix_next(prior: StartMix | None, logits: torch.Tensor, read_ids: torch.Tensor,
+             ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """After a step that read ids (N,): the logits with the prior mixed in while fewer than
+    POSITIONS characters have been read, and the read ids grown to match."""
+    if prior is None or read_ids.shape[1] >= POSITIONS:
+        return logits, read_ids
+    read_ids = torch.cat([read_ids, ids[:, None]], 1)
+    return prior.mix_at(logits, read_ids), read_ids
+
+
+def _generate(model, vocab, prime_ids, settings, num_samples, generator, device, fast, dtype, prior):
+    logits, state, read_ids = read_prime(model, vocab, prime_ids, num_samples, device, prior)
     decoder = None
     if fast:
         decoder = make_decoder(model, num_samples, device, dtype=dtype)
@@ -164,9 +201,7 @@ def _generate(model, vocab, prime_ids, settings, num_samples, generator, device,
         else:
             logits, state = model(ids[:, None], state)
             logits = logits[:, -1]
-        if prior is not None and read_ids.shape[1] < POSITIONS:
-            read_ids = torch.cat([read_ids, ids[:, None]], 1)
-            logits = prior.mix_at(logits, read_ids)
+        logits, read_ids = mix_next(prior, logits, read_ids, ids)
 
 
 def _stop_check(n: int, char: str, tails: list[str], done: list[bool], stop: str) -> str:

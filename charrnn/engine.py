@@ -1,0 +1,396 @@
+"""Continuous batching: one decoding loop per served model, each request's streams rows
+of one packed decoder (charrnn.decode).
+
+    submit(Request) -> Sequence            (any thread; waits in a queue when rows are full)
+    the loop, one step:
+      drop cancelled sequences             (a client that went away: its rows freed now)
+      admit waiting ones                   (read the prime in one forward pass, put its
+                                            state into free rows)
+      draw a character for every row       (each sequence's own temperature, top-p and
+                                            generator: sample.next_ids_rows)
+      hand each sequence its characters    (stop strings held back until they cannot match)
+      drop the finished, step the decoder  -> the next logits
+
+A sequence is one prompt with its n choices (rows side by side) and one torch.Generator
+seeded from the request: it draws (n, 1) uniforms a step as `charrnn sample -s n` does, so
+the same request with the same seed writes the same text. Choices that are done keep
+drawing until the whole sequence is (as `charrnn sample` does), so the generator's
+stream, and with it every other choice's text, does not depend on when one stopped.
+
+Width: the decoder is 4, 8, 16, ... streams wide (at least the rows in use; it narrows
+when a quarter would do) and its rows are fp32. On the CPUs measured (oneDNN/MKL sgemm),
+a row's logits are bit for bit the same at every width that is a multiple of 4, while
+1 to 3 rows take a matrix-vector path whose last bits differ: so a request's text is
+the same whatever else is being served. Against `charrnn sample` (one stream, that
+matrix-vector path) the logits agree to ~1e-6 and the text is the same unless a draw
+lands that close to the boundary between two characters (tests/test_serve.py checks
+both on its models).
+
+Nothing here knows about HTTP: `notify(sequences)` (from the loop's thread) tells the
+server which sequences have new events; a Sequence's events are a deque of
+("text", choice, text, logprobs), ("finish", choice, reason) and ("end",) or ("error", message).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from charrnn.decode import Decoder, make_decoder
+from charrnn.sample import mix_next, next_ids_rows, read_prime
+from charrnn.startmix import POSITIONS
+
+MIN_WIDTH = 4  # see the module docstring: widths that are multiples of 4 give the same bits
+
+
+class Busy(Exception):
+    """Every row is in use and the queue is full: try again shortly."""
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: torch.Tensor  # (T,) int64, T >= 1
+    length: int  # new characters per choice
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # 1 = off
+    n: int = 1  # choices, each a row
+    stop: tuple[str, ...] = ()  # a choice ends once it writes one of these (left out of its text)
+    seed: int = 0
+    logprobs: int | None = None  # None: none; k: the drawn character's and the k likeliest
+
+
+@dataclass
+class Choice:
+    held: str = ""  # drawn but not yet handed on: it could still be the start of a stop string
+    held_logprobs: list = field(default_factory=list)
+    chars: int = 0  # characters handed on
+    finish: str | None = None
+
+
+class Sequence:
+    """One prompt being decoded: its rows, its generator, its choices and its events."""
+
+    def __init__(self, request: Request, waker: Any = None):
+        self.request = request
+        self.waker = waker  # the server's (an asyncio.Event); the engine only hands it back
+        self.generator = torch.Generator().manual_seed(request.seed)
+        self.choices = [Choice() for _ in range(request.n)]
+        self.events: deque = deque()
+        self.start = 0  # its first row
+        self.drawn = 0  # steps drawn
+        self.read_ids: torch.Tensor | None = None  # what the prior still needs, (n, m)
+        self.cancelled = False
+        self.finished = False
+        self.submitted = time.perf_counter()
+        self.first_char_s: float | None = None  # seconds from submit to the first character
+        self.cancel_step: int | None = None
+        self.freed_step: int | None = None  # the engine step at which its rows were freed
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.start + self.request.n)
+
+    def cancel(self) -> None:
+        """The client went away: the rows are freed at the start of the next step."""
+        self.cancelled = True
+
+    # -- the characters of one step, per choice -------------------------------------------
+
+    def take(self, chars: list[str], logprobs: list | None) -> int:
+        """Hand on one step's characters (one per choice); returns the characters handed on."""
+        self.drawn += 1
+        handed = 0
+        last = self.drawn >= self.request.length
+        for j, char in enumerate(chars):
+            choice = self.choices[j]
+            if choice.finish is not None:
+                continue
+            choice.held += char
+            if logprobs is not None:
+                choice.held_logprobs.append(logprobs[j])
+            stop = next((s for s in self.request.stop if choice.held.endswith(s)), None)
+            if stop is not None:
+                handed += self._hand_on(j, len(choice.held) - len(stop))
+                choice.held, choice.held_logprobs = "", []  # the stop string itself is not handed on
+                choice.finish = "stop"
+            elif last:
+                handed += self._hand_on(j, len(choice.held))
+                choice.finish = "length"
+            else:
+                handed += self._hand_on(j, self._safe(choice.held))
+            if choice.finish is not None:
+                self.events.append(("finish", j, choice.finish))
+        if all(c.finish is not None for c in self.choices):
+            self.finished = True
+            self.events.append(("end",))
+        return handed
+
+    def _safe(self, held: str) -> int:
+        """How much of held can be handed on: all but its longest end that begins a stop string."""
+        longest = max((len(s) for s in self.request.stop), default=1) - 1
+        for k in range(min(len(held), longest), 0, -1):
+            if any(s.startswith(held[-k:]) for s in self.request.stop):
+                return len(held) - k
+        return len(held)
+
+    def _hand_on(self, j: int, count: int) -> int:
+        """Hand on the first count held characters of choice j as a text event."""
+        choice = self.choices[j]
+        if count == 0:
+            return 0
+        text, choice.held = choice.held[:count], choice.held[count:]
+        logprobs = None
+        if self.request.logprobs is not None:
+            logprobs, choice.held_logprobs = choice.held_logprobs[:count], choice.held_logprobs[count:]
+        self.events.append(("text", j, text, logprobs))
+        if self.first_char_s is None:
+            self.first_char_s = time.perf_counter() - self.submitted
+        choice.chars += count
+        return count
+
+    def end(self, message: str) -> None:
+        """End it early (the server is stopping): an error event and the end."""
+        self.finished = True
+        self.events.append(("error", message))
+        self.events.append(("end",))
+
+
+class Meter:
+    """What the engine reports as it runs (the server's Prometheus metrics); no-ops here."""
+
+    def step(self, seconds: float, rows: int) -> None: ...
+
+    def first_char(self, seconds: float) -> None: ...
+
+    def chars(self, count: int) -> None: ...
+
+
+class Engine:
+    """The decoding loop of one model (charrnn.api.Model), on its own thread after start()."""
+
+    def __init__(self, model, max_streams: int = 64, max_queued: int = 64,
+                 notify: Callable[[list[Sequence]], None] = lambda sequences: None, meter: Meter = Meter()):
+        self.model = model
+        self.network, self.vocab, self.prior, self.device = model.network, model.vocab, model.prior, model.device
+        self.max_streams, self.max_queued = max_streams, max_queued
+        self.notify, self.meter = notify, meter
+        self._decoder: Decoder = make_decoder(self.network, MIN_WIDTH, self.device, cuda_graph=False)
+        self._active: list[Sequence] = []
+        self._rows = 0
+        self._logits: torch.Tensor | None = None  # (rows, V): what the next draw draws from
+        self._waiting: deque[Sequence] = deque()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closing: str | None = None
+        self.steps = 0
+
+    # -- from any thread ---------------------------------------------------------------------
+
+    def submit(self, request: Request, waker: Any = None) -> Sequence:
+        sequence = Sequence(request, waker)
+        with self._lock:
+            if self._closing is not None:
+                raise Busy(self._closing)
+            queued = sum(s.request.n for s in self._waiting)
+            if request.n > self.max_streams or self._rows + queued + request.n > self.max_streams + self.max_queued:
+                raise Busy("every stream is in use and the queue is full")
+            self._waiting.append(sequence)
+            self._lock.notify()
+        return sequence
+
+    def cancel(self, sequence: Sequence) -> None:
+        if not sequence.cancelled and not sequence.finished:
+            sequence.cancel_step = self.steps
+            sequence.cancel()
+            with self._lock:
+                self._lock.notify()
+
+    @property
+    def active_streams(self) -> int:
+        return self._rows
+
+    @property
+    def queued_streams(self) -> int:
+        return sum(s.request.n for s in self._waiting)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="charrnn-engine", daemon=True)
+        self._thread.start()
+
+    def close(self, message: str = "the server is shutting down") -> None:
+        """End every open sequence with an error event and stop the loop."""
+        with self._lock:
+            self._closing = message
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+        ended = [*self._active, *self._waiting]
+        for sequence in ended:
+            if not sequence.finished:
+                sequence.end(message)
+        self._active, self._waiting, self._rows = [], deque(), 0
+        if ended:
+            self.notify(ended)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while self._closing is None and not self._waiting and not self._active:
+                    self._lock.wait()
+                if self._closing is not None:
+                    return
+            try:
+                self.step()
+            except Exception as err:  # a bug: end what is open with an error, keep serving
+                self.failed(f"internal error in the decoding loop: {type(err).__name__}: {err}")
+
+    def failed(self, message: str) -> None:
+        ended = [s for s in self._active if not s.finished]
+        for sequence in ended:
+            sequence.end(message)
+        self._active, self._rows, self._logits = [], 0, None
+        self.notify(ended)
+
+    # -- the loop's thread ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One decoding step for every active sequence (see the module docstring)."""
+        started = time.perf_counter()
+        touched = self._drop([s for s in self._active if s.cancelled], logits=True)
+        self._admit()
+        if not self._active:
+            self.notify(touched)
+            return
+        ids = self._draw()
+        touched += self._hand_on(ids)
+        finished = [s for s in self._active if s.finished]
+        if finished:
+            ids = ids[_rows_of([s for s in self._active if not s.finished])]
+            self._drop(finished, logits=False)
+        if self._active:
+            self._advance(ids)
+        self.steps += 1
+        self.meter.step(time.perf_counter() - started, self._rows)
+        self.notify(touched)
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                if not self._waiting or self._rows + self._waiting[0].request.n > self.max_streams:
+                    break
+                sequence = self._waiting.popleft()
+            if sequence.cancelled:
+                sequence.freed_step = self.steps
+                continue
+            n = sequence.request.n
+            logits, state, sequence.read_ids = read_prime(self.network, self.vocab, sequence.request.prompt_ids,
+                                                          n, self.device, self.prior)
+            self._resize(self._rows + n)
+            sequence.start = self._rows
+            self._decoder.load_state(state, sequence.rows)
+            self._logits = logits.float() if self._logits is None else torch.cat([self._logits, logits.float()])
+            if self.prior is None:
+                sequence.read_ids = None
+            self._rows += n
+            self._active.append(sequence)
+
+    def _draw(self) -> torch.Tensor:
+        """One id per row, each sequence with its own settings and generator -> (rows,)."""
+        columns = []
+        for s in self._active:
+            n, request = s.request.n, s.request
+            uniforms = torch.zeros(n, 1) if request.temperature == 0 else torch.rand((n, 1), generator=s.generator)
+            columns.append((torch.full((n, 1), request.temperature), torch.full((n, 1), request.top_p), uniforms))
+        temperature, top_p, uniforms = (torch.cat(c).to(self.device) for c in zip(*columns))
+        return next_ids_rows(self._logits, temperature, top_p, uniforms)
+
+    def _hand_on(self, ids: torch.Tensor) -> list[Sequence]:
+        alphabet = self.vocab.chars
+        listed = ids.tolist()
+        log_probs = None
+        if any(s.request.logprobs is not None for s in self._active):
+            log_probs = self._logits.float().log_softmax(-1)
+        touched, handed = [], 0
+        for s in self._active:
+            rows = s.rows
+            chars = [alphabet[i] for i in listed[rows]]
+            entries = None if s.request.logprobs is None else _logprob_entries(
+                log_probs[rows], ids[rows], s.request.logprobs, alphabet)
+            first = s.first_char_s is None
+            handed += s.take(chars, entries)
+            if first and s.first_char_s is not None:
+                self.meter.first_char(s.first_char_s)
+            if s.events:
+                touched.append(s)
+        self.meter.chars(handed)
+        return touched
+
+    def _advance(self, ids: torch.Tensor) -> None:
+        padded = torch.zeros(self._decoder.num_streams, dtype=torch.long, device=self.device)
+        padded[: self._rows] = ids
+        logits = self._decoder.step(padded)[: self._rows].clone()
+        for s in self._active:
+            if s.read_ids is not None:
+                logits[s.rows], s.read_ids = mix_next(self.prior, logits[s.rows], s.read_ids, ids[s.rows])
+                if s.read_ids.shape[1] >= POSITIONS:  # the prior mixes no more
+                    s.read_ids = None
+        self._logits = logits
+
+    # -- rows ------------------------------------------------------------------------------------
+
+    def _drop(self, gone: list[Sequence], logits: bool) -> list[Sequence]:
+        """Free the rows of sequences that are done or cancelled, moving the rest up."""
+        if not gone:
+            return []
+        keep = [s for s in self._active if s not in gone]
+        if not keep:
+            self._logits = None
+        elif logits:
+            self._logits = self._logits[_rows_of(keep)]
+        row = 0
+        for s in keep:
+            if s.start != row:
+                self._decoder.move(s.rows, slice(row, row + s.request.n))
+                s.start = row
+            row += s.request.n
+        self._active, self._rows = keep, row
+        for s in gone:
+            s.freed_step = self.steps
+        self._resize(self._rows)
+        return [s for s in gone if s.events]
+
+    def _resize(self, rows: int) -> None:
+        """Widen the decoder to hold rows, or narrow it when a quarter of it would do."""
+        width = self._decoder.num_streams
+        if rows <= width and (width == MIN_WIDTH or rows > width // 4):
+            return
+        new_width = MIN_WIDTH
+        while new_width < rows:
+            new_width *= 2
+        decoder = self._decoder.with_streams(new_width)
+        kept = min(self._rows, rows)
+        if kept:
+            decoder.load_state(self._decoder.state(slice(0, kept)), slice(0, kept))
+        self._decoder = decoder
+
+
+def _rows_of(sequences: list[Sequence]) -> torch.Tensor:
+    """The row indices of sequences, in order (int64, maybe empty)."""
+    return torch.tensor([row for s in sequences for row in range(s.rows.start, s.rows.stop)], dtype=torch.long)
+
+
+def _logprob_entries(log_probs: torch.Tensor, ids: torch.Tensor, k: int, alphabet: str) -> list:
+    """Per row: (the drawn character, its log-probability, {character: log-probability} of the k likeliest)."""
+    chars = [alphabet[i] for i in ids.tolist()]
+    drawn = log_probs.gather(1, ids[:, None])[:, 0].tolist()
+    if k == 0:
+        return [(char, lp, {}) for char, lp in zip(chars, drawn)]
+    values, indices = log_probs.topk(min(k, log_probs.shape[1]), dim=1)
+    return [(char, lp, {alphabet[i]: v for i, v in zip(row_i, row_v)})
+            for char, lp, row_i, row_v in zip(chars, drawn, indices.tolist(), values.tolist())]

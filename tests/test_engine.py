@@ -1,0 +1,173 @@
+"""The continuous-batching engine: each request writes what `charrnn sample` writes for
+it, whatever else is being decoded beside it; cancelled rows are freed at once."""
+
+import pytest
+import torch
+
+import charrnn
+from charrnn.engine import Busy, Engine, Request
+from charrnn.evaluate import read
+from charrnn.sample import SampleSettings, next_ids, next_ids_rows
+
+from conftest import CELLS, make_model, shaken
+
+
+def drain(engine: Engine, sequences, limit=10_000):
+    """Step until every sequence has ended; each one's texts and finish reasons."""
+    for _ in range(limit):
+        if all(s.finished for s in sequences):
+            break
+        engine.step()
+    results = []
+    for s in sequences:
+        texts, reasons = [""] * s.request.n, [None] * s.request.n
+        for event in s.events:
+            if event[0] == "text":
+                texts[event[1]] += event[2]
+            elif event[0] == "finish":
+                reasons[event[1]] = event[2]
+        results.append((texts, reasons))
+    return results
+
+
+def sample_texts(model, prime, settings, n, seed):
+    ids, _ = model.vocab.encode(prime)
+    texts = [""] * n
+    for chars in model.generate(ids, settings, n, seed):
+        for j, char in enumerate(chars):
+            texts[j] += char
+    return texts
+
+
+def request(model, prime, length=120, **options):
+    ids, _ = model.vocab.encode(prime)
+    return Request(prompt_ids=ids, length=length, **options)
+
+
+@pytest.fixture(scope="module")
+def model(trained_run):
+    return charrnn.load(trained_run, device="cpu")
+
+
+def test_a_request_writes_what_charrnn_sample_writes(model):
+    settings = SampleSettings(length=150, temperature=0.8, top_p=0.9)
+    expected = sample_texts(model, "The ", settings, 3, seed=11)
+    engine = Engine(model)
+    (texts, reasons), = drain(engine, [engine.submit(request(model, "The ", 150, temperature=0.8, top_p=0.9,
+                                                              n=3, seed=11))])
+    assert texts == expected and reasons == ["length"] * 3
+
+
+def test_the_same_seed_gives_the_same_text_alone_and_among_31_others(model):
+    alone_engine = Engine(model)
+    mine = dict(temperature=0.9, top_p=0.95, seed=5)
+    (alone, _), = drain(alone_engine, [alone_engine.submit(request(model, "whose woods", 200, **mine))])
+    crowded = Engine(model, max_streams=64)
+    others = [crowded.submit(request(model, "abc"[: 1 + k % 3], 30 + 7 * k, temperature=0.5 + k / 20,
+                                     top_p=1.0 if k % 2 else 0.8, seed=100 + k)) for k in range(16)]
+    crowded.step()
+    crowded.step()  # mine joins while the others are mid-stream, and more join after it
+    target = crowded.submit(request(model, "whose woods", 200, **mine))
+    crowded.step()
+    others += [crowded.submit(request(model, "s", 90, temperature=1.2, seed=k)) for k in range(15)]
+    results = drain(crowded, [target, *others])
+    assert results[0][0] == alone
+    assert crowded.active_streams == 0
+
+
+def test_greedy_and_a_stop_string_as_charrnn_sample_then_left_out(model):
+    settings = SampleSettings(length=200, temperature=0.0, stop="e")
+    expected, = sample_texts(model, "and ", settings, 1, seed=0)
+    assert expected.endswith("e")
+    engine = Engine(model)
+    (texts, reasons), = drain(engine, [engine.submit(request(model, "and ", 200, temperature=0.0,
+                                                              stop=("e",)))])
+    assert texts == [expected[:-1]] and reasons == ["stop"]
+
+
+def test_a_stop_string_is_held_back_until_it_can_no_longer_match(model):
+    sampled, = sample_texts(model, "The", SampleSettings(length=300, temperature=1.0), 1, seed=3)
+    stop = sampled[100:103]  # a three-character string the sample writes at 100
+    first = sampled.index(stop)
+    engine = Engine(model)
+    sequence = engine.submit(request(model, "The", 300, temperature=1.0, seed=3, stop=(stop, "never written")))
+    (texts, reasons), = drain(engine, [sequence])
+    assert texts == [sampled[:first]] and reasons == ["stop"]
+    handed = "".join(e[2] for e in sequence.events if e[0] == "text")
+    assert handed == sampled[:first]  # nothing of the stop string was ever handed on
+
+
+def test_a_cancelled_sequence_frees_its_rows_at_the_next_step(model):
+    engine = Engine(model)
+    keep = engine.submit(request(model, "a", 500, seed=1))
+    gone = engine.submit(request(model, "b", 500, seed=2, n=3))
+    for _ in range(5):
+        engine.step()
+    assert engine.active_streams == 4
+    engine.cancel(gone)
+    engine.step()
+    assert engine.active_streams == 1 and gone.freed_step - gone.cancel_step <= 1
+    assert not keep.finished
+
+
+def test_rows_move_up_and_the_decoder_narrows_without_changing_anyones_text(model):
+    engine = Engine(model, max_streams=64)
+    long = engine.submit(request(model, "The", 160, temperature=0.7, seed=9))
+    shorts = [engine.submit(request(model, "x", 3 + k, seed=k, n=2)) for k in range(12)]
+    results = drain(engine, [long, *shorts])
+    assert engine._decoder.num_streams == 4  # narrowed back once the short ones left
+    settings = SampleSettings(length=160, temperature=0.7)
+    assert results[0][0] == sample_texts(model, "The", settings, 1, seed=9)
+
+
+def test_full_rows_and_queue_refuse_with_busy(model):
+    engine = Engine(model, max_streams=4, max_queued=2)
+    engine.submit(request(model, "a", 10, n=4))
+    engine.submit(request(model, "a", 10, n=2))
+    with pytest.raises(Busy):
+        engine.submit(request(model, "a", 10))
+    with pytest.raises(Busy):
+        Engine(model, max_streams=4).submit(request(model, "a", 10, n=5))
+
+
+def test_logprobs_are_the_models_own_for_each_drawn_character(model):
+    engine = Engine(model)
+    sequence = engine.submit(request(model, "The", 40, temperature=1.0, seed=2, logprobs=3))
+    (texts, _), = drain(engine, [sequence])
+    entries = [e for event in sequence.events if event[0] == "text" for e in event[3]]
+    ids = model.vocab.encode("The" + texts[0])[0].long()
+    logits, _ = read(model.network, ids[None].long(), None, model.prior)
+    expected = logits[0, 2:-1].float().log_softmax(-1).gather(1, ids[3:, None])[:, 0]
+    assert len(entries) == 40
+    assert "".join(char for char, _, _ in entries) == texts[0]
+    assert torch.allclose(torch.tensor([lp for _, lp, _ in entries]), expected, atol=1e-4)
+    assert all(len(top) == 3 and lp <= max(top.values()) + 1e-6 for _, lp, top in entries)
+
+
+def test_rows_with_mixed_settings_draw_what_each_draws_alone():
+    """next_ids_rows over rows of different requests == next_ids row by row, bit for bit."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 20) * 3
+    temps, top_ps = [0.0, 0.7, 1.0, 1.3, 0.7, 2.0], [1.0, 0.9, 1.0, 0.5, 1.0, 0.99]
+    uniforms = torch.cat([torch.rand((1, 1), generator=torch.Generator().manual_seed(r)) for r in range(6)])
+    rows = next_ids_rows(logits, torch.tensor(temps)[:, None], torch.tensor(top_ps)[:, None], uniforms)
+    alone = [next_ids(logits[r : r + 1], SampleSettings(temperature=temps[r], top_p=top_ps[r]),
+                      torch.Generator().manual_seed(r))[0] for r in range(6)]
+    assert rows.tolist() == [int(i) for i in alone]
+    assert len(set(rows.tolist())) > 2  # the rows did draw different characters
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_every_cells_rows_give_the_same_bits_at_every_width(cell):
+    from charrnn.decode import make_decoder
+
+    network = shaken(make_model(cell, vocab_size=20))
+    wide = make_decoder(network, 32)
+    state = tuple(torch.randn(2, 32, 24) for _ in wide.state())
+    wide.load_state(state)
+    narrow = wide.with_streams(4)
+    narrow.load_state(tuple(x[:, 8:12] for x in state))
+    ids = torch.randint(0, 20, (32,))
+    for _ in range(20):
+        a, b = wide.step(ids), narrow.step(ids[8:12])
+        assert torch.equal(a[8:12], b)
