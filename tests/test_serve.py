@@ -23,6 +23,7 @@ import charrnn
 from charrnn.cli import app as cli_app
 from charrnn.server import Limits, create_app
 
+from browser import Browser, chromium
 from conftest import ROOT, VERSE
 
 openai = pytest.importorskip("openai")
@@ -316,3 +317,32 @@ def test_charrnn_serve_bad_arguments_are_one_line_errors(trained_run, tmp_path):
     assert twice.returncode == 2 and "two models are named 'tiny'" in twice.stderr
     zero = run_cli("serve", trained_run, "--max-streams", "0")
     assert zero.returncode == 2 and "--max-streams must be at least 1" in zero.stderr
+
+
+# -- the playground, in a real browser ----------------------------------------------------------------
+
+
+@pytest.mark.skipif(chromium() is None, reason="no Chromium here (apt-get install chromium; .ci/run installs it)")
+def test_the_playground_streams_shaded_text_in_headless_chromium(model, tmp_path):
+    page = (ROOT / "charrnn" / "playground.html").read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page) and "import(" not in page  # no CDN
+    with running({"poem": model}) as (url, _, lines), Browser(tmp_path / "profile") as browser:
+        browser.open(f"{url}/")
+        browser.wait("document.getElementById('card').textContent.includes('validation loss')")
+        assert "2x32 lstm" in browser.js("document.getElementById('card').textContent")
+        browser.js("""document.getElementById('prime').value = 'The quick';
+                      document.getElementById('length').value = '300';
+                      document.getElementById('seed').value = '4';
+                      document.getElementById('go').click()""")
+        browser.wait("document.body.dataset.done === '1'")
+        shades = browser.js("[...document.querySelectorAll('#out span:not(.prime)')].map(s => s.style.background)")
+        assert len(shades) == 300 and len(set(shades)) > 5 and all(s.startswith("rgba(220, 40, 40") for s in shades)
+        text = browser.js("document.getElementById('out').textContent")
+        served = complete(url, model="poem", prompt="The quick", max_tokens=300, seed=4, temperature=0.8)
+        assert text == "The quick" + served.json()["choices"][0]["text"]  # the page shows what was drawn
+        assert any(line.startswith("POST /v1/completions 200 300 chars") for line in lines)
+        shot = tmp_path / "playground.png"
+        browser.screenshot(shot)
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if os.environ.get("CHARRNN_SCREENSHOTS"):
+            shutil.copy(shot, os.environ["CHARRNN_SCREENSHOTS"])
