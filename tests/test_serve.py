@@ -86,6 +86,20 @@ def test_the_openai_client_gets_a_completion_and_a_streamed_one(server):
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="no curl here")
+def test_the_readme_openai_example_runs_against_a_server(model):
+    import io
+    from contextlib import redirect_stdout
+
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S) if "OpenAI(" in b]
+    assert len(blocks) == 1
+    with running({"tinyshakespeare": model}, Limits(unknown="skip")) as (url, _, lines):  # the tiny model lacks R, O, ...
+        out = io.StringIO()
+        with redirect_stdout(out):
+            exec(compile(blocks[0].replace("http://127.0.0.1:8000", url), "README.md", "exec"), {})
+    assert len(out.getvalue()) == 400 + 1  # 200 characters, a newline, 200 streamed
+    assert [line.split()[:3] for line in lines] == [["POST", "/v1/completions", "200"]] * 2
+
+
 def test_curl_streams_server_sent_events(server):
     url, _, _ = server
     out = subprocess.run(["curl", "-sN", f"{url}/v1/completions", "-H", "Content-Type: application/json", "-d",
