@@ -42,10 +42,11 @@ from typing import Any, Callable
 import torch
 
 from charrnn.decode import Decoder, make_decoder
-from charrnn.sample import mix_next, next_ids_rows, read_prime
+from charrnn.sample import mix_next, next_ids_rows
 from charrnn.startmix import POSITIONS
 
 MIN_WIDTH = 4  # see the module docstring: widths that are multiples of 4 give the same bits
+BLOCK = 64  # uniforms drawn at once per sequence
 
 
 class Busy(Exception):
@@ -104,8 +105,15 @@ class Sequence:
     def take(self, chars: list[str], logprobs: list | None) -> int:
         """Hand on one step's characters (one per choice); returns the characters handed on."""
         self.drawn += 1
-        handed = 0
         last = self.drawn >= self.request.length
+        if not self.request.stop and logprobs is None and not last:  # the common case, kept short
+            for j, char in enumerate(chars):
+                self.events.append(("text", j, char, None))
+                self.choices[j].chars += 1
+            if self.first_char_s is None:
+                self.first_char_s = time.perf_counter() - self.submitted
+            return len(chars)
+        handed = 0
         for j, char in enumerate(chars):
             choice = self.choices[j]
             if choice.finish is not None:
@@ -182,12 +190,16 @@ class Engine:
         self._decoder: Decoder = make_decoder(self.network, MIN_WIDTH, self.device, cuda_graph=False)
         self._active: list[Sequence] = []
         self._rows = 0
-        self._logits: torch.Tensor | None = None  # (rows, V): what the next draw draws from
+        # Per row, in row order: logits (rows, V) the next draw draws from; temperature and
+        # top_p (rows, 1); uniforms (rows, BLOCK), each sequence's coming draws; column (rows,),
+        # where in them each row is.
+        self._table: dict[str, torch.Tensor] = {}
         self._waiting: deque[Sequence] = deque()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing: str | None = None
         self.steps = 0
+        self._threads = torch.get_num_threads()
 
     # -- from any thread ---------------------------------------------------------------------
 
@@ -253,7 +265,7 @@ class Engine:
         ended = [s for s in self._active if not s.finished]
         for sequence in ended:
             sequence.end(message)
-        self._active, self._rows, self._logits = [], 0, None
+        self._active, self._rows, self._table = [], 0, {}
         self.notify(ended)
 
     # -- the loop's thread ---------------------------------------------------------------------
@@ -262,6 +274,7 @@ class Engine:
     def step(self) -> None:
         """One decoding step for every active sequence (see the module docstring)."""
         started = time.perf_counter()
+        self._threads_for(self._rows + self.queued_streams)
         touched = self._drop([s for s in self._active if s.cancelled], logits=True)
         self._admit()
         if not self._active:
@@ -279,51 +292,93 @@ class Engine:
         self.meter.step(time.perf_counter() - started, self._rows)
         self.notify(touched)
 
+    def _threads_for(self, rows: int) -> None:
+        """One intra-op thread below 16 rows: there a second thread gains little (8 rows at
+        2x384: 807 vs 669 us a step) and its spinning takes the core the event loop and the
+        clients need. The thread count does not change a single bit of the results."""
+        wanted = 1 if rows < 16 else self._threads
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+
     def _admit(self) -> None:
-        while True:
-            with self._lock:
-                if not self._waiting or self._rows + self._waiting[0].request.n > self.max_streams:
-                    break
+        """Take in the waiting sequences that fit, reading their primes in batches."""
+        joining = []
+        with self._lock:
+            rows = self._rows
+            while self._waiting and rows + self._waiting[0].request.n <= self.max_streams:
                 sequence = self._waiting.popleft()
-            if sequence.cancelled:
-                sequence.freed_step = self.steps
-                continue
-            n = sequence.request.n
-            logits, state, sequence.read_ids = read_prime(self.network, self.vocab, sequence.request.prompt_ids,
-                                                          n, self.device, self.prior)
-            self._resize(self._rows + n)
-            sequence.start = self._rows
-            self._decoder.load_state(state, sequence.rows)
-            self._logits = logits.float() if self._logits is None else torch.cat([self._logits, logits.float()])
-            if self.prior is None:
-                sequence.read_ids = None
-            self._rows += n
-            self._active.append(sequence)
+                if sequence.cancelled:
+                    sequence.freed_step = self.steps
+                    continue
+                joining.append(sequence)
+                rows += sequence.request.n
+        if not joining:
+            return
+        self._resize(rows)
+        by_length: dict[int, list[Sequence]] = {}
+        for sequence in joining:
+            by_length.setdefault(len(sequence.request.prompt_ids), []).append(sequence)
+        for group in by_length.values():
+            logits, state, read = self._read_primes(group)
+            at = 0
+            for sequence in group:
+                request, n, mine = sequence.request, sequence.request.n, slice(at, at + sequence.request.n)
+                at += n
+                sequence.read_ids = read[mine] if self.prior is not None and read.shape[1] < POSITIONS else None
+                sequence.start = self._rows
+                self._decoder.load_state(tuple(x[:, mine] for x in state), sequence.rows)
+                self._append({"logits": logits[mine], "temperature": torch.full((n, 1), request.temperature),
+                              "top_p": torch.full((n, 1), request.top_p), "uniforms": self._block(sequence),
+                              "column": torch.zeros(n, dtype=torch.long)})
+                self._rows += n
+                self._active.append(sequence)
+
+    def _read_primes(self, group: list[Sequence]) -> tuple[torch.Tensor, tuple, torch.Tensor]:
+        """One forward pass over the primes of a group of sequences (all the same length),
+        each repeated for its n rows: the first logits (rows, V), the state, the ids read.
+        The batch is padded to a multiple of 4 rows: there, as in the decoder, a row's bits
+        do not depend on its neighbours, so a prime reads the same whatever joins with it."""
+        ids = torch.cat([s.request.prompt_ids.long()[None].expand(s.request.n, -1) for s in group]).to(self.device)
+        rows = len(ids)
+        padded = torch.cat([ids, ids[:1].expand(-rows % MIN_WIDTH, -1)])
+        logits, state = self.network(padded)
+        logits = logits[:rows, -1].float()
+        if self.prior is not None:
+            logits = self.prior.mix_at(logits, ids)
+        return logits, tuple(x[:, :rows] for x in state), ids
+
+    def _block(self, sequence: Sequence) -> torch.Tensor:
+        """The sequence's next BLOCK draws, (n, BLOCK): one torch.rand call gives the same
+        numbers as BLOCK calls of (n, 1), so its text is as if it drew step by step."""
+        n = sequence.request.n
+        if sequence.request.temperature == 0:  # greedy draws nothing
+            return torch.zeros(n, BLOCK)
+        return torch.rand((BLOCK, n), generator=sequence.generator).T
 
     def _draw(self) -> torch.Tensor:
         """One id per row, each sequence with its own settings and generator -> (rows,)."""
-        columns = []
+        table = self._table
         for s in self._active:
-            n, request = s.request.n, s.request
-            uniforms = torch.zeros(n, 1) if request.temperature == 0 else torch.rand((n, 1), generator=s.generator)
-            columns.append((torch.full((n, 1), request.temperature), torch.full((n, 1), request.top_p), uniforms))
-        temperature, top_p, uniforms = (torch.cat(c).to(self.device) for c in zip(*columns))
-        return next_ids_rows(self._logits, temperature, top_p, uniforms)
+            if s.drawn and s.drawn % BLOCK == 0:
+                table["uniforms"][s.rows] = self._block(s)
+        uniforms = table["uniforms"].gather(1, table["column"][:, None])
+        table["column"].add_(1).remainder_(BLOCK)
+        return next_ids_rows(table["logits"], table["temperature"].to(self.device), table["top_p"].to(self.device),
+                             uniforms.to(self.device))
 
     def _hand_on(self, ids: torch.Tensor) -> list[Sequence]:
         alphabet = self.vocab.chars
-        listed = ids.tolist()
+        chars = [alphabet[i] for i in ids.tolist()]
         log_probs = None
         if any(s.request.logprobs is not None for s in self._active):
-            log_probs = self._logits.float().log_softmax(-1)
+            log_probs = self._table["logits"].float().log_softmax(-1)
         touched, handed = [], 0
         for s in self._active:
-            rows = s.rows
-            chars = [alphabet[i] for i in listed[rows]]
+            start, n = s.start, s.request.n
             entries = None if s.request.logprobs is None else _logprob_entries(
-                log_probs[rows], ids[rows], s.request.logprobs, alphabet)
+                log_probs[start : start + n], ids[start : start + n], s.request.logprobs, alphabet)
             first = s.first_char_s is None
-            handed += s.take(chars, entries)
+            handed += s.take(chars[start : start + n], entries)
             if first and s.first_char_s is not None:
                 self.meter.first_char(s.first_char_s)
             if s.events:
@@ -335,12 +390,19 @@ class Engine:
         padded = torch.zeros(self._decoder.num_streams, dtype=torch.long, device=self.device)
         padded[: self._rows] = ids
         logits = self._decoder.step(padded)[: self._rows].clone()
+        # The prior, for sequences still in their first POSITIONS characters: one call per
+        # history length (those that joined at the same step), not one per sequence.
+        groups: dict[int, list[Sequence]] = {}
         for s in self._active:
             if s.read_ids is not None:
-                logits[s.rows], s.read_ids = mix_next(self.prior, logits[s.rows], s.read_ids, ids[s.rows])
-                if s.read_ids.shape[1] >= POSITIONS:  # the prior mixes no more
-                    s.read_ids = None
-        self._logits = logits
+                groups.setdefault(s.read_ids.shape[1], []).append(s)
+        for group in groups.values():
+            rows = _rows_of(group)
+            mixed, history = mix_next(self.prior, logits[rows], torch.cat([s.read_ids for s in group]), ids[rows])
+            logits[rows] = mixed
+            for s, part in zip(group, history.split([s.request.n for s in group])):
+                s.read_ids = part if part.shape[1] < POSITIONS else None
+        self._table["logits"] = logits
 
     # -- rows ------------------------------------------------------------------------------------
 
@@ -349,10 +411,9 @@ class Engine:
         if not gone:
             return []
         keep = [s for s in self._active if s not in gone]
-        if not keep:
-            self._logits = None
-        elif logits:
-            self._logits = self._logits[_rows_of(keep)]
+        index = _rows_of(keep)
+        self._table = {name: (column if name == "logits" and not logits else column[index])
+                       for name, column in self._table.items()} if keep else {}
         row = 0
         for s in keep:
             if s.start != row:
@@ -364,6 +425,11 @@ class Engine:
             s.freed_step = self.steps
         self._resize(self._rows)
         return [s for s in gone if s.events]
+
+    def _append(self, rows: dict[str, torch.Tensor]) -> None:
+        """Add a sequence's rows to the per-row tables (logits, settings, draws)."""
+        table = self._table
+        self._table = {name: torch.cat([table[name], value]) if table else value for name, value in rows.items()}
 
     def _resize(self, rows: int) -> None:
         """Widen the decoder to hold rows, or narrow it when a quarter of it would do."""

@@ -98,14 +98,16 @@ async def clients(port: int, width: int, requests: int, chars: int) -> dict:
             await asyncio.sleep(0.05)
 
     prober = asyncio.create_task(probe())
+    cpu = time.process_time()
     started = time.perf_counter()
     await asyncio.gather(*(client(k) for k in range(width)))
     wall = time.perf_counter() - started
+    client_cpu = (time.process_time() - cpu) / wall
     stop.set()
     await prober
     return {"chars_per_s": total / wall, "chars": total, "seconds": wall, "ttfc_p50_ms": 1000 * percentile(firsts, 50),
             "ttfc_p99_ms": 1000 * percentile(firsts, 99), "health_p99_ms": 1000 * percentile(health, 99),
-            "non_200": sum(s != 200 for s in statuses)}
+            "non_200": sum(s != 200 for s in statuses), "client_cpu": client_cpu}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -175,6 +177,7 @@ def baseline_server(run: str) -> None:
         def log_message(self, *args):
             pass
 
+    HTTPServer.request_queue_size = 256  # the clients wait in the backlog, one served at a time
     server = HTTPServer(("127.0.0.1", 0), Handler)
     print(f"baseline at http://127.0.0.1:{server.server_address[1]}", file=sys.stderr, flush=True)
     server.serve_forever()
@@ -227,13 +230,20 @@ def main() -> None:
             after = step_seconds(port)
             served["step_ms"] = 1000 * (after[0] - before[0]) / max(1, after[1] - before[1])
             rows.append({"width": width, "serve": served})
+            print(f"serve, {width} clients: {served['chars_per_s']:,.0f} chars/s; the clients used "
+                  f"{served['client_cpu']:.0%} of a core", file=sys.stderr)
     finally:
         server.terminate()
         server.wait()
+    empty = {"chars_per_s": float("nan"), "ttfc_p50_ms": float("nan"), "ttfc_p99_ms": float("nan"), "non_200": 0}
+    for row in rows:
+        row["one_at_a_time"] = empty
     baseline, port = start([sys.executable, __file__, args.run, "--baseline-server"])
     try:
-        for row in rows:
+        for row in rows if args.baseline_requests else []:
             row["one_at_a_time"] = asyncio.run(clients(port, row["width"], args.baseline_requests, args.chars))
+            print(f"one at a time, {row['width']} clients: {row['one_at_a_time']['chars_per_s']:,.0f} chars/s",
+                  file=sys.stderr)
     finally:
         baseline.terminate()
         baseline.wait()
