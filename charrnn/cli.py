@@ -308,8 +308,11 @@ def sample(
     json_out: bool = typer.Option(False, "--json", help="One JSON object per sample instead of raw text."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", help="Matmul precision for many streams: auto (bf16 where fast), fp32 or bf16."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Sample an exported .onnx file with onnxruntime instead (one sample, temperature and seed; no PyTorch model code)."),
 ):
     """Generate text from a trained model, streamed to stdout."""
+    if onnx is not None:
+        return _sample_onnx(onnx, prime, length, temperature, seed, stop, unknown)
     with _errors_to_exit_codes():
         import torch
 
@@ -350,6 +353,31 @@ def sample(
             for text in texts[1:]:
                 stream.write("\n\n" + echo + text)
         stream.flush()
+
+
+def _sample_onnx(path: Path, prime: str, length: int, temperature: float, seed: Optional[int], stop: str,
+                 unknown: Unknown) -> None:
+    with _errors_to_exit_codes():
+        from charrnn.export import OnnxModel
+        from charrnn.sample import check_temperature
+
+        check_temperature(temperature)
+        if length < 0:
+            raise UsageError(f"--length must be >= 0, not {length}")
+        if prime == "-":
+            prime = sys.stdin.read()
+        model = OnnxModel(path)
+        ids = model.encode(prime, unknown.value)
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")
+            _err(f"seed: {seed}")
+        check_seed(seed)
+        sys.stdout.write("".join(model.vocabulary[i] for i in ids))
+        for char in model.stream(ids, length, temperature, seed, _unescape(stop)):
+            sys.stdout.write(char)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 def _unescape(text: str) -> str:
@@ -547,6 +575,36 @@ def serve(
         server.serve(loaded, host, port, limits, api_key,
                      on_ready=lambda url: _err(f"serving {', '.join(loaded)} at {url} (playground: {url}/; Ctrl-C stops)"),
                      log=_err)
+
+
+@app.command()
+def export(
+    checkpoint_path: Path = typer.Argument(..., help="A run directory (its best.pt) or a .pt file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="model.onnx (the network as an ONNX graph) or page.html (a page that writes in the browser)."),
+    web: Optional[Path] = typer.Option(None, "--web", help="A directory to write the page into, as index.html."),
+    weights: str = typer.Option("fp16", help="The page's weights: fp16 (a third the size of fp32 in base64) or fp32 (exact)."),
+):
+    """Export a model: an ONNX file for any runtime, or one self-contained web page (offline)."""
+    with _errors_to_exit_codes():
+        from charrnn import api, export as exporter
+
+        if (out is None) == (web is None):
+            raise UsageError("give one of -o model.onnx, -o page.html or --web DIR")
+        target = web / "index.html" if web is not None else out
+        page = web is not None or target.suffix.lower() in (".html", ".htm")
+        if not page and target.suffix.lower() != ".onnx":
+            raise UsageError(f"-o {target}: name an .onnx or an .html file")
+        if weights not in ("fp16", "fp32"):
+            raise UsageError(f"--weights must be fp16 or fp32, not {weights}")
+        model = api.load(checkpoint_path, "cpu")
+        if web is not None:
+            web.mkdir(parents=True, exist_ok=True)
+        if page:
+            size = exporter.export_page(model, target, "float16" if weights == "fp16" else "float32")
+        else:
+            size = exporter.export_onnx(model, target)
+        prior = "; the start mix is not in it (a decoding prior, charrnn's own)" if model.prior is not None else ""
+        _err(f"export: {target} ({size / 1e6:.2f} MB, {model!r}){prior}")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) with PyTorch and charrnn installed, editable, with the test and
-# serve extras (charrnn serve: fastapi, uvicorn, prometheus-client).
+# serve and export extras (charrnn serve: fastapi, uvicorn, prometheus-client; charrnn
+# export: onnx, onnxruntime).
 #
 # PyTorch comes first and on its own, because an unpinned `pip install torch` on Linux
 # pulls a multi-GB CUDA build. Choose with environment variables:
@@ -26,5 +27,5 @@ then
     echo "setup: installing ${CHARRNN_TORCH:-torch==2.13.0}" >&2
     "${pip[@]}" "${CHARRNN_TORCH:-torch==2.13.0}" ${CHARRNN_TORCH_INDEX:+--index-url "$CHARRNN_TORCH_INDEX"}
 fi
-"${pip[@]}" -e ".[test,serve]"
+"${pip[@]}" -e ".[test,serve,export]"
 echo "setup: ready ($(.venv/bin/charrnn --version), torch $(.venv/bin/python -W ignore -c 'import torch; print(torch.__version__)'))" >&2
