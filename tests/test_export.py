@@ -148,3 +148,108 @@ def test_export_errors_are_one_line_and_the_checkpoint_is_never_changed(plain_ru
         assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "x.onnx").exists() and not list(tmp_path.glob("*.tmp*"))
     assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == before
+
+
+# -- the page, in headless Chromium from file://, no network ----------------------------------------
+
+from browser import Browser, chromium  # noqa: E402
+
+TEXT = (VERSE * 10)[:500]
+
+
+@pytest.fixture(scope="module")
+def pages(plain_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pages")
+    for weights in ("fp32", "fp16"):
+        done = invoke("export", plain_run, "-o", out / f"{weights}.html", "--weights", weights)
+        assert done.exit_code == 0, done.stderr
+    return out
+
+
+def reference_probabilities(network, vocab, text):
+    with torch.no_grad():
+        logits, _ = network(vocab.encode(text)[0].long()[None])
+    return torch.softmax(logits[0].double(), -1).numpy()  # (T, V): after each character
+
+
+def page_probabilities(browser, text):
+    return np.array(browser.js(f"""(() => {{ charrnn.reset(); const out = [];
+        for (const ch of {json.dumps(text)}) {{ charrnn.feed(ch); out.push(Array.from(charrnn.vocabulary).map(
+            (c => (p => p[c])(charrnn.probabilities())))); }}
+        return out; }})()"""))
+
+
+@pytest.mark.skipif(chromium() is None, reason="no Chromium here (apt-get install chromium; .ci/run installs it)")
+def test_the_page_gives_pytorchs_probabilities_and_text_offline(plain_run, pages, tmp_path):
+    model = charrnn.load(plain_run, device="cpu")
+    page = (pages / "fp32.html").read_text()
+    assert "http://" not in page and "https://" not in page  # nothing to fetch
+    with Browser(tmp_path / "profile") as browser:
+        browser.open((pages / "fp32.html").as_uri())
+        browser.wait("document.body.dataset.ready === '1'")
+        got = page_probabilities(browser, TEXT)
+        want = reference_probabilities(model.network, model.vocab, TEXT)
+        assert got.shape == want.shape == (500, len(model.vocab))
+        assert np.abs(got - want).max() < 1e-4
+        greedy = browser.js("charrnn.generate({prime: 'The ', length: 200, temperature: 0})")
+        printed = invoke("sample", "-m", plain_run, "--prime", "The ", "-n", 200, "-T", 0, "--seed", 1,
+                         "--device", "cpu", "--dtype", "fp32").stdout.rstrip("\n")
+        assert "The " + greedy == printed
+        seeded = [browser.js(f"charrnn.generate({{prime: 'a', length: 300, temperature: 1, seed: {s}}})")
+                  for s in (5, 5, 6)]
+        assert seeded[0] == seeded[1] != seeded[2] and len(seeded[0]) == 300
+        # feed / next / reset as documented
+        state = browser.js("""(() => { charrnn.reset(); charrnn.feed('The qu');
+            const p = charrnn.probabilities(); const best = Object.keys(p).reduce((a, b) => p[a] >= p[b] ? a : b);
+            const drawn = charrnn.next({temperature: 0});
+            const after = charrnn.probabilities();
+            charrnn.reset(); charrnn.feed('The qu' + drawn);
+            const again = charrnn.probabilities();
+            charrnn.reset(); const fresh = charrnn.probabilities(); charrnn.reset(); charrnn.feed('\\n');
+            const newline = charrnn.probabilities();
+            let unknown = ''; try { charrnn.feed('\\u2603'); } catch (e) { unknown = e.message; }
+            const sum = Object.values(p).reduce((a, b) => a + b, 0);
+            return {best, drawn, same: JSON.stringify(after) === JSON.stringify(again), sum,
+                    fresh: JSON.stringify(fresh) === JSON.stringify(newline), unknown}; })()""")
+        assert state["drawn"] == state["best"] and state["same"] and state["fresh"]
+        assert abs(state["sum"] - 1) < 1e-9 and "\u2603" in state["unknown"]
+        # the typed prime streams into the page
+        browser.js("document.getElementById('prime').value = 'The '; document.getElementById('length').value = '300';"
+                   "document.getElementById('temperature').value = '0'; document.getElementById('go').click()")
+        browser.wait("document.body.dataset.done === '1'")
+        assert browser.js("document.getElementById('out').textContent") == "The " + greedy + \
+            invoke("sample", "-m", plain_run, "--prime", "The " + greedy, "-n", 100, "-T", 0, "--device", "cpu",
+                   "--dtype", "fp32").stdout.rstrip("\n")[len("The " + greedy):]
+
+
+@pytest.mark.skipif(chromium() is None, reason="no Chromium here (apt-get install chromium; .ci/run installs it)")
+def test_the_fp16_page_computes_what_pytorch_does_with_the_same_rounded_weights(plain_run, pages, tmp_path):
+    model = charrnn.load(plain_run, device="cpu")
+    with torch.no_grad():
+        for p in model.network.parameters():
+            p.copy_(p.half().float())
+    with Browser(tmp_path / "profile") as browser:
+        browser.open((pages / "fp16.html").as_uri())
+        browser.wait("document.body.dataset.ready === '1'")
+        got = page_probabilities(browser, TEXT[:200])
+    # the page rounds the packed tables (Emb W_ih0^T + b), PyTorch each factor: close, not equal
+    assert np.abs(got - reference_probabilities(model.network, model.vocab, TEXT[:200])).max() < 2e-3
+    assert (pages / "fp16.html").stat().st_size < 0.75 * (pages / "fp32.html").stat().st_size
+
+
+@pytest.mark.skipif(chromium() is None, reason="no Chromium here (apt-get install chromium; .ci/run installs it)")
+def test_a_10000_character_generation_leaves_the_pages_memory_flat(pages, tmp_path):
+    with Browser(tmp_path / "profile") as browser:
+        browser.open((pages / "fp32.html").as_uri())
+        browser.wait("document.body.dataset.ready === '1'")
+
+        def heap():
+            browser.send("HeapProfiler.collectGarbage")
+            return browser.send("Runtime.getHeapUsage")["usedSize"]
+
+        browser.js("charrnn.generate({prime: 'a', length: 500, seed: 1}); 0")  # warm the JIT
+        before = heap()
+        for k in range(10):
+            browser.js(f"charrnn.reset(); charrnn.feed('a'); for (let n = 0; n < 1000; n++) charrnn.next({{seed: {k}}}); 0")
+        after = heap()
+    assert after - before < 256 * 1024, (before, after)  # nothing held per character
