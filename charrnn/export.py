@@ -249,9 +249,11 @@ def build_page(model, dtype: str = "float16") -> str:
         "weights": base64.b64encode(b"".join(blob)).decode("ascii"),
     }
     page = resources.files("charrnn").joinpath("webpage.html").read_text(encoding="utf-8")
+    wasm = resources.files("charrnn").joinpath("web/matvec.wasm.b64").read_text(encoding="ascii").strip()
     # JSON inside <script>: "</" cannot end the element early once written as "<\/".
     data = json.dumps(spec, ensure_ascii=True).replace("</", "<\\/")
-    return page.replace("MODEL_TITLE", model.path.parent.name).replace("MODEL_JSON", data)
+    return (page.replace("MODEL_TITLE", model.path.parent.name).replace("WASM_BASE64", wasm)
+            .replace("MODEL_JSON", data))
 
 
 def export_page(model, target: Path, dtype: str = "float16") -> int:

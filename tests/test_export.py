@@ -187,10 +187,15 @@ def test_the_page_gives_pytorchs_probabilities_and_text_offline(plain_run, pages
     with Browser(tmp_path / "profile") as browser:
         browser.open((pages / "fp32.html").as_uri())
         browser.wait("document.body.dataset.ready === '1'")
+        assert browser.js("charrnn.runtime") == "wasm-simd"
         got = page_probabilities(browser, TEXT)
         want = reference_probabilities(model.network, model.vocab, TEXT)
         assert got.shape == want.shape == (500, len(model.vocab))
         assert np.abs(got - want).max() < 1e-4
+        browser.open((pages / "fp32.html").as_uri() + "?runtime=javascript")  # the fallback, the same numbers
+        browser.wait("document.body.dataset.ready === '1'")
+        assert browser.js("charrnn.runtime") == "javascript"
+        assert np.abs(page_probabilities(browser, TEXT[:100]) - want[:100]).max() < 1e-4
         greedy = browser.js("charrnn.generate({prime: 'The ', length: 200, temperature: 0})")
         printed = invoke("sample", "-m", plain_run, "--prime", "The ", "-n", 200, "-T", 0, "--seed", 1,
                          "--device", "cpu", "--dtype", "fp32").stdout.rstrip("\n")
