@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, for a machine with an NVIDIA GPU (under 8 minutes on an H100):
-# the CUDA-marked tests (the start mix on CUDA among them), then the full benchmark on
+# the CUDA-marked tests (the start mix, the serving engine and an ONNX export of a CUDA
+# model among them), then the full benchmark on
 # the GPU (training chars/s with cuDNN + bf16, sampling with 1 and 1024 streams through
 # the CUDA-graph decoder).
 #   bash scripts/gpu_check.sh [OUT_DIR]

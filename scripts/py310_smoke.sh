@@ -22,7 +22,7 @@ case "${1:-}" in
 setup)
     [ -x .venv310/bin/python ] || "$py" -m venv .venv310
     # torch 2.4.1: the lowest torch charrnn claims too, so one venv checks both floors.
-    .venv310/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.4.1" -e ".[test]"
+    .venv310/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.4.1" -e ".[test,serve,export]"
     ;;
 run)
     export CHARRNN_DEBUG=
@@ -37,12 +37,21 @@ run)
     "${c[@]}" eval "$tmp/text.txt" -m "$tmp/run" --json | grep -q '"bpc"'
     "${c[@]}" viz "$tmp/run" --chars 200 -o "$tmp/r.html" 2>/dev/null && grep -q 'id="data"' "$tmp/r.html"
     .venv310/bin/python -c "import charrnn, sys; m = charrnn.load(sys.argv[1]); assert m.sample('To', 20, seed=1).startswith('To')" "$tmp/run"
+    "${c[@]}" export "$tmp/run" -o "$tmp/m.onnx" 2>/dev/null
+    "${c[@]}" sample --onnx "$tmp/m.onnx" --prime "To be" --length 30 --seed 1 | grep -q "^To be"
+    "${c[@]}" serve "$tmp/run" --port 0 2> "$tmp/serve.log" &
+    server=$!
+    for _ in $(seq 100); do grep -q "serving" "$tmp/serve.log" && break; sleep 0.2; done
+    url=$(grep -o "http://127.0.0.1:[0-9]*" "$tmp/serve.log" | head -1)
+    curl -s "$url/v1/completions" -H "Content-Type: application/json" \
+        -d '{"prompt": "To be", "max_tokens": 20, "seed": 1}' | grep -q '"finish_reason": *"length"'
+    kill -TERM "$server" && wait "$server"
     set +e
     "${c[@]}" train "$tmp/text.txt" --time -5 2>/dev/null
     code=$?
     set -e
     [ "$code" = 2 ]
-    echo "py310: train, sample, eval, viz, the API and a usage error passed on $(.venv310/bin/python -V)" >&2
+    echo "py310: train, sample, eval, viz, the API, export, sample --onnx, serve and a usage error passed on $(.venv310/bin/python -V)" >&2
     ;;
 *)
     echo "usage: bash scripts/py310_smoke.sh setup|run" >&2

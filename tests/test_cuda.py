@@ -98,3 +98,38 @@ def test_the_start_mix_on_cuda_samples_as_on_cpu():
     cpu = run("cpu", False)
     assert run("cuda", True) == run("cuda", False) == cpu
     assert run("cpu", False, None)[:8] != cpu[:8]
+
+
+def test_the_serving_engine_on_cuda_gives_each_request_the_same_text_alone_and_in_a_crowd(trained_run):
+    import charrnn
+    from charrnn.engine import Engine, Request
+
+    model = charrnn.load(trained_run, device="cuda")
+    ids, _ = model.vocab.encode("The ")
+
+    def run(count):
+        engine = Engine(model)
+        sequences = [engine.submit(Request(prompt_ids=ids, length=120, temperature=0.9, seed=k, n=1 + k % 2))
+                     for k in range(count)]
+        while not all(s.finished for s in sequences):
+            engine.step()
+        assert engine.active_streams == 0
+        return ["".join(e[2] for e in s.events if e[0] == "text" and e[1] == 0) for s in sequences]
+
+    alone, crowd = run(1), run(24)
+    assert len(alone[0]) == 120 and crowd[0] == alone[0]
+
+
+def test_an_onnx_export_of_a_cuda_model_matches_it(trained_run, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    import charrnn
+    from charrnn.export import build_onnx
+
+    model = charrnn.load(trained_run, device="cuda")
+    session = ort.InferenceSession(build_onnx(model), providers=["CPUExecutionProvider"])
+    x = model.vocab.encode(VERSE)[0].long()[None]
+    with torch.no_grad():
+        logits, _ = model.network(x.cuda())
+    state = {name: s.detach().cpu().numpy() for name, s in zip(["h", "c"], model.network.init_state(1))}
+    out = session.run(None, {"ids": x.numpy(), **state})
+    assert abs(out[0] - logits.float().cpu().numpy()).max() < 1e-3  # cuDNN's TF32 aside, the same network
