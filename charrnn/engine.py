@@ -4,8 +4,8 @@ of one packed decoder (charrnn.decode).
     submit(Request) -> Sequence            (any thread; waits in a queue when rows are full)
     the loop, one step:
       drop cancelled sequences             (a client that went away: its rows freed now)
-      admit waiting ones                   (read the prime in one forward pass, put its
-                                            state into free rows)
+      admit waiting ones                   (their primes read together, one forward pass
+                                            per prompt length; states into free rows)
       draw a character for every row       (each sequence's own temperature, top-p and
                                             generator: sample.next_ids_rows)
       hand each sequence its characters    (stop strings held back until they cannot match)
@@ -20,7 +20,8 @@ stream, and with it every other choice's text, does not depend on when one stopp
 Width: the decoder is 4, 8, 16, ... streams wide (at least the rows in use; it narrows
 when a quarter would do) and its rows are fp32. On the CPUs measured (oneDNN/MKL sgemm),
 a row's logits are bit for bit the same at every width that is a multiple of 4, while
-1 to 3 rows take a matrix-vector path whose last bits differ: so a request's text is
+1 to 3 rows take a matrix-vector path whose last bits differ; nn.LSTM's prime reads
+behave the same, so they are padded to a multiple of 4 rows too. So a request's text is
 the same whatever else is being served. Against `charrnn sample` (one stream, that
 matrix-vector path) the logits agree to ~1e-6 and the text is the same unless a draw
 lands that close to the boundary between two characters (tests/test_serve.py checks
