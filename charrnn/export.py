@@ -202,7 +202,18 @@ def export_onnx(model, target: Path) -> int:
     """Write the ONNX file atomically; its size in bytes."""
     data = build_onnx(model)
     atomic_write(Path(target), lambda f: f.write(data))
+    _shareable(Path(target))
     return len(data)
+
+
+def _shareable(path: Path) -> None:
+    """Files to hand on get the usual mode (0644 under umask 022), not the atomic
+    writer's private 0600: a page is made to be put on a web server."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def build_page(model, dtype: str = "float16") -> str:
@@ -261,6 +272,7 @@ def export_page(model, target: Path, dtype: str = "float16") -> int:
 
     page = build_page(model, dtype)
     write_text(Path(target), page)
+    _shareable(Path(target))
     return len(page.encode("utf-8"))
 
 

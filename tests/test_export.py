@@ -121,6 +121,7 @@ def test_charrnn_sample_onnx_writes_what_charrnn_sample_writes_when_greedy(plain
     done = invoke("export", plain_run, "-o", onnx_path)
     assert done.exit_code == 0, done.stderr
     assert "export:" in done.stderr and onnx_path.stat().st_size > 10_000
+    assert onnx_path.stat().st_mode & 0o044 == 0o044  # readable by others (umask 022), to hand on
     args = ["--prime", "The ", "--length", 200, "--temperature", 0, "--seed", 1]
     from_torch = invoke("sample", "-m", plain_run, *args, "--device", "cpu", "--dtype", "fp32")
     from_onnx = invoke("sample", "--onnx", onnx_path, *args)
