@@ -582,7 +582,7 @@ def export(
     checkpoint_path: Path = typer.Argument(..., help="A run directory (its best.pt) or a .pt file."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="model.onnx (the network as an ONNX graph) or page.html (a page that writes in the browser)."),
     web: Optional[Path] = typer.Option(None, "--web", help="A directory to write the page into, as index.html."),
-    weights: str = typer.Option("fp16", help="The page's weights: fp16 (a third the size of fp32 in base64) or fp32 (exact)."),
+    weights: str = typer.Option("fp16", help="The page's weights: fp16 (the page half the size; its loss cost measured in docs/benchmarks.md) or fp32 (exact)."),
 ):
     """Export a model: an ONNX file for any runtime, or one self-contained web page (offline)."""
     with _errors_to_exit_codes():
