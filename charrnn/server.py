@@ -447,6 +447,7 @@ class _Reply:
         self.created = int(time.time())
         self.echo_logprobs: list[dict] | None = None
         self.error: str | None = None
+        self.ended: set[int] = set()  # the sequences whose ("end",) event has been taken
         self.state["chars"] = 0
 
     def _head(self) -> dict:
@@ -461,7 +462,6 @@ class _Reply:
     def take(self) -> tuple[dict[int, list], bool]:
         """Everything that has arrived: {choice index: [text, logprobs, finish]} and whether all ended."""
         found: dict[int, list] = {}
-        ended = True
         n = self.body.n
         for p, sequence in enumerate(self.sequences):
             while sequence.events:
@@ -469,7 +469,8 @@ class _Reply:
                 if event[0] == "error":
                     self.error = event[1]
                     continue
-                if event[0] == "end":
+                if event[0] == "end":  # the last event: by it, not by sequence.finished, which the
+                    self.ended.add(p)  # engine's thread may set while events are still on their way
                     continue
                 slot = found.setdefault(p * n + event[1], ["", [], None])
                 if event[0] == "text":
@@ -478,8 +479,7 @@ class _Reply:
                     self.state["chars"] += len(event[2])
                 else:
                     slot[2] = event[2]
-            ended &= sequence.finished
-        return found, ended
+        return found, len(self.ended) == len(self.sequences)
 
     async def whole(self) -> JSONResponse:
         texts: dict[int, list] = {}
