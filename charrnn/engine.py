@@ -196,6 +196,7 @@ class Engine:
         # where in them each row is.
         self._table: dict[str, torch.Tensor] = {}
         self._waiting: deque[Sequence] = deque()
+        self._queued = 0  # streams waiting, sum of their n
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing: str | None = None
@@ -209,10 +210,11 @@ class Engine:
         with self._lock:
             if self._closing is not None:
                 raise Busy(self._closing)
-            queued = sum(s.request.n for s in self._waiting)
-            if request.n > self.max_streams or self._rows + queued + request.n > self.max_streams + self.max_queued:
+            if request.n > self.max_streams or \
+                    self._rows + self._queued + request.n > self.max_streams + self.max_queued:
                 raise Busy("every stream is in use and the queue is full")
             self._waiting.append(sequence)
+            self._queued += request.n
             self._lock.notify()
         return sequence
 
@@ -229,7 +231,7 @@ class Engine:
 
     @property
     def queued_streams(self) -> int:
-        return sum(s.request.n for s in self._waiting)
+        return self._queued  # a count kept under the lock: other threads read it (/health, /metrics)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="charrnn-engine", daemon=True)
@@ -246,7 +248,7 @@ class Engine:
         for sequence in ended:
             if not sequence.finished:
                 sequence.end(message)
-        self._active, self._waiting, self._rows = [], deque(), 0
+        self._active, self._waiting, self._rows, self._queued = [], deque(), 0, 0
         if ended:
             self.notify(ended)
 
@@ -308,6 +310,7 @@ class Engine:
             rows = self._rows
             while self._waiting and rows + self._waiting[0].request.n <= self.max_streams:
                 sequence = self._waiting.popleft()
+                self._queued -= sequence.request.n
                 if sequence.cancelled:
                     sequence.freed_step = self.steps
                     continue
