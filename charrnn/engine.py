@@ -207,6 +207,10 @@ class Engine:
 
     def submit(self, request: Request, waker: Any = None) -> Sequence:
         sequence = Sequence(request, waker)
+        if request.length == 0:  # nothing to draw (max_tokens 0, e.g. to echo a prompt): done now
+            sequence.events.extend([("finish", j, "length") for j in range(request.n)] + [("end",)])
+            sequence.finished = True
+            return sequence
         with self._lock:
             if self._closing is not None:
                 raise Busy(self._closing)

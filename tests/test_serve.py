@@ -176,6 +176,15 @@ def test_logprobs_and_echo_in_openais_shape(server):
     assert all(len(t) == 2 for t in lp["top_logprobs"][1:]) and lp["text_offset"][:3] == [0, 1, 2]
 
 
+def test_max_tokens_0_echoes_the_prompt_and_draws_nothing(server):
+    url, _, _ = server
+    done = complete(url, prompt="The", max_tokens=0, echo=True, n=2).json()
+    assert [c["text"] for c in done["choices"]] == ["The", "The"] and done["usage"]["completion_tokens"] == 0
+    streamed = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "The", "max_tokens": 0,
+                                                         "stream": True}).text
+    assert streamed.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in streamed
+
+
 def test_models_health_and_metrics(server, trained_run):
     url, _, _ = server
     complete(url, prompt="The", max_tokens=10)
