@@ -204,21 +204,16 @@ class CellDecoder(Decoder):
         if CELL_TYPES[self.cell].decoder == "lstm":
             raise ValueError("use LSTMDecoder for nn.LSTM models")
         to = dict(device=self.device)
-        with torch.no_grad():
-            layers = model.layers
-            # GRU keeps b_hh apart: its candidate gate scales (W_hn h + b_hn) by r.
-            in_bias = [l.bias_ih_l0 if self.cell == "gru" else l.bias_ih_l0 + l.bias_hh_l0 for l in layers]
-            self.rec_bias = [l.bias_hh_l0.float().to(**to) if self.cell == "gru" else None for l in layers]
-            self.w_ih = [None] + [l.weight_ih_l0.T.contiguous().to(self.device, self.mm_dtype) for l in layers[1:]]
-            self.w_hh = [l.weight_hh_l0.T.contiguous().to(self.device, self.mm_dtype) for l in layers]
-            self.in_bias = [b.float().to(**to) for b in in_bias]
-            self.norms = [self._norms(l) for l in layers]
-            table = model.embedding.weight.float() @ layers[0].weight_ih_l0.float().T  # (V, G)
-            if self.norms[0] is not None:
-                table = F.layer_norm(table, table.shape[1:], *self.norms[0][0])
-            self.table = (table + self.in_bias[0]).to(**to).contiguous()
-            self.peepholes = [tuple(getattr(l, f"peephole_{g}").float().to(**to) for g in "ifo")
-                              if CELL_TYPES[self.cell].peephole else None for l in layers]
+        packed = step_weights(model)
+        self.table = packed[0]["table"].to(**to).contiguous()  # (V, G)
+        self.w_ih = [None] + [w["w_ih"].T.contiguous().to(self.device, self.mm_dtype) for w in packed[1:]]
+        self.w_hh = [w["w_hh"].T.contiguous().to(self.device, self.mm_dtype) for w in packed]
+        self.in_bias = [w["in_bias"].to(**to) for w in packed]
+        self.rec_bias = [None if w["rec_bias"] is None else w["rec_bias"].to(**to) for w in packed]
+        self.norms = [None if w["norms"] is None else [(nw.to(**to), nb.to(**to), eps) for nw, nb, eps in w["norms"]]
+                      for w in packed]
+        self.peepholes = [None if w["peepholes"] is None else tuple(p.to(**to) for p in w["peepholes"])
+                          for w in packed]
         self._allocate(num_streams)
 
     def _allocate(self, num_streams: int) -> None:
@@ -226,13 +221,6 @@ class CellDecoder(Decoder):
         shape = (self.layers, num_streams, self.hidden)
         self.h = torch.zeros(shape, device=self.device)
         self.c = torch.zeros(shape, device=self.device) if CELL_TYPES[self.cell].has_cell_state else None
-
-    def _norms(self, layer) -> list[tuple] | None:
-        """(weight, bias, eps) of norm_x, norm_h, norm_c for a layernorm layer, else None."""
-        if not CELL_TYPES[self.cell].layer_norm:
-            return None
-        return [(norm.weight.float().to(self.device), norm.bias.float().to(self.device), norm.eps)
-                for norm in (layer.norm_x, layer.norm_h, layer.norm_c)]
 
     def state_buffers(self) -> list[torch.Tensor]:
         return [self.h] if self.c is None else [self.h, self.c]
@@ -295,3 +283,32 @@ def matmul_dtype(dtype: torch.dtype | None, num_streams: int, device: torch.devi
     if dtype is None or (device.type == "cpu" and num_streams < 8):
         return torch.float32
     return dtype
+
+
+def step_weights(network: CharRNN) -> list[dict]:
+    """Per layer, the float32 tensors of one step, on the network's device: what
+    CellDecoder packs and what `charrnn export` writes into the ONNX graph and the page.
+    w_ih (G, in), w_hh (G, H), in_bias (G,), rec_bias (G,) or None (GRU keeps b_hh apart:
+    its candidate gate scales W_hn h + b_hn by r), norms [(w, b, eps) of LN_x, LN_h, LN_c]
+    or None, peepholes (p_i, p_f, p_o) or None; layer 0 also table (V, G) =
+    LN_x(Emb W_ih^T) + in_bias, the input part of every character."""
+    cell = network.config.cell
+    kind = CELL_TYPES[cell]
+    out = []
+    with torch.no_grad():
+        for index, layer in enumerate(network.layers):
+            gru = cell == "gru"
+            in_bias = layer.bias_ih_l0 if gru else layer.bias_ih_l0 + layer.bias_hh_l0
+            norms = [(n.weight.float(), n.bias.float(), n.eps) for n in (layer.norm_x, layer.norm_h, layer.norm_c)] \
+                if kind.layer_norm else None
+            entry = {"w_ih": layer.weight_ih_l0.float(), "w_hh": layer.weight_hh_l0.float(),
+                     "in_bias": in_bias.float(), "rec_bias": layer.bias_hh_l0.float() if gru else None,
+                     "norms": norms, "peepholes": tuple(getattr(layer, f"peephole_{g}").float() for g in "ifo")
+                     if kind.peephole else None}
+            if index == 0:
+                table = network.embedding.weight.float() @ entry["w_ih"].T  # (V, G)
+                if norms is not None:
+                    table = F.layer_norm(table, table.shape[1:], norms[0][0], norms[0][1], norms[0][2])
+                entry["table"] = table + entry["in_bias"]
+            out.append(entry)
+    return out

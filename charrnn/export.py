@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from charrnn.atomic import atomic_write
+from charrnn.decode import step_weights
 from charrnn.celltypes import CELL_TYPES
 from charrnn.errors import UsageError
 from charrnn.version import __version__
@@ -44,33 +45,6 @@ def _onnx():
     return onnx, TensorProto, helper, numpy_helper
 
 
-def layer_weights(network) -> list[dict]:
-    """Per layer, the float32 tensors of one step: w_ih (G, in) [None for layer 0: the
-    table], w_hh (G, H), in_bias (G,), rec_bias (G,) or None (GRU keeps b_hh apart),
-    norms [(w, b, eps) for x, h, c] or None, peepholes (p_i, p_f, p_o) or None, and
-    table (V, G) for layer 0."""
-    cell = network.config.cell
-    kind = CELL_TYPES[cell]
-    out = []
-    with torch.no_grad():
-        for index, layer in enumerate(network.layers):
-            gru = cell == "gru"
-            in_bias = layer.bias_ih_l0 if gru else layer.bias_ih_l0 + layer.bias_hh_l0
-            norms = [(n.weight.float(), n.bias.float(), n.eps) for n in (layer.norm_x, layer.norm_h, layer.norm_c)] \
-                if kind.layer_norm else None
-            entry = {"w_ih": layer.weight_ih_l0.float(), "w_hh": layer.weight_hh_l0.float(),
-                     "in_bias": in_bias.float(), "rec_bias": layer.bias_hh_l0.float() if gru else None,
-                     "norms": norms, "peepholes": tuple(getattr(layer, f"peephole_{g}").float() for g in "ifo")
-                     if kind.peephole else None}
-            if index == 0:
-                table = network.embedding.weight.float() @ entry["w_ih"].T  # (V, G)
-                if norms is not None:
-                    table = torch.nn.functional.layer_norm(table, table.shape[1:], norms[0][0], norms[0][1], norms[0][2])
-                entry["table"] = table + entry["in_bias"]
-            out.append(entry)
-    return out
-
-
 def build_onnx(model) -> bytes:
     """The ONNX model (serialized) of a charrnn.api.Model's network, with its metadata."""
     onnx, TensorProto, helper, numpy_helper = _onnx()
@@ -78,7 +52,7 @@ def build_onnx(model) -> bytes:
     config = network.config
     cell, hidden, layers = config.cell, config.hidden_size, config.num_layers
     lstm = CELL_TYPES[cell].has_cell_state
-    weights = layer_weights(network)
+    weights = step_weights(network)
     inits, body = [], []
     counter = [0]
 
@@ -241,7 +215,7 @@ def build_page(model, dtype: str = "float16") -> str:
         return entry
 
     layers = []
-    for w in layer_weights(network):
+    for w in step_weights(network):
         layers.append({"table": put(w.get("table")), "w_ih": None if "table" in w else put(w["w_ih"]),
                        "w_hh": put(w["w_hh"]), "in_bias": put(w["in_bias"]), "rec_bias": put(w["rec_bias"]),
                        "norms": [{"w": put(nw), "b": put(nb), "eps": eps} for nw, nb, eps in w["norms"]]
