@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from charrnn import report
 from charrnn.cli import app
 
+from browser import chromium
 from conftest import VERSE
 
 TEXT = 'He said "yes (or no)" to ROMEO.\nShe: \'never\' # no\n' * 3
@@ -114,19 +115,11 @@ def test_samples_are_recorded_at_each_validation_and_trimmed_on_resume(viz_run, 
 
 # -- in a real browser ------------------------------------------------------------------------
 
-def _browser():
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-@pytest.mark.skipif(_browser() is None, reason="no Chromium here (apt-get install chromium; .ci/run installs it)")
+@pytest.mark.skipif(chromium() is None, reason="no Chromium here (apt-get install chromium; .ci/run installs it)")
 def test_the_page_renders_in_headless_chromium(viz_run, tmp_path):
     out = tmp_path / "report.html"
     assert invoke("viz", viz_run, "--chars", 400, "-o", out).exit_code == 0
-    flags = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+    flags = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
              "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>",  # no network: any fetch would fail
              "--virtual-time-budget=5000", f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run([*flags, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=120).stdout
