@@ -555,6 +555,8 @@ def serve(
             from charrnn import server
         except ImportError as err:
             raise UsageError(f"charrnn serve needs {err.name}: pip install 'charrnn[serve]' (scripts/setup.sh does)") from None
+        import torch
+
         from charrnn import api, checkpoint
 
         for flag, value in (("--max-streams", max_streams), ("--max-queued", max_queued), ("--max-prompt", max_prompt),
@@ -564,17 +566,24 @@ def serve(
         if not 0 <= port <= 65535:
             raise UsageError(f"--port must be 0 to 65535, not {port}")
         named = server.model_names([str(checkpoint.latest_run())] if not models else models)
-        loaded = {}
-        for name, path in named.items():
-            loaded[name] = api.load(path, device)
-            _err(f"model {name}: {loaded[name]!r}")
-        limits = server.Limits(max_streams=max_streams, max_queued=max_queued, max_prompt=max_prompt,
-                               max_tokens=max_tokens, max_n=max_n, max_body=max_body, unknown=unknown.value)
-        if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-            _err(f"warning: listening on {host} with no --api-key: anyone who can reach it can use it")
-        server.serve(loaded, host, port, limits, api_key,
-                     on_ready=lambda url: _err(f"serving {', '.join(loaded)} at {url} (playground: {url}/; Ctrl-C stops)"),
-                     log=_err)
+        # Only the decoding thread runs multi-threaded (engine.Runner says why): this one,
+        # which loads the models and then runs the event loop, and the threads it starts use one.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            loaded = {}
+            for name, path in named.items():
+                loaded[name] = api.load(path, device)
+                _err(f"model {name}: {loaded[name]!r}")
+            limits = server.Limits(max_streams=max_streams, max_queued=max_queued, max_prompt=max_prompt,
+                                   max_tokens=max_tokens, max_n=max_n, max_body=max_body, unknown=unknown.value)
+            if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+                _err(f"warning: listening on {host} with no --api-key: anyone who can reach it can use it")
+            server.serve(loaded, host, port, limits, api_key,
+                         on_ready=lambda url: _err(f"serving {', '.join(loaded)} at {url} (playground: {url}/; Ctrl-C stops)"),
+                         log=_err, threads=threads)
+        finally:
+            torch.set_num_threads(threads)
 
 
 @app.command()

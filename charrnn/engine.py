@@ -1,5 +1,5 @@
-"""Continuous batching: one decoding loop per served model, each request's streams rows
-of one packed decoder (charrnn.decode).
+"""Continuous batching: one decoding loop per served model (all of them stepped by one
+thread, Runner), each request's streams rows of one packed decoder (charrnn.decode).
 
     submit(Request) -> Sequence            (any thread; waits in a queue when rows are full)
     the loop, one step:
@@ -180,10 +180,12 @@ class Meter:
 
 
 class Engine:
-    """The decoding loop of one model (charrnn.api.Model), on its own thread after start()."""
+    """The decoding loop of one model (charrnn.api.Model): step() by step(), from one thread
+(a Runner's, in the server)."""
 
     def __init__(self, model, max_streams: int = 64, max_queued: int = 64,
-                 notify: Callable[[list[Sequence]], None] = lambda sequences: None, meter: Meter = Meter()):
+                 notify: Callable[[list[Sequence]], None] = lambda sequences: None, meter: Meter = Meter(),
+                 threads: int | None = None):
         self.model = model
         self.network, self.vocab, self.prior, self.device = model.network, model.vocab, model.prior, model.device
         self.max_streams, self.max_queued = max_streams, max_queued
@@ -197,11 +199,11 @@ class Engine:
         self._table: dict[str, torch.Tensor] = {}
         self._waiting: deque[Sequence] = deque()
         self._queued = 0  # streams waiting, sum of their n
-        self._lock = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
         self._closing: str | None = None
+        self.poke: Callable[[], None] = lambda: None  # there is work: set by the Runner that steps it
         self.steps = 0
-        self._threads = torch.get_num_threads()
+        self.threads = threads or torch.get_num_threads()  # intra-op threads from 16 rows up
 
     # -- from any thread ---------------------------------------------------------------------
 
@@ -219,15 +221,18 @@ class Engine:
                 raise Busy("every stream is in use and the queue is full")
             self._waiting.append(sequence)
             self._queued += request.n
-            self._lock.notify()
+        self.poke()
         return sequence
 
     def cancel(self, sequence: Sequence) -> None:
         if not sequence.cancelled and not sequence.finished:
             sequence.cancel_step = self.steps
             sequence.cancel()
-            with self._lock:
-                self._lock.notify()
+            self.poke()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._active)
 
     @property
     def active_streams(self) -> int:
@@ -237,17 +242,14 @@ class Engine:
     def queued_streams(self) -> int:
         return self._queued  # a count kept under the lock: other threads read it (/health, /metrics)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="charrnn-engine", daemon=True)
-        self._thread.start()
-
-    def close(self, message: str = "the server is shutting down") -> None:
-        """End every open sequence with an error event and stop the loop."""
+    def refuse(self, message: str) -> None:
+        """Take no more requests: submit raises Busy(message) from now on."""
         with self._lock:
             self._closing = message
-            self._lock.notify()
-        if self._thread is not None:
-            self._thread.join()
+
+    def close(self, message: str = "the server is shutting down") -> None:
+        """End every open sequence with an error event (once nothing steps this engine)."""
+        self.refuse(message)
         ended = [*self._active, *self._waiting]
         for sequence in ended:
             if not sequence.finished:
@@ -255,18 +257,6 @@ class Engine:
         self._active, self._waiting, self._rows, self._queued = [], deque(), 0, 0
         if ended:
             self.notify(ended)
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                while self._closing is None and not self._waiting and not self._active:
-                    self._lock.wait()
-                if self._closing is not None:
-                    return
-            try:
-                self.step()
-            except Exception as err:  # a bug: end what is open with an error, keep serving
-                self.failed(f"internal error in the decoding loop: {type(err).__name__}: {err}")
 
     def failed(self, message: str) -> None:
         ended = [s for s in self._active if not s.finished]
@@ -303,7 +293,7 @@ class Engine:
         """One intra-op thread below 16 rows: there a second thread gains little (8 rows at
         2x384: 807 vs 669 us a step) and its spinning takes the core the event loop and the
         clients need. The thread count does not change a single bit of the results."""
-        wanted = 1 if rows < 16 else self._threads
+        wanted = 1 if rows < 16 else self.threads
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
 
@@ -452,6 +442,61 @@ class Engine:
         if kept:
             decoder.load_state(self._decoder.state(slice(0, kept)), slice(0, kept))
         self._decoder = decoder
+
+
+class Runner:
+    """The one thread that steps every engine of a process, in turn (each model served is an
+    engine). One, not one per model, because of how torch's intra-op threads wait on a CPU:
+    they are OpenMP's, and libgomp lets an idle worker spin for its next task (a few ms) only
+    while it manages no more threads than there are CPUs. A second thread that runs
+    multi-threaded work (another model's loop, the event loop, a scoring request) brings
+    its own workers, and from then on every parallel region waits for its workers to wake:
+    serving 64 streams (2x384, two cores), the server's threads used 0.9 of the two cores
+    and a step took 9-15 ms; with this thread alone multi-threaded, 1.9 and 6-8 ms
+    (docs/benchmarks.md, "Serve"). So `charrnn serve` keeps every other thread at one
+    intra-op thread, and only this one uses more (Engine.threads, from 16 rows up)."""
+
+    def __init__(self, engines: list[Engine]):
+        self.engines = engines
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        for engine in engines:
+            engine.poke = self._poke
+
+    def _poke(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="charrnn-decode", daemon=True)
+        self._thread.start()
+
+    def close(self, message: str = "the server is shutting down") -> None:
+        """Refuse new requests, stop stepping, end every open sequence with an error event."""
+        for engine in self.engines:
+            engine.refuse(message)
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+        for engine in self.engines:
+            engine.close(message)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not any(e.has_work for e in self.engines):
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            for engine in self.engines:
+                if engine.has_work:
+                    try:
+                        engine.step()
+                    except Exception as err:  # a bug: end what is open with an error, keep serving
+                        engine.failed(f"internal error in the decoding loop: {type(err).__name__}: {err}")
 
 
 def _rows_of(sequences: list[Sequence]) -> torch.Tensor:

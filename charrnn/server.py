@@ -7,11 +7,10 @@
     GET  /health, /metrics   liveness and streams; Prometheus' text format
     GET  /                   the playground page
 
-Each model has one Engine (charrnn.engine) decoding on its own thread; a request's
-sequences are its prompts, and the engine hands their characters back through
-`Bridge`, which wakes the event loop once per decoding step however many streams got
-characters. A stream's client takes everything that has arrived since it last woke, so
-chunks stay one character while the loop keeps up and grow only when it does not.
+Each model has one Engine (charrnn.engine), and one thread (engine.Runner) steps them
+all; a request's sequences are its prompts, and the engine hands their characters back
+through `Bridge`, which wakes the event loop at a bounded rate however many streams got
+characters. A stream's client takes everything that has arrived since it last woke.
 
 Safe by default: 127.0.0.1 unless --host says otherwise, a bearer token when --api-key
 (or CHARRNN_API_KEY) is set, caps on prompt, max_tokens, n, body size and streams (503 with
@@ -45,7 +44,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from charrnn.config import EVAL_STREAMS, MAX_SEED
-from charrnn.engine import Busy, Engine, Meter, Request, Sequence
+from charrnn.engine import Busy, Engine, Meter, Request, Runner, Sequence
 from charrnn.errors import CharRNNError
 from charrnn.rundir import records
 from charrnn.version import __version__
@@ -202,10 +201,10 @@ class Metrics:
 class Served:
     """One model as served: its name, the api.Model, its engine."""
 
-    def __init__(self, name: str, model, limits: Limits, bridge: Bridge, metrics: Metrics):
+    def __init__(self, name: str, model, limits: Limits, bridge: Bridge, metrics: Metrics, threads: int | None):
         self.name, self.model = name, model
         self.engine = Engine(model, limits.max_streams, limits.max_queued, bridge.notify,
-                             metrics.meter(name, lambda: self.engine))
+                             metrics.meter(name, lambda: self.engine), threads)
         self.created = int(model.path.stat().st_mtime) if model.path.exists() else int(time.time())
 
     def card(self) -> dict:
@@ -231,22 +230,24 @@ class Served:
 
 
 def create_app(models: dict[str, Any], limits: Limits = Limits(), api_key: str | None = None,
-               log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> FastAPI:
-    """The server for models ({name: charrnn.api.Model}); the engines start with the app."""
+               log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+               threads: int | None = None) -> FastAPI:
+    """The server for models ({name: charrnn.api.Model}); their engines, stepped by one
+    decoding thread (engine.Runner) with `threads` intra-op threads (default: torch's
+    count now), start with the app."""
     bridge, metrics = Bridge(), Metrics()
-    served = {name: Served(name, model, limits, bridge, metrics) for name, model in models.items()}
+    served = {name: Served(name, model, limits, bridge, metrics, threads) for name, model in models.items()}
+    runner = Runner([s.engine for s in served.values()])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         bridge.loop = asyncio.get_running_loop()
-        for s in served.values():
-            s.engine.start()
+        runner.start()
         yield
         close_all()
 
     def close_all() -> None:
-        for s in served.values():
-            s.engine.close()
+        runner.close()
 
     app = FastAPI(title="charrnn", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -721,6 +722,9 @@ class _Server:
 
 def serve(models: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
           api_key: str | None = None, on_ready: Callable[[str], None] = lambda url: None,
-          log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> None:
-    """Serve models until SIGTERM or Ctrl-C; on_ready(url) once it listens."""
-    _Server(create_app(models, limits, api_key, log), host, port, on_ready).run()
+          log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+          threads: int | None = None) -> None:
+    """Serve models until SIGTERM or Ctrl-C; on_ready(url) once it listens. The decoding
+    thread uses `threads` intra-op threads; every other thread should use one (see
+    engine.Runner: the `charrnn serve` command sets that before it loads a model)."""
+    _Server(create_app(models, limits, api_key, log, threads), host, port, on_ready).run()

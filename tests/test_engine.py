@@ -1,11 +1,13 @@
 """The continuous-batching engine: each request writes what `charrnn sample` writes for
 it, whatever else is being decoded beside it; cancelled rows are freed at once."""
 
+import threading
+
 import pytest
 import torch
 
 import charrnn
-from charrnn.engine import Busy, Engine, Request
+from charrnn.engine import Busy, Engine, Request, Runner
 from charrnn.evaluate import read
 from charrnn.sample import SampleSettings, next_ids, next_ids_rows
 
@@ -171,3 +173,36 @@ def test_every_cells_rows_give_the_same_bits_at_every_width(cell):
     for _ in range(20):
         a, b = wide.step(ids), narrow.step(ids[8:12])
         assert torch.equal(a[8:12], b)
+
+
+def test_one_runner_thread_steps_every_model_and_close_ends_what_is_open(model):
+    """Every engine of a process is stepped on the one decoding thread, with its own
+    intra-op thread count from 16 rows up; closing ends open sequences with an error event
+    and refuses new ones."""
+    first, second = Engine(model, threads=2), Engine(model, threads=2)
+    stepped, counts = set(), []
+    for engine in (first, second):
+        step = engine.step
+
+        def recorded(step=step):
+            stepped.add(threading.get_ident())
+            step()
+            counts.append(torch.get_num_threads())
+        engine.step = recorded
+    runner = Runner([first, second])
+    runner.start()
+    caller_threads = torch.get_num_threads()
+    done = [first.submit(request(model, "a", 20, seed=1, n=16)), second.submit(request(model, "b", 20, seed=2))]
+    for _ in range(500):
+        if all(s.finished for s in done):
+            break
+        threading.Event().wait(0.01)
+    assert all(s.finished for s in done)
+    assert stepped and threading.get_ident() not in stepped and len(stepped) == 1  # one thread, not this one
+    assert 2 in counts and 1 in counts  # 16 rows: two intra-op threads; the single row alone: one
+    assert torch.get_num_threads() == caller_threads  # the caller's own count is left as it was
+    endless = first.submit(request(model, "c", 100_000, seed=3))
+    runner.close("stopping")
+    assert endless.finished and ("error", "stopping") in endless.events and endless.events[-1] == ("end",)
+    with pytest.raises(Busy, match="stopping"):
+        second.submit(request(model, "d", 5))
