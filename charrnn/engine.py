@@ -5,7 +5,8 @@ thread, Runner), each request's streams rows of one packed decoder (charrnn.deco
     the loop, one step:
       drop cancelled sequences             (a client that went away: its rows freed now)
       admit waiting ones                   (their primes read together, one forward pass
-                                            per prompt length; states into free rows)
+                                            per prompt length, each prompt once; one read
+                                            lately: its kept state; states into free rows)
       draw a character for every row       (each sequence's own temperature, top-p and
                                             generator: sample.next_ids_rows)
       hand each sequence its characters    (stop strings held back until they cannot match)
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -48,6 +49,7 @@ from charrnn.startmix import POSITIONS
 
 MIN_WIDTH = 4  # see the module docstring: widths that are multiples of 4 give the same bits
 BLOCK = 64  # uniforms drawn at once per sequence
+PRIME_CACHE = 256  # prompts whose state after reading them is kept (a 2x384 LSTM's: 6 KB each)
 
 
 class Busy(Exception):
@@ -178,6 +180,8 @@ class Meter:
 
     def chars(self, count: int) -> None: ...
 
+    def primes(self, read: int, cached: int) -> None: ...
+
 
 class Engine:
     """The decoding loop of one model (charrnn.api.Model): step() by step(), from one thread
@@ -197,6 +201,7 @@ class Engine:
         # top_p (rows, 1); uniforms (rows, BLOCK), each sequence's coming draws; column (rows,),
         # where in them each row is.
         self._table: dict[str, torch.Tensor] = {}
+        self._prime_cache: OrderedDict[tuple, tuple] = OrderedDict()  # prompt -> (logits, state), last used last
         self._waiting: deque[Sequence] = deque()
         self._queued = 0  # streams waiting, sum of their n
         self._lock = threading.Lock()
@@ -313,37 +318,58 @@ class Engine:
         if not joining:
             return
         self._resize(rows)
-        by_length: dict[int, list[Sequence]] = {}
+        primes = self._primes_of(joining)
         for sequence in joining:
-            by_length.setdefault(len(sequence.request.prompt_ids), []).append(sequence)
-        for group in by_length.values():
-            logits, state, read = self._read_primes(group)
-            at = 0
-            for sequence in group:
-                request, n, mine = sequence.request, sequence.request.n, slice(at, at + sequence.request.n)
-                at += n
-                sequence.read_ids = read[mine] if self.prior is not None and read.shape[1] < POSITIONS else None
-                sequence.start = self._rows
-                self._decoder.load_state(tuple(x[:, mine] for x in state), sequence.rows)
-                self._append({"logits": logits[mine], "temperature": torch.full((n, 1), request.temperature),
-                              "top_p": torch.full((n, 1), request.top_p), "uniforms": self._block(sequence),
-                              "column": torch.zeros(n, dtype=torch.long)})
-                self._rows += n
-                self._active.append(sequence)
+            request, n = sequence.request, sequence.request.n
+            logits, state = primes[_key(request.prompt_ids)]
+            read = request.prompt_ids.long()[None].expand(n, -1).to(self.device)
+            sequence.read_ids = read if self.prior is not None and read.shape[1] < POSITIONS else None
+            sequence.start = self._rows
+            self._decoder.load_state(tuple(x.expand(-1, n, -1) for x in state), sequence.rows)
+            self._append({"logits": logits.expand(n, -1).clone(), "temperature": torch.full((n, 1), request.temperature),
+                          "top_p": torch.full((n, 1), request.top_p), "uniforms": self._block(sequence),
+                          "column": torch.zeros(n, dtype=torch.long)})
+            self._rows += n
+            self._active.append(sequence)
 
-    def _read_primes(self, group: list[Sequence]) -> tuple[torch.Tensor, tuple, torch.Tensor]:
-        """One forward pass over the primes of a group of sequences (all the same length),
-        each repeated for its n rows: the first logits (rows, V), the state, the ids read.
-        The batch is padded to a multiple of 4 rows: there, as in the decoder, a row's bits
-        do not depend on its neighbours, so a prime reads the same whatever joins with it."""
-        ids = torch.cat([s.request.prompt_ids.long()[None].expand(s.request.n, -1) for s in group]).to(self.device)
+    def _primes_of(self, joining: list[Sequence]) -> dict[tuple, tuple]:
+        """Each joining prompt's first logits (1, V) and state (each (L, 1, H)): from the
+        cache of the last PRIME_CACHE prompts read, the others read now, each once however
+        many sequences (and choices) share it, in one forward pass per prompt length."""
+        found, missing = {}, {}
+        for sequence in joining:
+            key = _key(sequence.request.prompt_ids)
+            if key in self._prime_cache:
+                self._prime_cache.move_to_end(key)
+                found[key] = self._prime_cache[key]
+            else:
+                missing.setdefault(key, sequence.request.prompt_ids)
+        by_length: dict[int, list[tuple]] = {}
+        for key, ids in missing.items():
+            by_length.setdefault(len(ids), []).append(key)
+        for keys in by_length.values():
+            logits, state = self._read_primes(torch.stack([missing[key] for key in keys]))
+            for row, key in enumerate(keys):
+                found[key] = self._prime_cache[key] = (  # copies: a view would keep the whole batch alive
+                    logits[row : row + 1].clone(), tuple(x[:, row : row + 1].clone() for x in state))
+        while len(self._prime_cache) > PRIME_CACHE:
+            self._prime_cache.popitem(last=False)
+        self.meter.primes(read=len(missing), cached=len(joining) - len(missing))
+        return found
+
+    def _read_primes(self, ids: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """One forward pass over prompts of one length, (P, T): the first logits (P, V) and
+        the state (each (L, P, H)). The batch is padded to a multiple of 4 rows: there, as in
+        the decoder, a row's bits do not depend on its neighbours, so a prime reads the same
+        whatever it is read with (and a cached one as if read again)."""
+        ids = ids.long().to(self.device)
         rows = len(ids)
         padded = torch.cat([ids, ids[:1].expand(-rows % MIN_WIDTH, -1)])
         logits, state = self.network(padded)
         logits = logits[:rows, -1].float()
         if self.prior is not None:
             logits = self.prior.mix_at(logits, ids)
-        return logits, tuple(x[:, :rows] for x in state), ids
+        return logits, state
 
     def _block(self, sequence: Sequence) -> torch.Tensor:
         """The sequence's next BLOCK draws, (n, BLOCK): one torch.rand call gives the same
@@ -497,6 +523,10 @@ class Runner:
                         engine.step()
                     except Exception as err:  # a bug: end what is open with an error, keep serving
                         engine.failed(f"internal error in the decoding loop: {type(err).__name__}: {err}")
+
+
+def _key(prompt_ids: torch.Tensor) -> tuple[int, ...]:
+    return tuple(prompt_ids.tolist())
 
 
 def _rows_of(sequences: list[Sequence]) -> torch.Tensor:

@@ -173,6 +173,8 @@ class Metrics:
         self.queued = Gauge("charrnn_queued_streams", "Streams waiting for a row", ["model"], registry=r)
         self.first = Histogram("charrnn_time_to_first_character_seconds", "From a request's arrival to its first character",
                                ["model"], registry=r, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.primes = Counter("charrnn_prompts", "Prompts a request brought: read now, or their state kept from "
+                              "an earlier read", ["model", "source"], registry=r)
         self.step = Histogram("charrnn_decode_step_seconds", "One decoding step of every active stream",
                               ["model"], registry=r, buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25))
 
@@ -191,6 +193,10 @@ class Metrics:
             def chars(self, count: int) -> None:
                 if count:
                     metrics.chars.labels(name).inc(count)
+
+            def primes(self, read: int, cached: int) -> None:
+                metrics.primes.labels(name, "read").inc(read)
+                metrics.primes.labels(name, "cached").inc(cached)
 
         return _Meter()
 

@@ -2,7 +2,8 @@
 at-a-time server, at 1, 8, 32 and 64 concurrent streaming clients (loopback only,
 bounded: each client sends --requests requests of --chars characters, then stops).
 
-    python scripts/loadtest.py runs/tinyshakespeare [--widths 1,8,32,64] [--chars 400] [--json]
+    python scripts/loadtest.py runs/tinyshakespeare [--widths 1,8,32,64] [--chars 400]
+                               [--rounds 3] [--primes same|distinct] [--json]
 
 For each width W it prints:
   in-process   characters/s of model.generate(num_samples=W) (charrnn's packed decoder, no HTTP)
@@ -13,6 +14,14 @@ For each width W it prints:
                (the Flask-style baseline; charrnn's own fast 1-stream decoder), same clients
 and the ratios serve / in-process and serve / one-at-a-time. A /health probe every 50 ms
 during the serve phase gives its latency: the HTTP side answering while the loop decodes.
+
+The machine is shared and its speed drifts by tens of percent within minutes, so each
+width runs --rounds rounds of (in-process, serve) back to back; serve / in-process is the
+median of the rounds' own ratios, and the speeds shown are medians too.
+
+--primes same: every request sends the same 100-character prime (the one `charrnn sample`
+reads in the in-process run). --primes distinct: each request its own (windows of a longer
+passage), so that no request's prime has been read before.
 
 The clients are raw asyncio sockets in this process (so client overhead stays small); each
 server is its own process. Run it alone: two cores shared with anything else change it.
@@ -31,8 +40,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PRIME = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-         "First Citizen:\nYou are all resolved ")[:100]
+PASSAGE = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+           "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
+           "First Citizen:\nFirst, you know Caius Marcius is chief enemy to the people.\n\nAll:\n"
+           "We know't, we know't.\n\nFirst Citizen:\nLet us kill him, and we'll have corn at our own price.\n")
+PRIME = PASSAGE[:100]
+
+
+def prime_for(k: int, r: int, distinct: bool) -> str:
+    """Client k's request r's prime: PRIME, or a 100-character window of its own."""
+    if not distinct:
+        return PRIME
+    start = (k + 64 * r) % len(PASSAGE)  # distinct for the 64 x 3 requests of a width
+    return (PASSAGE + PASSAGE)[start:][:100]
 
 
 # -- clients ---------------------------------------------------------------------------------------
@@ -71,14 +91,15 @@ async def stream_one(port: int, body: dict) -> tuple[float | None, int, int]:
     return first, chars, status
 
 
-async def clients(port: int, width: int, requests: int, chars: int) -> dict:
-    body = {"prompt": PRIME, "max_tokens": chars, "temperature": 0.8, "stream": True}
+async def clients(port: int, width: int, requests: int, chars: int, distinct: bool = False) -> dict:
+    body = {"max_tokens": chars, "temperature": 0.8, "stream": True}
     firsts, total, statuses = [], 0, []
 
     async def client(k: int) -> None:
         nonlocal total
         for r in range(requests):
-            first, got, status = await stream_one(port, {**body, "seed": 1000 * k + r})
+            first, got, status = await stream_one(port, {**body, "prompt": prime_for(k, r, distinct),
+                                                         "seed": 1000 * k + r})
             statuses.append(status)
             total += got
             if first is not None:
@@ -185,24 +206,33 @@ def baseline_server(run: str) -> None:
 # -- in process ----------------------------------------------------------------------------------------
 
 
+_models: dict = {}
+
+
 def in_process(run: str, width: int, chars: int) -> tuple[float, float]:
-    """(characters/s, seconds per step) of model.generate at this width (fp32, as the server)."""
+    """(characters/s, seconds per character) of model.generate at this width (fp32, as the server)."""
     import torch
 
     import charrnn
     from charrnn.sample import SampleSettings
 
-    model = charrnn.load(run, device="cpu")
+    if run not in _models:
+        _models[run] = charrnn.load(run, device="cpu")
+    model = _models[run]
     ids, _ = model.vocab.encode(PRIME)
     settings = SampleSettings(length=chars, temperature=0.8)
-    best = float("inf")
-    for repeat in range(2):
-        torch.manual_seed(repeat)
-        started = time.perf_counter()
-        for _ in model.generate(ids, settings, width, seed=repeat, dtype="fp32"):
-            pass
-        best = min(best, time.perf_counter() - started)
-    return width * chars / best, best / chars
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    for _ in model.generate(ids, settings, width, seed=0, dtype="fp32"):
+        pass
+    seconds = time.perf_counter() - started
+    return width * chars / seconds, seconds / chars
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def main() -> None:
@@ -212,25 +242,40 @@ def main() -> None:
     parser.add_argument("--chars", type=int, default=400, help="characters per request")
     parser.add_argument("--requests", type=int, default=3, help="requests per client")
     parser.add_argument("--baseline-requests", type=int, default=1, help="requests per client, one-at-a-time server")
+    parser.add_argument("--rounds", type=int, default=3, help="(in-process, serve) rounds per width")
+    parser.add_argument("--primes", choices=("same", "distinct"), default="same")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_server:
         return baseline_server(args.run)
     widths = [int(w) for w in args.widths.split(",")]
+    distinct = args.primes == "distinct"
     rows = []
     server, port = start([sys.executable, "-m", "charrnn", "serve", f"m={args.run}", "--port", "0", "--device", "cpu",
                           "--max-streams", str(max(widths)), "--max-queued", str(max(widths))])
     try:
         asyncio.run(clients(port, 1, 1, 50))  # warm up
         for width in widths:
-            before = step_seconds(port)
-            served = asyncio.run(clients(port, width, args.requests, args.chars))
-            after = step_seconds(port)
-            served["step_ms"] = 1000 * (after[0] - before[0]) / max(1, after[1] - before[1])
-            rows.append({"width": width, "serve": served})
-            print(f"serve, {width} clients: {served['chars_per_s']:,.0f} chars/s; the clients used "
-                  f"{served['client_cpu']:.0%} of a core", file=sys.stderr)
+            rounds = []
+            for _ in range(args.rounds):  # in-process and serve back to back: the machine's speed drifts
+                speed, step = in_process(args.run, width, args.chars)
+                before = step_seconds(port)
+                served = asyncio.run(clients(port, width, args.requests, args.chars, distinct))
+                after = step_seconds(port)
+                served["step_ms"] = 1000 * (after[0] - before[0]) / max(1, after[1] - before[1])
+                rounds.append((served, {"chars_per_s": speed, "step_ms": 1000 * step}))
+                print(f"serve, {width} clients: {served['chars_per_s']:,.0f} chars/s against {speed:,.0f} in process "
+                      f"({served['chars_per_s'] / speed:.2f}); the clients used {served['client_cpu']:.0%} of a core",
+                      file=sys.stderr)
+            ratios = [s["chars_per_s"] / i["chars_per_s"] for s, i in rounds]
+            served = {key: median([s[key] for s, _ in rounds]) for key in rounds[0][0]}
+            served["non_200"] = sum(s["non_200"] for s, _ in rounds)
+            served["rounds"] = [s["chars_per_s"] for s, _ in rounds]
+            inside = {key: median([i[key] for _, i in rounds]) for key in ("chars_per_s", "step_ms")}
+            inside["rounds"] = [i["chars_per_s"] for _, i in rounds]
+            rows.append({"width": width, "serve": served, "in_process": inside, "ratio": median(ratios),
+                         "ratios": ratios})
     finally:
         server.terminate()
         server.wait()
@@ -240,15 +285,13 @@ def main() -> None:
     baseline, port = start([sys.executable, __file__, args.run, "--baseline-server"])
     try:
         for row in rows if args.baseline_requests else []:
-            row["one_at_a_time"] = asyncio.run(clients(port, row["width"], args.baseline_requests, args.chars))
+            row["one_at_a_time"] = asyncio.run(clients(port, row["width"], args.baseline_requests, args.chars,
+                                                       distinct))
             print(f"one at a time, {row['width']} clients: {row['one_at_a_time']['chars_per_s']:,.0f} chars/s",
                   file=sys.stderr)
     finally:
         baseline.terminate()
         baseline.wait()
-    for row in rows:
-        speed, step = in_process(args.run, row["width"], args.chars)
-        row["in_process"] = {"chars_per_s": speed, "step_ms": 1000 * step}
     if args.json:
         print(json.dumps(rows, indent=1))
         return
@@ -257,7 +300,7 @@ def main() -> None:
     for row in rows:
         s, b, i = row["serve"], row["one_at_a_time"], row["in_process"]
         print(f"{row['width']:>7} | {i['chars_per_s']:>10,.0f} | {s['chars_per_s']:>8,.0f} "
-              f"{s['chars_per_s'] / i['chars_per_s']:>8.2f} {s['ttfc_p50_ms']:>6.1f}ms {s['ttfc_p99_ms']:>4.0f}ms "
+              f"{row['ratio']:>8.2f} {s['ttfc_p50_ms']:>6.1f}ms {s['ttfc_p99_ms']:>4.0f}ms "
               f"{s['step_ms']:>4.2f}ms {i['step_ms']:>5.2f}ms {s['health_p99_ms']:>8.1f}ms | {b['chars_per_s']:>13,.0f} "
               f"{b['ttfc_p50_ms']:>4.0f}ms {b['ttfc_p99_ms']:>5.0f}ms | {s['chars_per_s'] / b['chars_per_s']:>6.1f}x"
               f"{'' if s['non_200'] + b['non_200'] == 0 else '  (non-200 responses!)'}")

@@ -206,3 +206,39 @@ def test_one_runner_thread_steps_every_model_and_close_ends_what_is_open(model):
     assert endless.finished and ("error", "stopping") in endless.events and endless.events[-1] == ("end",)
     with pytest.raises(Busy, match="stopping"):
         second.submit(request(model, "d", 5))
+
+
+def reads(engine):
+    """Count the prompts the engine's network reads (rows of each forward pass, padding included)."""
+    rows, network = [], engine.network
+
+    def counted(ids, *args, **kwargs):
+        rows.append(len(ids))
+        return network(ids, *args, **kwargs)
+    engine.network = counted
+    return rows
+
+
+def test_a_prompt_is_read_once_and_its_kept_state_writes_the_same_text(model):
+    engine = Engine(model)
+    read = reads(engine)
+    first = drain(engine, [engine.submit(request(model, "The king", 60, temperature=0.9, seed=4, n=2)),
+                           engine.submit(request(model, "The king", 60, temperature=0.9, seed=4, n=3))])
+    assert read == [4]  # both requests' five rows: one prompt, read once (padded to 4 rows)
+    again = drain(engine, [engine.submit(request(model, "The king", 60, temperature=0.9, seed=4, n=2))])
+    assert read == [4]  # not read again
+    settings = SampleSettings(length=60, temperature=0.9)
+    assert again[0] == first[0]  # same seed, same text, read or kept
+    assert first[0][0] == sample_texts(model, "The king", settings, 2, seed=4)
+    assert first[1][0] == sample_texts(model, "The king", settings, 3, seed=4)
+
+
+def test_the_kept_prompts_are_bounded_and_the_least_recently_used_go_first(model, monkeypatch):
+    import charrnn.engine
+
+    monkeypatch.setattr(charrnn.engine, "PRIME_CACHE", 3)
+    engine = Engine(model)
+    read = reads(engine)
+    for prime in ("a", "b", "c", "a", "d", "b"):  # d pushes out b (a was used again after b)
+        drain(engine, [engine.submit(request(model, prime, 2, seed=1))])
+    assert len(read) == 5 and len(engine._prime_cache) == 3  # a, b, c, d, b again

@@ -187,7 +187,8 @@ def test_max_tokens_0_echoes_the_prompt_and_draws_nothing(server):
 
 def test_models_health_and_metrics(server, trained_run):
     url, _, _ = server
-    complete(url, prompt="The", max_tokens=10)
+    complete(url, prompt="The metrics", max_tokens=10)
+    complete(url, prompt="The metrics", max_tokens=10)  # its prompt's state is kept from the first
     card = httpx.get(f"{url}/v1/models/tiny").json()["charrnn"]
     losses = [json.loads(l)["val_loss"] for l in (trained_run / "metrics.jsonl").read_text().splitlines()
               if "val_loss" in json.loads(l)]
@@ -201,6 +202,8 @@ def test_models_health_and_metrics(server, trained_run):
         assert name in metrics
     done = re.search(r'charrnn_requests_total\{path="/v1/completions",status="200"\} (\d+)', metrics)
     assert done and float(done.group(1)) >= 1
+    cached = re.search(r'charrnn_prompts_total\{model="tiny",source="cached"\} (\S+)', metrics)
+    assert cached and float(cached.group(1)) >= 1
 
 
 def test_each_request_is_logged_in_one_line(server):
