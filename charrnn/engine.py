@@ -387,8 +387,10 @@ class Engine:
                 table["uniforms"][s.rows] = self._block(s)
         uniforms = table["uniforms"].gather(1, table["column"][:, None])
         table["column"].add_(1).remainder_(BLOCK)
+        greedy = any(s.request.temperature == 0 for s in self._active)
+        nucleus = any(s.request.top_p < 1 for s in self._active)
         return next_ids_rows(table["logits"], table["temperature"].to(self.device), table["top_p"].to(self.device),
-                             uniforms.to(self.device))
+                             uniforms.to(self.device), greedy, nucleus)
 
     def _hand_on(self, ids: torch.Tensor) -> list[Sequence]:
         alphabet = self.vocab.chars

@@ -85,22 +85,24 @@ def next_ids(logits: torch.Tensor, settings: SampleSettings, generator: torch.Ge
 
 
 def next_ids_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                  uniforms: torch.Tensor) -> torch.Tensor:
+                  uniforms: torch.Tensor, greedy: bool = True, nucleus: bool = True) -> torch.Tensor:
     """next_ids with settings per row, for rows of different requests decoded together:
     (N, V) logits, (N, 1) temperature (0 = greedy), top_p (1 = off) and uniforms (each
     row's own draw) -> (N,) int64. A row gets the id next_ids would give it alone, bit
-    for bit (tests/test_sample.py): the same operations, each one row-wise."""
-    greedy = temperature == 0
-    logits32 = logits.float() / torch.where(greedy, torch.ones_like(temperature), temperature)
-    probs = torch.softmax(logits32, dim=-1)
-    limit = torch.where(top_p < 1, top_p, torch.full_like(top_p, float("inf")))  # inf: no filter at all
-    if bool((top_p < 1).any()):
+    for bit (tests/test_sample.py): the same operations, each one row-wise.
+    greedy / nucleus False: the caller knows no row is greedy / filters by top_p, and the
+    work for them is skipped (half the operations, which at 64 rows is ~0.2 ms a step)."""
+    greedy_rows = temperature == 0 if greedy else None
+    divisor = torch.where(greedy_rows, torch.ones_like(temperature), temperature) if greedy else temperature
+    probs = torch.softmax(logits.float() / divisor, dim=-1)
+    if nucleus and bool((top_p < 1).any()):
+        limit = torch.where(top_p < 1, top_p, torch.full_like(top_p, float("inf")))  # inf: no filter at all
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= limit
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
     cdf = probs.cumsum(dim=-1)
     ids = (cdf < uniforms.to(cdf.dtype) * cdf[:, -1:]).sum(dim=-1).clamp_(max=probs.shape[-1] - 1)
-    return torch.where(greedy[:, 0], logits.argmax(dim=-1), ids)
+    return torch.where(greedy_rows[:, 0], logits.argmax(dim=-1), ids) if greedy else ids
 
 
 def start_ids(vocab: Vocab, prime_ids: torch.Tensor) -> torch.Tensor:

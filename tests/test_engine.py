@@ -159,6 +159,15 @@ def test_rows_with_mixed_settings_draw_what_each_draws_alone():
     assert len(set(rows.tolist())) > 2  # the rows did draw different characters
 
 
+def test_rows_with_no_greedy_or_top_p_row_skip_that_work_and_draw_the_same():
+    torch.manual_seed(1)
+    logits, temps = torch.randn(64, 30) * 3, torch.rand(64, 1) * 1.5 + 0.2
+    uniforms, no_filter = torch.rand(64, 1), torch.ones(64, 1)
+    full = next_ids_rows(logits, temps, no_filter, uniforms)
+    assert torch.equal(next_ids_rows(logits, temps, no_filter, uniforms, greedy=False, nucleus=False), full)
+    assert len(set(full.tolist())) > 5
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_every_cells_rows_give_the_same_bits_at_every_width(cell):
     from charrnn.decode import make_decoder
