@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) with PyTorch and charrnn installed, editable, with the test and
-# serve and export extras (charrnn serve: fastapi, uvicorn, prometheus-client; charrnn
-# export: onnx, onnxruntime).
+# serve and export extras (charrnn serve: fastapi, uvicorn, httptools, uvloop,
+# prometheus-client; charrnn export: onnx, onnxruntime).
 #
 # PyTorch comes first and on its own, because an unpinned `pip install torch` on Linux
 # pulls a multi-GB CUDA build. Choose with environment variables:
