@@ -184,8 +184,8 @@ class Meter:
 
 
 class Engine:
-    """The decoding loop of one model (charrnn.api.Model): step() by step(), from one thread
-(a Runner's, in the server)."""
+    """The decoding loop of one model (charrnn.api.Model), one step() at a time from one
+    thread (a Runner's, in the server)."""
 
     def __init__(self, model, max_streams: int = 64, max_queued: int = 64,
                  notify: Callable[[list[Sequence]], None] = lambda sequences: None, meter: Meter = Meter(),
