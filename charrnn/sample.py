@@ -91,7 +91,7 @@ def next_ids_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
     row's own draw) -> (N,) int64. A row gets the id next_ids would give it alone, bit
     for bit (tests/test_sample.py): the same operations, each one row-wise.
     greedy / nucleus False: the caller knows no row is greedy / filters by top_p, and the
-    work for them is skipped (half the operations, which at 64 rows is ~0.2 ms a step)."""
+    work for them is skipped (half the operations: ~0.13 ms of a step at 64 rows, 2x384)."""
     greedy_rows = temperature == 0 if greedy else None
     divisor = torch.where(greedy_rows, torch.ones_like(temperature), temperature) if greedy else temperature
     probs = torch.softmax(logits.float() / divisor, dim=-1)
