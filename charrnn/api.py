@@ -25,10 +25,11 @@ import torch
 
 from charrnn import checkpoint
 from charrnn.config import EVAL_STREAMS, DynamicSettings, check_seed, check_streams
-from charrnn.data import read_corpus, rereadable, split
+from charrnn.data import rereadable, split
 from charrnn.device import resolve_device, resolve_dtype
 from charrnn.errors import UsageError
 from charrnn.evaluate import EvalResult, dynamic_evaluate, evaluate, read
+from charrnn.prepared import Progress, ids_in, prepare
 from charrnn.rundir import is_run
 from charrnn.sample import SampleSettings, generate
 
@@ -111,6 +112,26 @@ class Model:
         precision, _ = resolve_dtype(dtype, self.device)
         return evaluate(self.network, ids, self.device, precision, dropped, max_streams=streams, prior=self.prior)
 
+    def score_files(self, files: list[str], unknown: str = "error", streams: int = EVAL_STREAMS, dtype: str = "auto",
+                    encoding: str = "utf-8", dynamic: DynamicSettings | None = None,
+                    on_progress: Progress | None = None, on_notice=None) -> EvalResult:
+        """`score` of the text of files (as `charrnn train` reads them: files, directories, "-"),
+        prepared once (charrnn.prepared) and read in bounded memory whatever its size. With
+        `dynamic`, `score_dynamic` of it instead (which holds the ids in memory)."""
+        check_streams(streams)
+        corpus = prepare(files, encoding, on_progress=on_progress, on_notice=on_notice)
+        ids, dropped = ids_in(corpus, self.vocab, unknown)
+        precision, _ = resolve_dtype(dtype, self.device)
+        try:
+            if dynamic is None:
+                return evaluate(self.network, ids, self.device, precision, dropped, max_streams=streams, prior=self.prior)
+            dynamic.validate()
+            whole = ids if isinstance(ids, torch.Tensor) else ids[0 : len(ids)]
+            return dynamic_evaluate(self.network, whole, self.device, dynamic, precision, dropped, prior=self.prior)
+        finally:
+            if not isinstance(ids, torch.Tensor):
+                ids.close()
+
     def score_dynamic(self, text: str, settings: DynamicSettings = DynamicSettings(), unknown: str = "error",
                       dtype: str = "auto") -> EvalResult:
         """The loss of text under dynamic evaluation (the model adapts as it reads;
@@ -139,7 +160,7 @@ class Model:
         if corpus["sources"] == ["-"]:
             raise UsageError("this run was trained on stdin; give the text to analyse with --text FILE")
         val_frac = self.train_config["val_frac"]
-        _, val_ids = split(self.vocab.encode_data(read_corpus(rereadable(corpus["sources"]))), val_frac)
+        _, val_ids = split(prepare(rereadable(corpus["sources"])).ids_for(self.vocab), val_frac)
         return val_ids, f"validation split of {corpus['name']} (its last {val_frac:.0%})"
 
 

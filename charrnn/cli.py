@@ -179,6 +179,42 @@ def train(
             print(json.dumps(summary))
 
 
+@app.command()
+def prepare(
+    corpus: List[str] = typer.Argument(..., help="Text files, directories or - (stdin).", show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the id file here (e.g. a cluster's shared disk) instead of the cache; charrnn train FILE.ids then takes it.", show_default="the cache: $CHARRNN_CACHE, $XDG_CACHE_HOME/charrnn or ~/.cache/charrnn"),
+    encoding: str = typer.Option("utf-8", help="Text encoding of the corpus files."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object: the id file, characters, vocabulary, bytes, sha256, whether it was reused."),
+):
+    """Encode a corpus once into an id file that training, eval and every torchrun rank memory-map (train does this by itself; this names the file)."""
+    with _errors_to_exit_codes():
+        import time
+
+        from charrnn.prepared import prepare as prepare_corpus
+
+        if out is not None and (out.is_dir() or out.suffix != ".ids"):
+            raise UsageError(f"--out {out}: name a file ending in .ids")
+        started = time.perf_counter()
+        with _PrepareBar() as bar:
+            corpus = prepare_corpus(corpus, encoding, out=out, on_progress=bar, on_notice=lambda m: _err(f"warning: {m}"))
+        seconds = time.perf_counter() - started
+        if corpus.path is None:
+            raise UsageError("this corpus is encoded in memory (the embedded one, or --encoding other than utf-8); "
+                             "convert it to a UTF-8 file to prepare it")
+        for skipped in corpus.skipped:
+            _err(f"warning: skipped {skipped}: not a UTF-8 text file")
+        report = {"path": str(corpus.path), "chars": len(corpus.ids), "vocab_size": len(corpus.vocab),
+                  "dtype": str(corpus.ids.dtype).removeprefix("torch."), "bytes": corpus.size,
+                  "file_bytes": corpus.path.stat().st_size, "sha256": corpus.sha256, "reused": corpus.reused,
+                  "seconds": round(seconds, 3)}
+        if json_out:
+            print(json.dumps(report))
+        else:
+            print(corpus.path)
+            _err(f"{'reused' if corpus.reused else 'prepared'}: {len(corpus.ids):,} characters, vocabulary "
+                 f"{len(corpus.vocab)}, {report['file_bytes']:,} bytes, {seconds:.1f}s")
+
+
 def _setting_flags(cls, panel: str) -> list[inspect.Parameter]:
     """A `--flag` for each field of a config class, from the field's own declaration
     (charrnn.config.setting): its help, spellings and default as shown in --help. None
@@ -201,17 +237,52 @@ train.__signature__ = inspect.Signature(_fixed + _setting_flags(ModelConfig, PAN
 app.command()(train)
 
 
+class _PrepareBar:
+    """A progress bar on stderr while a corpus is prepared (charrnn.prepared), shown only
+    when it takes over a second."""
+
+    def __init__(self):
+        self.bar = None
+        self.phase = None
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if phase != self.phase:
+            self.close()
+            from tqdm import tqdm
+
+            self.phase = phase
+            self.bar = tqdm(total=total, desc=f"preparing: {phase}", unit="B", unit_scale=True, delay=1.0,
+                            file=sys.stderr, dynamic_ncols=True, mininterval=0.5, leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class _TrainView:
     """Renders training events on stderr: a tqdm bar, eval lines and samples."""
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.bar = None
+        self.preparing = _PrepareBar()
 
     def __call__(self, event) -> None:
         from charrnn import events
 
-        if isinstance(event, events.Setup):
+        if isinstance(event, events.Preparing):
+            if not self.quiet:
+                self.preparing(event.phase, event.done, event.total)
+        elif isinstance(event, events.Setup):
+            self.preparing.close()
             self._setup(dataclasses.asdict(event))
         elif isinstance(event, events.Notice):
             self._write(f"warning: {event.message}" if event.warning else event.message)
@@ -237,6 +308,10 @@ class _TrainView:
             f"data: {info['train_chars']:,} train / {info['val_chars']:,} validation characters; "
             f"{'stateless' if config['stateless'] else 'stateful'} batches of {config['batch_size']}x{config['seq_len']}, "
             f"{info['steps_per_epoch']:,} steps per epoch",
+            *([f"validation: {info['val_read']:,} of the {info['val_chars']:,} validation characters each time "
+               "(the same windows, drawn once from the seed; charrnn eval reads them all)"] if info.get("val_read") else []),
+            *([f"prepared: {info['prepared']['path']} ({'reused' if info['prepared']['reused'] else 'written now'})"]
+              if info.get("prepared") else []),
             "stop: " + stop_text(config["steps"], config["epochs"], config["time"]),
         ]
         if info.get("start_mix"):
@@ -277,6 +352,7 @@ class _TrainView:
             _err(text)
 
     def close(self) -> None:
+        self.preparing.close()
         if self.bar is not None:
             self.bar.close()
 
@@ -404,15 +480,15 @@ def eval_(
 ):
     """Score text: loss (nats/char), bits per character, perplexity (--dynamic: also adapting as it reads)."""
     with _errors_to_exit_codes():
-        from charrnn.data import read_corpus
         from charrnn.evaluate import stream_count
 
         check_streams(streams)
         settings = DynamicSettings(step_size=step_size, decay=decay, segment=segment)
         settings.validate()  # before the static pass, which can take minutes
         model = _load(checkpoint_path, device)
-        text = read_corpus(files, encoding).data.decode("utf-8")
-        result = model.score(text, unknown.value, streams, dtype)
+        with _PrepareBar() as bar:
+            result = model.score_files(files, unknown.value, streams, dtype, encoding, on_progress=bar,
+                                       on_notice=lambda m: _err(f"warning: {m}"))
         if result.chars < 1:
             raise UsageError("eval needs at least 2 known characters to score")
         report = {**result.as_dict(), "streams": stream_count(result.chars, streams), "files": files,
@@ -421,7 +497,7 @@ def eval_(
             import time
 
             started = time.perf_counter()
-            adapted = model.score_dynamic(text, settings, unknown.value, dtype)
+            adapted = model.score_files(files, unknown.value, dtype=dtype, encoding=encoding, dynamic=settings)
             seconds = time.perf_counter() - started
             report["dynamic"] = {**adapted.as_dict(), "step_size": step_size, "decay": decay, "segment": segment,
                                  "chars_per_s": adapted.chars / seconds}

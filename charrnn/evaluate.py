@@ -31,6 +31,7 @@ from charrnn.startmix import POSITIONS, StartMix
 
 MIN_STREAM_LEN = 1024
 CHUNK = 512
+BLOCK_CHUNKS = 64  # chunks of every stream read from the ids at a time
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,11 @@ def _streams(ids: torch.Tensor, max_streams: int) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def evaluate(model: CharRNN, ids: torch.Tensor, device: torch.device, dtype=None, dropped: int = 0,
+def evaluate(model: CharRNN, ids, device: torch.device, dtype=None, dropped: int = 0,
              max_streams: int = EVAL_STREAMS, chunk: int = CHUNK, prior: StartMix | None = None) -> EvalResult:
-    """Score ids (a 1-D tensor of character ids) under model; see the module docstring.
+    """Score ids (a 1-D tensor of character ids, or a charrnn.prepared.IdReader) under
+    model; see the module docstring. The streams are read BLOCKS columns at a time, so
+    memory stays bounded whatever the text's length.
 
     Under torch.distributed each rank scores its share of the streams and the sums are
     all-reduced, so every rank returns the one-process figure.
@@ -103,22 +106,47 @@ def evaluate(model: CharRNN, ids: torch.Tensor, device: torch.device, dtype=None
     count = len(ids) - 1
     if count < 1:
         return EvalResult(0, float("nan"), dropped)
-    ids = ids.to(device)
-    x, y, used = _streams(ids, max_streams)
-    streams = x.shape[0]
+    streams = stream_count(count, max_streams)
+    stream_len = count // streams
+    used = streams * stream_len
     group = distributed.current()
     per_rank = -(-streams // group.world_size)
-    mine = slice(group.rank * per_rank, min(streams, (group.rank + 1) * per_rank))
+    mine = range(group.rank * per_rank, min(streams, (group.rank + 1) * per_rank))
     total = torch.zeros((), dtype=torch.float64, device=device)
-    if mine.start < mine.stop:
+    if len(mine):
         with evaluating(model):
-            total, state = _run(model, x[mine], y[mine], None, dtype, chunk, prior)
-            if used < count and mine.stop == streams:  # the tail continues the last stream
+            state = None
+            block = chunk * BLOCK_CHUNKS  # a multiple of chunk: the chunks fall where one whole read puts them
+            for begin in range(0, stream_len, block):
+                end = min(stream_len, begin + block)
+                window = torch.stack([ids[s * stream_len + begin : s * stream_len + end + 1] for s in mine])
+                window = window.to(device).long()  # (S, columns + 1)
+                part, state = _run(model, window[:, :-1], window[:, 1:], state, dtype, chunk, prior)
+                total += part
+            if used < count and mine[-1] == streams - 1:  # the tail continues the last stream
                 last = tuple(s[:, -1:].contiguous() for s in state)
-                tail_total, _ = _run(model, ids[used:count].long()[None], ids[used + 1 :].long()[None], last, dtype, chunk)
+                tail = ids[used:].to(device).long()[None]
+                tail_total, _ = _run(model, tail[:, :-1], tail[:, 1:], last, dtype, chunk)
                 total += tail_total
     distributed.all_reduce(total)
     return EvalResult(count, total.item() / count, dropped)
+
+
+@torch.no_grad()
+def evaluate_windows(model: CharRNN, windows: torch.Tensor, device: torch.device, dtype=None,
+                     chunk: int = CHUNK, prior: StartMix | None = None) -> EvalResult:
+    """Score windows (W, L + 1) of ids, each read from the start state as evaluate reads a
+    stream: what training's validation reads of a long split (charrnn.run.validation_windows)."""
+    rows, length = windows.shape[0], windows.shape[1] - 1
+    group = distributed.current()
+    per_rank = -(-rows // group.world_size)
+    mine = windows[group.rank * per_rank : (group.rank + 1) * per_rank].to(device).long()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    if len(mine):
+        with evaluating(model):
+            total, _ = _run(model, mine[:, :-1], mine[:, 1:], None, dtype, chunk, prior)
+    distributed.all_reduce(total)
+    return EvalResult(rows * length, total.item() / (rows * length))
 
 
 def cold_start_places(length: int, windows: int, context: int, positions: int,

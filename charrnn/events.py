@@ -32,6 +32,17 @@ class Setup:
     sizing: dict[str, Any] | None = None  # {"fields", "reason"} when charrnn.sizing chose them
     parent: dict[str, Any] | None = None  # {"path", "added_chars"} when fine-tuning
     start_mix: dict[str, Any] | None = None  # StartMix.summary(), when on
+    val_read: int | None = None  # characters each validation reads when not the whole split
+    prepared: dict[str, Any] | None = None  # {"path", "reused"} of the corpus's id file
+
+
+@dataclass(frozen=True)
+class Preparing:
+    """While a corpus is prepared (charrnn.prepared): bytes done of total in a pass."""
+
+    phase: str  # "checking" (UTF-8, vocabulary, hash) or "encoding"
+    done: int
+    total: int
 
 
 @dataclass(frozen=True)
@@ -78,5 +89,5 @@ class Notice:
     warning: bool = True
 
 
-Event = Union[Setup, Step, Validation, Sample, Notice]
+Event = Union[Setup, Preparing, Step, Validation, Sample, Notice]
 OnEvent = Callable[[Event], None]

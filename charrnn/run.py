@@ -23,14 +23,19 @@ import torch
 from charrnn import checkpoint, distributed, rundir, sizing
 from charrnn.checkpoint import Checkpoint
 from charrnn.config import ModelConfig, TrainConfig, build, field_names, load_toml
-from charrnn.data import Corpus, RandomWindows, RestartingStreams, StatefulBatches, Vocab, read_corpus, rereadable, split
+from charrnn.data import Corpus, RandomWindows, RestartingStreams, StatefulBatches, Vocab, rereadable, split
 from charrnn.device import resolve_device, resolve_dtype
 from charrnn.errors import DataError, TrainingInterrupted, UsageError
-from charrnn.events import Notice, OnEvent
+from charrnn.events import Notice, OnEvent, Preparing
 from charrnn.finetune import extended_vocab
+from charrnn.prepared import Prepared, in_memory, prepare
 from charrnn.trainer import Trainer
 
 MODEL_FIELDS = tuple(field_names(ModelConfig))
+# A validation reads at most VAL_WINDOWS x VAL_WINDOW characters (~1 M: what a full pass
+# reads of a 10 MB corpus's split, so the figures of smaller corpora do not move).
+VAL_WINDOWS, VAL_WINDOW = 64, 16384
+DEVICE_IDS_MAX = 4 << 30  # bytes of ids copied whole to a GPU; a larger corpus stays mapped on the host
 TRAIN_FIELDS = tuple(field_names(TrainConfig))
 
 
@@ -38,12 +43,13 @@ TRAIN_FIELDS = tuple(field_names(TrainConfig))
 class Plan:
     """A run with every decision made: what the Trainer receives."""
 
-    corpus: Corpus
+    corpus: Prepared
     model_config: ModelConfig
     config: TrainConfig  # with its stop condition, batch, validation interval and decay resolved
     vocab: Vocab
     train_ids: torch.Tensor  # (N,) on the device
     val_ids: torch.Tensor
+    val_windows: torch.Tensor | None  # (W, L + 1): what each validation reads of a long split; None: all of it
     batches: StatefulBatches | RandomWindows | RestartingStreams  # this rank's rows of the layout
     device: torch.device
     device_reason: str
@@ -119,8 +125,8 @@ def train(corpus: str | Path | Sequence[str | Path] | None = None, *, config: st
         train_config = build(TrainConfig, file_train, train_set)
         auto = (tuple(k for k in sizing.SIZED if k not in model_given)
                 + tuple(k for k in sizing.SIZED_DECAY if k not in train_given) + auto_train)  # for the corpus and budget
-    corpus_data = read_corpus(sources, encoding)
     group = distributed.init_from_env(train_config.device)  # a group of one without torchrun
+    corpus_data = _prepared(sources, encoding, emit)
     if run_dir is None:  # rank 0 picks the directory and tells the others
         run_dir, where = rundir.choose(None if out is None else str(out), corpus_data.name) if group.is_main else (None, "")
         run_dir = Path(distributed.broadcast_text(str(run_dir) if run_dir else None))
@@ -143,7 +149,30 @@ def train(corpus: str | Path | Sequence[str | Path] | None = None, *, config: st
     return {**summary, "run_dir_reason": where} if group.is_main else None
 
 
-def resolve(corpus: Corpus, model_config: ModelConfig, train_config: TrainConfig, run_dir: str | Path, *,
+def _prepared(sources: list[str], encoding: str, emit) -> Prepared:
+    """The corpus as mapped ids: rank 0 prepares it (or finds it prepared), then the other
+    ranks map the same file, so the page cache holds one copy however many ranks read it."""
+    group = distributed.current()
+
+    def progress(phase: str, done: int, total: int) -> None:
+        emit(Preparing(phase, done, total))
+
+    if group.world_size == 1:
+        return prepare(sources, encoding, on_progress=progress, on_notice=lambda m: emit(Notice(m)))
+    corpus, failed = None, None
+    if group.is_main:
+        try:
+            corpus = prepare(sources, encoding, on_progress=progress, on_notice=lambda m: emit(Notice(m)))
+        except Exception as err:  # the other ranks must hear of it, not wait forever
+            failed = err
+    if distributed.broadcast_text("failed" if failed else "ready") == "failed":
+        if failed is not None:
+            raise failed
+        raise DataError("rank 0 could not prepare the corpus (its error is in its output)")
+    return corpus if corpus is not None else prepare(sources, encoding)
+
+
+def resolve(corpus: Corpus | Prepared, model_config: ModelConfig, train_config: TrainConfig, run_dir: str | Path, *,
             resume: Checkpoint | None = None, base: Checkpoint | None = None, auto: tuple[str, ...] = ()) -> Plan:
     """Every decision about a run, made before it starts.
 
@@ -153,6 +182,8 @@ def resolve(corpus: Corpus, model_config: ModelConfig, train_config: TrainConfig
     base: a loaded checkpoint whose weights start this run (fine-tuning; model_config
     must be its own), its vocabulary extended by this corpus's new characters."""
     group = distributed.current()
+    if isinstance(corpus, Corpus):  # held in memory (tests, scripts): encoded here
+        corpus = in_memory(corpus)
     device, device_reason = resolve_device(train_config.device)
     device = distributed.rank_device(device)  # this rank's, under DDP
     dtype, dtype_reason = resolve_dtype(train_config.dtype, device)
@@ -172,16 +203,20 @@ def resolve(corpus: Corpus, model_config: ModelConfig, train_config: TrainConfig
         if resume.corpus.get("sha256") not in (None, corpus.sha256):
             raise DataError("this corpus differs from the one the run was trained on; give the same files to --resume")
     elif base is not None:
-        vocab, added = extended_vocab(Vocab(base.vocab), Vocab.from_data(corpus))
+        vocab, added = extended_vocab(Vocab(base.vocab), corpus.vocab)
         parent = {"path": base.path, "added_chars": added}
     else:
-        vocab = Vocab.from_data(corpus)
-    # The encoded corpus is small (1 byte a character): on a GPU it lives there whole,
-    # so a step copies nothing from the host.
-    train_ids, val_ids = split(vocab.encode_data(corpus).to(device), config.val_frac)
+        vocab = corpus.vocab
+    ids = corpus.ids_for(vocab)  # (N,) mapped from the prepared file: nothing proportional to it is copied
+    # On a GPU the encoded corpus (1 byte a character) lives there whole when it is not
+    # large, so a step copies nothing from the host; a larger one stays mapped on the host.
+    if device.type != "cpu" and len(ids) * ids.element_size() <= DEVICE_IDS_MAX:
+        ids = ids.to(device)
+    train_ids, val_ids = split(ids, config.val_frac)
     batches = _batches(config, train_ids, group.rows(config.batch_size))
     if len(val_ids) < 2:
         raise DataError(f"the validation split has {len(val_ids)} character(s); use a longer corpus or a larger --val-frac")
+    val_windows = validation_windows(val_ids, config.seed)
 
     choice = None
     if any(k in sizing.SIZED + sizing.SIZED_DECAY for k in auto):
@@ -189,10 +224,22 @@ def resolve(corpus: Corpus, model_config: ModelConfig, train_config: TrainConfig
         model_config = replace(model_config, **{k: getattr(choice, k) for k in auto if k in sizing.SIZED})
         config = replace(config, **{k: getattr(choice, k) for k in auto if k in sizing.SIZED_DECAY})
         reasons.insert(0, choice.reason(len(train_ids), config.stop_text))
-    return Plan(corpus, model_config, config, vocab, train_ids, val_ids, batches, device, device_reason, dtype,
+    return Plan(corpus, model_config, config, vocab, train_ids, val_ids, val_windows, batches, device, device_reason, dtype,
                 dtype_reason, Path(run_dir), resume, base, parent,
                 sizing={"fields": list(auto), "reason": "; ".join(reasons)} if reasons else None,  # not for eval_every alone
                 probe_s=choice.probe_s if choice else 0.0)
+
+
+def validation_windows(val_ids: torch.Tensor, seed: int) -> torch.Tensor | None:
+    """What each validation of a run reads when its split is long: VAL_WINDOWS windows of
+    VAL_WINDOW characters (+1 for the last target) at places drawn once from the seed, so
+    every validation reads the same characters in bounded time. None (read it all, as
+    `charrnn eval` does) when the split has at most VAL_WINDOWS x VAL_WINDOW characters."""
+    if len(val_ids) <= VAL_WINDOWS * VAL_WINDOW + 1:
+        return None
+    generator = torch.Generator().manual_seed(seed + 2)
+    starts = torch.randint(0, len(val_ids) - VAL_WINDOW, (VAL_WINDOWS,), generator=generator).sort().values
+    return torch.stack([val_ids[s : s + VAL_WINDOW + 1] for s in starts.tolist()])  # (W, L + 1), a copy
 
 
 def _batches(config: TrainConfig, train_ids: torch.Tensor, rows: slice):

@@ -44,6 +44,9 @@ ORDER = 6  # n-grams of up to 6 characters: contexts of up to 5 (7 and up gained
 MAX_GRAMS = 1_000_000  # table entries kept (~12 MB in memory, ~4 MB stored); a bigger table keeps fewer orders
 FIT_WINDOWS = 512  # validation windows the weights are fit on
 GRID = 21  # weights tried at each position: 0, 0.05, ..., 1
+# A longer training split is counted on SAMPLE_BLOCKS blocks spread over it, SAMPLE_CHARS in
+# all (~1.5 s and ~250 MB at most; the tables of a smaller text are those of all of it).
+SAMPLE_CHARS, SAMPLE_BLOCKS = 1 << 22, 64
 
 
 def max_order(vocab_size: int) -> int:
@@ -88,6 +91,28 @@ def _lookup(sorted_keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor
     return torch.where(sorted_keys[at] == query, values[at], torch.zeros((), dtype=values.dtype))
 
 
+def _sample(ids: torch.Tensor) -> list[torch.Tensor]:
+    """What the tables are counted on: all of ids (long, on the CPU) when it has at most
+    SAMPLE_CHARS characters, else SAMPLE_BLOCKS blocks spread evenly over it, so a corpus of
+    any size is counted in bounded time and memory (n-grams within each block)."""
+    if len(ids) <= SAMPLE_CHARS:
+        return [ids.detach().long().cpu()]
+    length = SAMPLE_CHARS // SAMPLE_BLOCKS
+    stride = (len(ids) - length) // (SAMPLE_BLOCKS - 1)
+    return [ids[i * stride : i * stride + length].long().cpu() for i in range(SAMPLE_BLOCKS)]
+
+
+def _counted(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct keys of parts, sorted, and how often each occurs: counted part by part,
+    then merged, so no sort ever holds more than the distinct keys of all the parts."""
+    if len(parts) == 1:
+        return torch.unique(parts[0], sorted=True, return_counts=True)
+    counted = [torch.unique(part, sorted=True, return_counts=True) for part in parts]
+    keys, which = torch.unique(torch.cat([k for k, _ in counted]), sorted=True, return_inverse=True)
+    counts = torch.zeros(len(keys), dtype=torch.long).index_add_(0, which, torch.cat([c for _, c in counted]))
+    return keys, counts
+
+
 class StartMix:
     """The k-gram tables (sorted n-gram keys and counts, n = 1..order) and the weights."""
 
@@ -114,11 +139,11 @@ class StartMix:
     @classmethod
     def build(cls, ids: torch.Tensor, vocab_size: int, order: int = ORDER, max_grams: int = MAX_GRAMS) -> "StartMix":
         """Count the n-grams of ids (the training split), as many orders as fit max_grams."""
-        ids = ids.detach().long().cpu()
-        order = min(order, max_order(vocab_size), len(ids))
+        parts = _sample(ids)
+        order = min(order, max_order(vocab_size), min(len(part) for part in parts))
         keys, counts, kept = [], [], 0
         for n in range(1, order + 1):
-            key, count = torch.unique(_keys(ids, n, vocab_size), sorted=True, return_counts=True)
+            key, count = _counted([_keys(part, n, vocab_size) for part in parts])
             if n > 1 and kept + len(key) > max_grams:
                 break
             keys.append(key)
@@ -234,7 +259,7 @@ class StartMix:
         if len(ids) < POSITIONS + 2 or self.order == 0:
             return
         places = torch.randint(0, len(ids) - POSITIONS - 1, (windows,), generator=torch.Generator().manual_seed(seed))
-        span = ids.cpu()[places[:, None] + torch.arange(POSITIONS + 1)].long()
+        span = ids[(places[:, None] + torch.arange(POSITIONS + 1)).to(ids.device)].cpu().long()  # (W, P + 1)
         x, y = span[:, :-1], span[:, 1:]
         device = next(model.parameters()).device
         with evaluating(model), autocast(device, dtype):

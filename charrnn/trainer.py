@@ -31,7 +31,7 @@ from charrnn.data import RestartingStreams, StatefulBatches, Vocab
 from charrnn.device import autocast, dtype_name
 from charrnn.errors import CharRNNError, TrainingInterrupted
 from charrnn.events import Notice, OnEvent, Sample, Setup, Step, Validation
-from charrnn.evaluate import evaluate
+from charrnn.evaluate import evaluate, evaluate_windows
 from charrnn.finetune import extended_weights
 from charrnn.model import CharRNN, count_parameters, detach
 from charrnn.rundir import RunDir
@@ -73,6 +73,8 @@ class Trainer:
             resumed_step=self.state.progress.step if plan.resume is not None else None,
             parent=plan.parent if plan.base is not None else None, sizing=plan.sizing,
             start_mix=self.state.prior.summary() if self.state.prior else None,
+            val_read=None if plan.val_windows is None else plan.val_windows.shape[0] * (plan.val_windows.shape[1] - 1),
+            prepared={"path": str(plan.corpus.path), "reused": plan.corpus.reused} if plan.corpus.path else None,
             config=asdict(self.config), model_config=asdict(plan.model_config),
         ))
 
@@ -196,9 +198,10 @@ class Trainer:
                 x, y, restarted = batches.batch(state.windows_rng)
             else:
                 x, y = batches.batch(progress.batch)
-                restarted = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+                restarted = torch.zeros(x.shape[0], dtype=torch.bool)
             carried = state.carried if state.carried is not None else state.model.init_state(x.shape[0])
-            start = state.model.restart(carried, restarted)
+            start = state.model.restart(carried, restarted.to(self.device))
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # ids mapped on the host
         with autocast(self.device, self.dtype):
             logits, new_state = self.forward(x, start)  # (B, T, V)
         skip = config.burn_in  # predictions made from a (nearly) empty context
@@ -241,7 +244,10 @@ class Trainer:
         with self._averaged():
             if state.prior is not None:  # the weights that suit the weights validated
                 state.prior.fit(state.model, val_ids, self.dtype)
-            result = evaluate(state.model, val_ids, self.device, self.dtype, prior=state.prior)
+            if self.plan.val_windows is not None:  # a long split: the same bounded windows every time
+                result = evaluate_windows(state.model, self.plan.val_windows, self.device, self.dtype, prior=state.prior)
+            else:
+                result = evaluate(state.model, val_ids, self.device, self.dtype, prior=state.prior)
         if not math.isfinite(result.loss):
             raise CharRNNError(f"validation loss became {result.loss} at step {progress.step}; "
                                "lower --learning-rate or keep --grad-clip on")

@@ -34,6 +34,19 @@ def corpus_of(text: str, name: str = "tiny") -> Corpus:
     return Corpus(name, [name], text.encode("utf-8"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    # Prepared corpora go to a cache of the session's own, never the user's ~/.cache;
+    # subprocesses inherit it.
+    previous = os.environ.get("CHARRNN_CACHE")
+    os.environ["CHARRNN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("CHARRNN_CACHE", None)
+    else:
+        os.environ["CHARRNN_CACHE"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _cpu_threads():
     # Tests use tiny models where one thread is fastest and keeps runs deterministic.
