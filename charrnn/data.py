@@ -304,7 +304,7 @@ class StatefulBatches:
     `rows` selects which streams this process owns (all of them in one process).
     """
 
-    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, rows: slice = slice(None)):
+    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, rows: slice = slice(None), reader=None):
         stream_len = (len(ids) - 1) // batch_size
         if stream_len < seq_len:
             raise _too_short(len(ids), batch_size, seq_len)
@@ -313,9 +313,14 @@ class StatefulBatches:
         self.y = ids[1 : used + 1].view(batch_size, stream_len)[rows]  # (B, S)
         self.seq_len = seq_len
         self.steps_per_epoch = stream_len // seq_len
+        # reader (charrnn.prepared.IdReader): the same ids read with a pread per row, not through the map
+        self.reader, self._row_starts = reader, torch.arange(batch_size)[rows] * stream_len
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The index-th (x, y) of an epoch, each (B, T) int64."""
+        if self.reader is not None:
+            window = self.reader.windows(self._row_starts + index * self.seq_len, self.seq_len + 1).long()
+            return window[:, :-1], window[:, 1:]
         cols = slice(index * self.seq_len, (index + 1) * self.seq_len)
         return self.x[:, cols].long(), self.y[:, cols].long()
 
@@ -326,10 +331,11 @@ class RandomWindows:
     Every rank draws all B offsets from the same generator and reads its own rows, so N
     ranks train on the batches one process trains on."""
 
-    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, rows: slice = slice(None)):
+    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, rows: slice = slice(None), reader=None):
         if len(ids) < seq_len + 1 or len(ids) < batch_size * seq_len + 1:
             raise _too_short(len(ids), batch_size, seq_len)
         self.ids = ids
+        self.reader = reader  # charrnn.prepared.IdReader: the same ids read with a pread per window
         self.batch_size = batch_size
         self.rows = rows
         self.seq_len = seq_len
@@ -339,8 +345,14 @@ class RandomWindows:
 
     def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(0, len(self.ids) - self.seq_len, (self.batch_size, 1), generator=generator)[self.rows]
-        window = self.ids[starts.to(self.ids.device) + self._offsets].long()  # (rows, T + 1)
+        window = self._windows(starts[:, 0])  # (rows, T + 1)
         return window[:, :-1], window[:, 1:]
+
+    def _windows(self, starts: torch.Tensor) -> torch.Tensor:
+        """ids[starts[:, None] + arange(T + 1)], int64."""
+        if self.reader is not None:
+            return self.reader.windows(starts, self.seq_len + 1).long()
+        return self.ids[starts[:, None].to(self.ids.device) + self._offsets].long()
 
 
 class RestartingStreams(RandomWindows):
@@ -360,8 +372,9 @@ class RestartingStreams(RandomWindows):
     order every epoch. `restart` = 1 is random windows from the start state.
     """
 
-    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, restart: float, rows: slice = slice(None)):
-        super().__init__(ids, batch_size, seq_len, rows)
+    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, restart: float, rows: slice = slice(None),
+                 reader=None):
+        super().__init__(ids, batch_size, seq_len, rows, reader)
         self.restart = restart
         # All B cursors, on every rank (the same generator draws the same jumps there), so
         # N ranks read what one process reads; this rank takes its rows.
@@ -376,6 +389,6 @@ class RestartingStreams(RandomWindows):
         fresh = torch.randint(0, last + 1, (streams,), generator=generator)
         self.cursors = torch.where(jump, fresh, self.cursors)
         mine = self.cursors[self.rows]
-        window = self.ids[mine[:, None].to(self.ids.device) + self._offsets].long()  # (rows, T + 1)
+        window = self._windows(mine)  # (rows, T + 1)
         self.cursors = self.cursors + self.seq_len
         return window[:, :-1], window[:, 1:], jump[self.rows].to(self.ids.device)

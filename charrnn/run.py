@@ -28,7 +28,7 @@ from charrnn.device import resolve_device, resolve_dtype
 from charrnn.errors import DataError, TrainingInterrupted, UsageError
 from charrnn.events import Notice, OnEvent, Preparing
 from charrnn.finetune import extended_vocab
-from charrnn.prepared import Prepared, in_memory, prepare
+from charrnn.prepared import IdReader, Prepared, in_memory, prepare, reader_for
 from charrnn.trainer import Trainer
 
 MODEL_FIELDS = tuple(field_names(ModelConfig))
@@ -50,6 +50,7 @@ class Plan:
     train_ids: torch.Tensor  # (N,) on the device
     val_ids: torch.Tensor
     val_windows: torch.Tensor | None  # (W, L + 1): what each validation reads of a long split; None: all of it
+    val_reader: IdReader | None  # val_ids read with file reads (the start mix's fit reads it), None in memory
     batches: StatefulBatches | RandomWindows | RestartingStreams  # this rank's rows of the layout
     device: torch.device
     device_reason: str
@@ -213,10 +214,11 @@ def resolve(corpus: Corpus | Prepared, model_config: ModelConfig, train_config: 
     if device.type != "cpu" and len(ids) * ids.element_size() <= DEVICE_IDS_MAX:
         ids = ids.to(device)
     train_ids, val_ids = split(ids, config.val_frac)
-    batches = _batches(config, train_ids, group.rows(config.batch_size))
+    batches = _batches(config, train_ids, group.rows(config.batch_size), reader_for(corpus, train_ids))
     if len(val_ids) < 2:
         raise DataError(f"the validation split has {len(val_ids)} character(s); use a longer corpus or a larger --val-frac")
-    val_windows = validation_windows(val_ids, config.seed)
+    val_reader = reader_for(corpus, val_ids)  # what validation reads of a long split, read without the map
+    val_windows = validation_windows(val_ids if val_reader is None else val_reader, config.seed)
 
     choice = None
     if any(k in sizing.SIZED + sizing.SIZED_DECAY for k in auto):
@@ -224,13 +226,13 @@ def resolve(corpus: Corpus | Prepared, model_config: ModelConfig, train_config: 
         model_config = replace(model_config, **{k: getattr(choice, k) for k in auto if k in sizing.SIZED})
         config = replace(config, **{k: getattr(choice, k) for k in auto if k in sizing.SIZED_DECAY})
         reasons.insert(0, choice.reason(len(train_ids), config.stop_text))
-    return Plan(corpus, model_config, config, vocab, train_ids, val_ids, val_windows, batches, device, device_reason, dtype,
+    return Plan(corpus, model_config, config, vocab, train_ids, val_ids, val_windows, val_reader, batches, device, device_reason, dtype,
                 dtype_reason, Path(run_dir), resume, base, parent,
                 sizing={"fields": list(auto), "reason": "; ".join(reasons)} if reasons else None,  # not for eval_every alone
                 probe_s=choice.probe_s if choice else 0.0)
 
 
-def validation_windows(val_ids: torch.Tensor, seed: int) -> torch.Tensor | None:
+def validation_windows(val_ids: torch.Tensor | IdReader, seed: int) -> torch.Tensor | None:
     """What each validation of a run reads when its split is long: VAL_WINDOWS windows of
     VAL_WINDOW characters (+1 for the last target) at places drawn once from the seed, so
     every validation reads the same characters in bounded time. None (read it all, as
@@ -239,16 +241,19 @@ def validation_windows(val_ids: torch.Tensor, seed: int) -> torch.Tensor | None:
         return None
     generator = torch.Generator().manual_seed(seed + 2)
     starts = torch.randint(0, len(val_ids) - VAL_WINDOW, (VAL_WINDOWS,), generator=generator).sort().values
+    if isinstance(val_ids, IdReader):
+        return val_ids.windows(starts, VAL_WINDOW + 1)
     return torch.stack([val_ids[s : s + VAL_WINDOW + 1] for s in starts.tolist()])  # (W, L + 1), a copy
 
 
-def _batches(config: TrainConfig, train_ids: torch.Tensor, rows: slice):
-    """The batch layout of config: random windows, restarting streams or fixed streams."""
+def _batches(config: TrainConfig, train_ids: torch.Tensor, rows: slice, reader=None):
+    """The batch layout of config: random windows, restarting streams or fixed streams
+    (reader: the ids' IdReader, which the batches read instead of the map)."""
     if config.stateless:
-        return RandomWindows(train_ids, config.batch_size, config.seq_len, rows)
+        return RandomWindows(train_ids, config.batch_size, config.seq_len, rows, reader)
     if config.stream_restart > 0:
-        return RestartingStreams(train_ids, config.batch_size, config.seq_len, config.stream_restart, rows)
-    return StatefulBatches(train_ids, config.batch_size, config.seq_len, rows)
+        return RestartingStreams(train_ids, config.batch_size, config.seq_len, config.stream_restart, rows, reader)
+    return StatefulBatches(train_ids, config.batch_size, config.seq_len, rows, reader)
 
 
 def _choose_size(model_config: ModelConfig, config: TrainConfig, auto: tuple[str, ...], train_chars: int,

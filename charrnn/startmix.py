@@ -259,7 +259,10 @@ class StartMix:
         if len(ids) < POSITIONS + 2 or self.order == 0:
             return
         places = torch.randint(0, len(ids) - POSITIONS - 1, (windows,), generator=torch.Generator().manual_seed(seed))
-        span = ids[(places[:, None] + torch.arange(POSITIONS + 1)).to(ids.device)].cpu().long()  # (W, P + 1)
+        if hasattr(ids, "windows"):  # a charrnn.prepared.IdReader: read, not mapped
+            span = ids.windows(places, POSITIONS + 1).long()
+        else:
+            span = ids[(places[:, None] + torch.arange(POSITIONS + 1)).to(ids.device)].cpu().long()  # (W, P + 1)
         x, y = span[:, :-1], span[:, 1:]
         device = next(model.parameters()).device
         with evaluating(model), autocast(device, dtype):

@@ -243,7 +243,7 @@ class Trainer:
         state, progress, val_ids = self.state, self.state.progress, self.plan.val_ids
         with self._averaged():
             if state.prior is not None:  # the weights that suit the weights validated
-                state.prior.fit(state.model, val_ids, self.dtype)
+                state.prior.fit(state.model, val_ids if self.plan.val_reader is None else self.plan.val_reader, self.dtype)
             if self.plan.val_windows is not None:  # a long split: the same bounded windows every time
                 result = evaluate_windows(state.model, self.plan.val_windows, self.device, self.dtype, prior=state.prior)
             else:

@@ -40,11 +40,11 @@ MODEL = ["--hidden-size", "256", "--num-layers", "2", "--dropout", "0", "--weigh
 SIZES = {"1M": 1 << 20, "100M": 100 << 20, "1G": 1 << 30, "10G": 10 << 30}
 
 
-def build(path: Path, size: int, seed: int = 0) -> None:
-    """size bytes of Tiny Shakespeare's paragraphs, shuffled for every copy."""
+def build(path: Path, size: int, source: str, seed: int = 0) -> None:
+    """size bytes of source's paragraphs, shuffled for every copy."""
     if path.exists() and path.stat().st_size == size:
         return
-    paragraphs = [p + "\n\n" for p in SHAKESPEARE.read_text().split("\n\n")]
+    paragraphs = [p + "\n\n" for p in source.split("\n\n")]
     rng = random.Random(seed)
     written = 0
     with open(path, "w") as out:
@@ -97,7 +97,8 @@ def bench_size(name: str, corpus: Path, work: Path, env: dict, baseline_rate: fl
     prep = measure(charrnn("prepare", corpus, "--json"), env)
     info = json.loads(prep["stdout"])
     row = {"corpus": name, "bytes": corpus.stat().st_size, "prepare_s": round(prep["seconds"], 2),
-           "prepare_mb_s": round(corpus.stat().st_size / 1e6 / prep["seconds"], 1),
+           "prepare_mb_s": round(corpus.stat().st_size / 1e6 / info["seconds"], 1),  # the preparation itself
+           "prepare_command_mb_s": round(corpus.stat().st_size / 1e6 / prep["seconds"], 1),  # with Python's start
            "prepare_peak_rss_mb": round(prep["peak_rss_mb"]), "id_file_bytes": info["file_bytes"]}
     run = work / f"run-{name}"
     shutil.rmtree(run, ignore_errors=True)
@@ -115,7 +116,7 @@ def bench_size(name: str, corpus: Path, work: Path, env: dict, baseline_rate: fl
 def bench_eval(corpus: Path, work: Path, env: dict) -> dict:
     run = work / "run-eval-model"
     if not (run / "best.pt").exists():
-        measure(charrnn("train", SHAKESPEARE, "--steps", 5, "--eval-every", 5, "--sample-length", 0, "-o", run,
+        measure(charrnn("train", corpus.parent / corpus.name.replace("1G", "1M"), "--steps", 5, "--eval-every", 5, "--sample-length", 0, "-o", run,
                         *MODEL), env)
     env = {**env, "CHARRNN_CACHE": str(work / "cache-eval")}
     result = measure(charrnn("eval", corpus, "-m", run, "--json", "--device", "cpu", "--dtype", "fp32"), env)
@@ -213,20 +214,30 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "charrnn-bench-data")
     parser.add_argument("--ranks", action="store_true", help="also torchrun 2 ranks on the largest corpus")
     parser.add_argument("--no-eval", action="store_true", help="skip the eval of the 1 GB corpus")
+    parser.add_argument("--device", default="cpu", help="cpu (fp32), or cuda (its auto dtype)")
     args = parser.parse_args()
+    if args.device != "cpu":
+        MODEL[MODEL.index("--device") + 1] = args.device
+        MODEL[MODEL.index("--dtype") + 1] = "auto"
     args.work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     sizes = args.sizes.split(",")
-    corpora = {name: args.work / f"shakespeare-{name}.txt" for name in ["1M", *sizes]}
+    sys.path.insert(0, str(ROOT))
+    from charrnn.data import embedded_corpus
+
+    # Tiny Shakespeare where ../shared is beside the checkout, else the embedded Python docs
+    # (a GPU machine has only the repository).
+    source = SHAKESPEARE.read_text() if SHAKESPEARE.exists() else embedded_corpus().data.decode("utf-8")
+    stem = "shakespeare" if SHAKESPEARE.exists() else "pydocs"
+    corpora = {name: args.work / f"{stem}-{name}.txt" for name in ["1M", *sizes]}
     for name, path in corpora.items():
         started = time.perf_counter()
-        build(path, SIZES[name])
+        build(path, SIZES[name], source)
         print(f"corpus {name}: {path} ({time.perf_counter() - started:.0f}s to build)", file=sys.stderr, flush=True)
 
-    sys.path.insert(0, str(ROOT))
     from charrnn.data import Vocab, read_corpus
 
-    result = {"machine": os.uname().machine, "cpus": os.cpu_count()}
+    result = {"machine": os.uname().machine, "cpus": os.cpu_count(), "device": args.device, "source": stem}
     if "100M" in corpora:  # today's in-memory encoding, in this process: the baseline rate
         started = time.perf_counter()
         corpus = read_corpus([str(corpora["100M"])])

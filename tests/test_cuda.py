@@ -133,3 +133,26 @@ def test_an_onnx_export_of_a_cuda_model_matches_it(trained_run, tmp_path):
     state = {name: s.detach().cpu().numpy() for name, s in zip(["h", "c"], model.network.init_state(1))}
     out = session.run(None, {"ids": x.numpy(), **state})
     assert abs(out[0] - logits.float().cpu().numpy()).max() < 1e-3  # cuDNN's TF32 aside, the same network
+
+
+def test_a_corpus_too_large_for_the_gpu_trains_from_host_mapped_ids_as_from_device_ids(tmp_path, monkeypatch):
+    """A corpus over run.DEVICE_IDS_MAX stays mapped on the host and each batch is copied to
+    the GPU: the same losses and weights as the ids on the GPU (fp32, stateful and stateless)."""
+    from charrnn import run
+
+    for stateless in (False, True):
+        model_config, train_config = tiny_configs(train={"device": "cuda", "dtype": "fp32", "stateless": stateless})
+        on_device = trainer_for(corpus_of(VERSE * 20), model_config, train_config, tmp_path / f"a{stateless}")
+        assert on_device.plan.train_ids.device.type == "cuda"
+        on_device.run()
+        monkeypatch.setattr(run, "DEVICE_IDS_MAX", 0)
+        on_host = trainer_for(corpus_of(VERSE * 20), model_config, train_config, tmp_path / f"b{stateless}")
+        assert on_host.plan.train_ids.device.type == "cpu"
+        on_host.run()
+        monkeypatch.undo()
+        a = checkpoint.load(tmp_path / f"a{stateless}" / "last.pt")
+        b = checkpoint.load(tmp_path / f"b{stateless}" / "last.pt")
+        # The same batches; CUDA's embedding backward adds in no fixed order, hence the tolerance.
+        assert a.progress["best_val_loss"] == pytest.approx(b.progress["best_val_loss"], abs=1e-4)
+        for key in a.model:
+            torch.testing.assert_close(a.model[key], b.model[key], rtol=0, atol=1e-4, msg=key)
