@@ -26,7 +26,7 @@ import torch
 from charrnn import checkpoint
 from charrnn.config import EVAL_STREAMS, DynamicSettings, check_seed, check_streams
 from charrnn.data import rereadable, split
-from charrnn.device import resolve_device, resolve_dtype
+from charrnn.device import autocast, resolve_device, resolve_dtype
 from charrnn.errors import UsageError
 from charrnn.evaluate import EvalResult, dynamic_evaluate, evaluate, read
 from charrnn.prepared import Progress, ids_in, prepare
@@ -142,13 +142,16 @@ class Model:
         return dynamic_evaluate(self.network, ids, self.device, settings, precision, dropped, prior=self.prior)
 
     @torch.no_grad()
-    def log_probs(self, text: str, unknown: str = "error") -> tuple[torch.Tensor, torch.Tensor]:
+    def log_probs(self, text: str, unknown: str = "error", dtype: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """The ids of text (T,) and the log-probabilities (T-1, V) the model gives each
         character after the first, read as one stream from the start state with the start
-        mix (`score(text, streams=1)` is their mean's negative, to float rounding)."""
+        mix, in the precision `score` reads with (dtype: auto, fp32, bf16 or fp16), so that
+        `score(text, streams=1)` is their mean's negative, to float rounding."""
         ids, _ = self.vocab.encode(text, unknown)
         ids = ids.long().to(self.device)
-        logits, _ = read(self.network, ids[None], None, self.prior)
+        precision, _ = resolve_dtype(dtype, self.device)
+        with autocast(self.device, precision):
+            logits, _ = read(self.network, ids[None], None, self.prior)
         return ids, logits[0, :-1].float().log_softmax(-1)
 
     def validation_ids(self) -> tuple[torch.Tensor, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from charrnn.errors import UsageError
@@ -36,7 +38,13 @@ def resolve_device(spec: str = "auto") -> tuple[torch.device, str]:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with bf16 matrix instructions (AVX512_BF16 or AMX), where bf16 beats fp32."""
+    """True on CPUs with bf16 matrix instructions (AVX512_BF16 or AMX), where bf16 beats fp32.
+
+    CHARRNN_CPU_BF16=1 (or 0) makes `auto` decide as it would on a CPU with (or without)
+    them, so that both paths can be run on any machine (the tests do)."""
+    forced = os.environ.get("CHARRNN_CPU_BF16", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
     cpu = torch.cpu
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         check = getattr(cpu, probe, None)
@@ -53,9 +61,10 @@ def resolve_dtype(spec: str, device: torch.device) -> tuple[torch.dtype | None, 
                 return torch.bfloat16, "auto: this CUDA GPU supports bf16"
             return None, "auto: this CUDA GPU lacks bf16"
         if device.type == "cpu":
+            forced = " (as CHARRNN_CPU_BF16 says)" if os.environ.get("CHARRNN_CPU_BF16", "").strip() in ("0", "1") else ""
             if cpu_has_fast_bf16():
-                return torch.bfloat16, "auto: this CPU has AVX512_BF16/AMX"
-            return None, "auto: this CPU lacks AVX512_BF16/AMX, so bf16 would be slower"
+                return torch.bfloat16, "auto: this CPU has AVX512_BF16/AMX" + forced
+            return None, "auto: this CPU lacks AVX512_BF16/AMX, so bf16 would be slower" + forced
         return None, f"auto: fp32 on {device.type}"
     if spec not in DTYPES:
         raise UsageError(f"--dtype {spec!r} is not one of auto, fp32, bf16, fp16")

@@ -46,6 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from charrnn.config import EVAL_STREAMS, MAX_SEED
 from charrnn.engine import Busy, Engine, Meter, Request, Runner, Sequence
 from charrnn.errors import CharRNNError
+from charrnn.evaluate import EvalResult
 from charrnn.rundir import records
 from charrnn.version import __version__
 
@@ -420,8 +421,12 @@ def _score(model, text: str, unknown: str, streams: int, surprisal: bool) -> dic
         out = {**result.as_dict(), "streams": streams}
         if surprisal:
             ids, log_probs = model.log_probs(text, unknown)
-            bits = (-log_probs.gather(1, ids[1:, None])[:, 0] / math.log(2)).tolist()
+            nats = -log_probs.gather(1, ids[1:, None])[:, 0].double()
+            bits = (nats / math.log(2)).tolist()
             out["surprisal"] = {"unit": "bits", "chars": model.vocab.decode(ids), "values": [None, *bits]}
+            if streams == 1:  # one read gives both: the figures are the trace's mean, whatever the dtype
+                read_once = EvalResult(len(bits), float(nats.mean()), result.dropped)
+                out.update(read_once.as_dict())
         return out
     except CharRNNError as err:
         hint = str(err).replace("use --unknown skip", 'give "unknown": "skip"')

@@ -62,8 +62,10 @@ class Choice:
 
     def reason(self, train_chars: int, budget: str) -> str:
         speed = f" at ~{self.chars_per_s / 1000:,.0f}k chars/s (probed)" if self.chars_per_s else ""
+        limit = (f" (the budget, not the text, limits what is read: {self.epochs:.1%} of it)"
+                 if self.epochs < 1 else "")
         return (f"{budget} on {train_chars / 1e6:.2f}M characters{speed}: ~{self.chars / 1e6:.1f}M characters read, "
-                f"{self.epochs:.1f} passes over the text")
+                f"{self.epochs:.1f} passes over the text{limit}")
 
 
 def batch_for(device: torch.device, cell: str = "lstm", ranks: int = 1) -> tuple[int, str]:

@@ -2,6 +2,7 @@ import dataclasses
 import math
 
 import pytest
+import torch
 
 from charrnn.config import ModelConfig, TrainConfig, build, load_toml, parse_duration, to_toml
 from charrnn.errors import UsageError
@@ -109,3 +110,15 @@ def test_no_float_setting_takes_nan_or_infinity(cls, key, value):
 def test_integers_out_of_range_are_usage_errors(cls, key, value):
     with pytest.raises(UsageError, match=f"{key} must be"):
         build(cls, {key: value})
+
+
+@pytest.mark.parametrize("forced, expected", [("1", torch.bfloat16), ("0", None)])
+def test_the_bf16_host_switch_decides_auto_as_on_such_a_cpu(monkeypatch, forced, expected):
+    """CHARRNN_CPU_BF16=1 makes --dtype auto pick bf16 on any CPU, =0 fp32 on any CPU, so
+    both paths run in the suite whatever the machine (this one may have AVX512_BF16 or not)."""
+    from charrnn.device import cpu_has_fast_bf16, resolve_dtype
+
+    monkeypatch.setenv("CHARRNN_CPU_BF16", forced)
+    assert cpu_has_fast_bf16() is (forced == "1")
+    dtype, reason = resolve_dtype("auto", torch.device("cpu"))
+    assert dtype == expected and reason

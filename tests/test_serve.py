@@ -153,7 +153,12 @@ def test_the_same_seed_gives_the_same_text_alone_and_among_32_clients(server):
         assert crowded.result().json()["choices"][0]["text"] == alone
 
 
-def test_score_equals_charrnn_eval(server, trained_run, tmp_path):
+@pytest.mark.parametrize("cpu_bf16", ["0", "1"], ids=["fp32-host", "bf16-host"])
+def test_score_equals_charrnn_eval(server, trained_run, tmp_path, monkeypatch, cpu_bf16):
+    """dtype auto as on a CPU without and with bf16 instructions (CHARRNN_CPU_BF16), in
+    the server and in charrnn eval alike: the same figures, and a score's bpc is its
+    surprisal trace's mean to 1e-6 in both."""
+    monkeypatch.setenv("CHARRNN_CPU_BF16", cpu_bf16)
     url, _, _ = server
     text = VERSE * 4
     (tmp_path / "held.txt").write_text(text, encoding="utf-8")
@@ -164,7 +169,7 @@ def test_score_equals_charrnn_eval(server, trained_run, tmp_path):
     one = httpx.post(f"{url}/v1/score", json={"text": text[:300], "streams": 1, "surprisal": True, "model": "tiny"}).json()
     values = one["surprisal"]["values"]
     assert values[0] is None and len(values) == 300
-    assert sum(values[1:]) / 299 == pytest.approx(one["bpc"], rel=1e-4)  # the mean surprisal is the bpc
+    assert sum(values[1:]) / 299 == pytest.approx(one["bpc"], rel=1e-6)  # the mean surprisal is the bpc
 
 
 def test_logprobs_and_echo_in_openais_shape(server):

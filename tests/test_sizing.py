@@ -185,3 +185,11 @@ def test_batch_for_the_device():
     assert sizing.batch_for(CPU, "gru", ranks=2)[0] == 128
     assert sizing.batch_for(torch.device("cuda"))[0] == TrainConfig().batch_size == 64
     assert sizing.batch_for(torch.device("cuda"), ranks=3)[0] == 66  # the ranks must divide it
+
+
+def test_the_reason_says_when_the_budget_not_the_text_limits_what_is_read():
+    """A corpus of billions of characters is read in part: the size line says so."""
+    big = sizing.Choice(hidden_size=512, dropout=0.0, chars=30e6, epochs=30e6 / 9e9, chars_per_s=None, probe_s=0.0)
+    small = sizing.Choice(hidden_size=512, dropout=0.0, chars=30e6, epochs=3.0, chars_per_s=None, probe_s=0.0)
+    assert "the budget, not the text, limits what is read: 0.3% of it" in big.reason(int(9e9), "20m")
+    assert "limits what is read" not in small.reason(int(10e6), "20m")
