@@ -42,7 +42,7 @@ from typing import BinaryIO, Callable, Iterator
 
 import torch
 
-from charrnn.data import CHUNK_BYTES, Corpus, Vocab, code_points, read_corpus, to_utf8
+from charrnn.data import Corpus, Vocab, _hidden, _is_utf8, code_points, read_corpus
 from charrnn.errors import DataError, UsageError
 
 MAGIC = b"CHARIDS\n"
@@ -185,10 +185,6 @@ def _sources(paths: list[str]) -> list[_Source]:
     return found
 
 
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
 def _stat(given: str, path: Path, in_directory: bool) -> _Source:
     info = path.stat()
     return _Source(given, path, info.st_size, info.st_mtime_ns, in_directory)
@@ -238,13 +234,6 @@ def in_memory(corpus: Corpus) -> Prepared:
     vocab = Vocab.from_data(corpus)
     return Prepared(corpus.name, list(corpus.sources), vocab, vocab.encode_data(corpus), corpus.sha256, corpus.size,
                     list(corpus.skipped))
-
-
-def _is_utf8(encoding: str) -> bool:
-    try:
-        return codecs.lookup(encoding).name == "utf-8"
-    except LookupError:
-        raise UsageError(f"--encoding {encoding!r} is not a known text encoding") from None
 
 
 def _writable_cache(notice: Callable[[str], None]) -> Path:
