@@ -320,6 +320,8 @@ class StatefulBatches:
         """The index-th (x, y) of an epoch, each (B, T) int64."""
         if self.reader is not None:
             window = self.reader.windows(self._row_starts + index * self.seq_len, self.seq_len + 1).long()
+            following = (index + 1) % self.steps_per_epoch
+            self.reader.will_need(self._row_starts + following * self.seq_len, self.seq_len + 1)
             return window[:, :-1], window[:, 1:]
         cols = slice(index * self.seq_len, (index + 1) * self.seq_len)
         return self.x[:, cols].long(), self.y[:, cols].long()
@@ -344,9 +346,20 @@ class RandomWindows:
         self._offsets = torch.arange(seq_len + 1, device=ids.device)
 
     def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(0, len(self.ids) - self.seq_len, (self.batch_size, 1), generator=generator)[self.rows]
-        window = self._windows(starts[:, 0])  # (rows, T + 1)
+        window = self._windows(self._starts(generator))  # (rows, T + 1)
+        self._read_ahead(generator)
         return window[:, :-1], window[:, 1:]
+
+    def _starts(self, generator: torch.Generator) -> torch.Tensor:
+        """This rank's window starts of the next batch, drawn from generator."""
+        return torch.randint(0, len(self.ids) - self.seq_len, (self.batch_size, 1), generator=generator)[self.rows, 0]
+
+    def _read_ahead(self, generator: torch.Generator) -> None:
+        """With a reader: ask for the following batch's windows now, drawn from a copy of
+        the generator (the generator itself, and so every batch, untouched)."""
+        if self.reader is not None:
+            ahead = torch.Generator().set_state(generator.get_state())
+            self.reader.will_need(self._starts(ahead), self.seq_len + 1)
 
     def _windows(self, starts: torch.Tensor) -> torch.Tensor:
         """ids[starts[:, None] + arange(T + 1)], int64."""
@@ -382,13 +395,19 @@ class RestartingStreams(RandomWindows):
 
     def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's next (x, y), each (rows, T) int64, and which of its streams restarted."""
-        streams = len(self.cursors)
-        last = len(self.ids) - self.seq_len - 1  # the largest cursor with a whole window after it
-        jump = torch.rand(streams, generator=generator) < self.restart
-        jump |= self.cursors > last
-        fresh = torch.randint(0, last + 1, (streams,), generator=generator)
-        self.cursors = torch.where(jump, fresh, self.cursors)
-        mine = self.cursors[self.rows]
-        window = self._windows(mine)  # (rows, T + 1)
+        jump, self.cursors = self._jumps(generator, self.cursors)
+        window = self._windows(self.cursors[self.rows])  # (rows, T + 1)
         self.cursors = self.cursors + self.seq_len
+        self._read_ahead(generator)
         return window[:, :-1], window[:, 1:], jump[self.rows].to(self.ids.device)
+
+    def _jumps(self, generator: torch.Generator, cursors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which streams restart this step, and every stream's cursor after the restarts."""
+        last = len(self.ids) - self.seq_len - 1  # the largest cursor with a whole window after it
+        jump = torch.rand(len(cursors), generator=generator) < self.restart
+        jump |= cursors > last
+        fresh = torch.randint(0, last + 1, (len(cursors),), generator=generator)
+        return jump, torch.where(jump, fresh, cursors)
+
+    def _starts(self, generator: torch.Generator) -> torch.Tensor:
+        return self._jumps(generator, self.cursors)[1][self.rows]

@@ -344,7 +344,7 @@ def _count(chunks: Iterator, total: int, progress: Progress):
     skipped (their bytes leave no trace in the counts or the hash); a file named itself
     is refused."""
     counts = torch.zeros(UNICODE, dtype=torch.int64)
-    digest = hashlib.sha256()
+    digest = _Behind(hashlib.sha256())
     chars = size = done = 0
     skipped: list[str] = []
     current = None
@@ -352,7 +352,7 @@ def _count(chunks: Iterator, total: int, progress: Progress):
         if source is not current:  # a new source: its counts apart until it is known to be text
             current, failed, offset, local_chars = source, None, 0, 0
             ascii_counts, other_counts = torch.zeros(128, dtype=torch.int64), None
-            before = digest.copy()
+            before = digest.wait().copy()
             decoder = codecs.getincrementaldecoder("utf-8")()
         if block is None:  # the end of this source
             if failed is None and offset == 0:
@@ -366,7 +366,8 @@ def _count(chunks: Iterator, total: int, progress: Progress):
                 if not source.in_directory:
                     raise DataError(failed)
                 skipped.append(str(source.path))
-                digest = before
+                digest.wait()
+                digest = _Behind(before)
                 continue
             counts[:128] += ascii_counts
             if other_counts is not None:
@@ -389,7 +390,7 @@ def _count(chunks: Iterator, total: int, progress: Progress):
                       " (pass --encoding if it is in another encoding)")
             continue
         offset += len(block)
-        digest.update(block)
+        digest.call("update", block)  # on a thread, while the block is counted here
         if block.isascii():
             ascii_counts += torch.bincount(torch.frombuffer(bytearray(block), dtype=torch.uint8), minlength=128)
             local_chars += len(block)
@@ -398,7 +399,27 @@ def _count(chunks: Iterator, total: int, progress: Progress):
                 other_counts = torch.zeros(UNICODE, dtype=torch.int64)
             other_counts += torch.bincount(code_points(text), minlength=UNICODE)
             local_chars += len(text)
-    return counts, chars, digest.hexdigest(), skipped, size
+    return counts, chars, digest.wait().hexdigest(), skipped, size
+
+
+class _Behind:
+    """One object whose calls run on a thread of their own, one at a time and in order,
+    while the caller goes on: the hash of one block (hashlib lets go of the GIL) beside the
+    counting of the next, the write of one block of ids beside the encoding of the next.
+    wait() returns the object once every call has run, raising what a call raised."""
+
+    def __init__(self, target):
+        self.target, self._pending = target, None
+
+    def call(self, method: str, *args) -> None:
+        self.wait()
+        self._pending = _pool(1).submit(getattr(self.target, method), *args)
+
+    def wait(self):
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+        return self.target
 
 
 def _encode(chunks: Iterator, skipped: set[str], vocab: Vocab, handle, total: int, progress: Progress) -> int:
@@ -406,8 +427,8 @@ def _encode(chunks: Iterator, skipped: set[str], vocab: Vocab, handle, total: in
     codes = code_points(vocab.chars).long()
     ascii_table = torch.zeros(128, dtype=vocab.dtype)  # ASCII byte -> id (every byte of the text is in vocab)
     ascii_table[codes[codes < 128]] = torch.arange(len(vocab), dtype=vocab.dtype)[codes < 128]
-    buffer = bytearray(READ_BYTES * vocab.dtype.itemsize)
-    out = torch.frombuffer(buffer, dtype=vocab.dtype)
+    byte_table = bytes(ascii_table.tolist() + [0] * 128) if vocab.dtype == torch.uint8 else None
+    writer = _Behind(handle)  # a block written while the next is encoded
     written = done = 0
     decoder = codecs.getincrementaldecoder("utf-8")()
     for source, block in chunks:
@@ -420,19 +441,23 @@ def _encode(chunks: Iterator, skipped: set[str], vocab: Vocab, handle, total: in
             continue
         if block.isascii() and not decoder.getstate()[0]:
             count = len(block)
-            torch.index_select(ascii_table, 0, torch.frombuffer(bytearray(block), dtype=torch.uint8).int(),
-                               out=out[:count])
+            if byte_table is not None:  # one byte an id: bytes.translate, twice index_select's speed
+                writer.call("write", block.translate(byte_table))
+                written += count
+                continue
+            out = torch.empty(count, dtype=vocab.dtype)
+            torch.index_select(ascii_table, 0, torch.frombuffer(bytearray(block), dtype=torch.uint8).int(), out=out)
         else:
             try:
                 text = decoder.decode(block)
             except UnicodeDecodeError:
                 raise DataError(f"{source.given} changed while it was being prepared; run again once it is complete") \
                     from None
-            ids, _ = vocab.encode(text)
-            count = len(ids)
-            out[:count] = ids
-        handle.write(memoryview(buffer)[: count * vocab.dtype.itemsize])
+            out, _ = vocab.encode(text)
+            count = len(out)
+        writer.call("write", _bytes(out.to(vocab.dtype)))
         written += count
+    writer.wait()
     return written
 
 
@@ -479,6 +504,17 @@ class IdReader:
             return torch.stack([self._read(s, length) for s in places])
         return torch.stack(list(_pool().map(lambda s: self._read(s, length), places)))
 
+    def will_need(self, starts: torch.Tensor, length: int) -> None:
+        """Tell the kernel the windows at starts come next (POSIX_FADV_WILLNEED): it starts
+        reading them from the disk and returns, so the next batch's reads overlap this
+        step's arithmetic instead of following it. A hint only: what windows() returns is
+        the same with or without it."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        size = self.dtype.itemsize
+        for start in starts.tolist():
+            os.posix_fadvise(self._handle.fileno(), self.offset + start * size, length * size, os.POSIX_FADV_WILLNEED)
+
     def chunks(self, size: int = READ_BYTES) -> Iterator[torch.Tensor]:
         for start in range(0, self.chars, size):
             yield self[start : start + size]
@@ -487,16 +523,16 @@ class IdReader:
         self._handle.close()
 
 
-_POOL = None
+_POOLS: dict = {}
 
 
-def _pool():
-    global _POOL
-    if _POOL is None:
+def _pool(threads: int = READ_THREADS):
+    """A pool of threads, one per size asked for, made on first use."""
+    if threads not in _POOLS:
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="charrnn-read")
-    return _POOL
+        _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"charrnn-{threads}")
+    return _POOLS[threads]
 
 
 def reader_for(corpus: Prepared, ids: torch.Tensor) -> IdReader | None:

@@ -1,13 +1,14 @@
 """Corpora of any size: preparation rate, memory and start-up time at 100 MB, 1 GB and 10 GB.
 
-    python scripts/bench_data.py [--sizes 100M,1G,10G] [--work DIR] [--ranks]
+    python scripts/bench_data.py [--sizes 100M,1G,10G] [--work DIR] [--ranks] [--cold]
 
 Builds each corpus from ../shared/data/tinyshakespeare.txt, its paragraphs shuffled anew
 for every copy (seeded), so that it is not one short period repeated, then measures, each
 command alone in a subprocess (peak RSS from wait4):
 
 - prepare: `charrnn prepare BIG --json` into a fresh cache: MB/s of text, the id file's size;
-- train (second run, the id file reused): `charrnn train BIG --steps 20` peak RSS, seconds
+- train (second run, the id file reused; with --cold, from a dropped page cache):
+  `charrnn train BIG --steps 20` peak RSS, seconds
   from the command to its first step (when the setup lines are out), and chars/s of its
   steps against the same model on the 1 MB baseline corpus run in this same process;
 - eval: `charrnn eval BIG` peak RSS (1 GB only, the full pass takes long past it);
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 MODEL = ["--hidden-size", "256", "--num-layers", "2", "--dropout", "0", "--weight-decay", "0.01",
          "--batch-size", "32", "--seq-len", "128", "--device", "cpu", "--dtype", "fp32", "--no-start-mix"]
+COLD = False  # --cold
 SIZES = {"1M": 1 << 20, "100M": 100 << 20, "1G": 1 << 30, "10G": 10 << 30}
 
 
@@ -102,6 +104,9 @@ def bench_size(name: str, corpus: Path, work: Path, env: dict, baseline_rate: fl
            "prepare_peak_rss_mb": round(prep["peak_rss_mb"]), "id_file_bytes": info["file_bytes"]}
     run = work / f"run-{name}"
     shutil.rmtree(run, ignore_errors=True)
+    if COLD:  # the text and its id file read from the disk, not the page cache
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
     train = measure(charrnn("train", corpus, "--steps", 20, "--eval-every", 20, "--sample-length", 0, "-o", run,
                             *MODEL), env, first_line="stop:")
     row.update(train_peak_rss_mb=round(train["peak_rss_mb"]), first_step_s=round(train["first_line_s"], 2),
@@ -215,7 +220,10 @@ def main() -> None:
     parser.add_argument("--ranks", action="store_true", help="also torchrun 2 ranks on the largest corpus")
     parser.add_argument("--no-eval", action="store_true", help="skip the eval of the 1 GB corpus")
     parser.add_argument("--device", default="cpu", help="cpu (fp32), or cuda (its auto dtype)")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each train run (needs root)")
     args = parser.parse_args()
+    global COLD
+    COLD = args.cold
     if args.device != "cpu":
         MODEL[MODEL.index("--device") + 1] = args.device
         MODEL[MODEL.index("--dtype") + 1] = "auto"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from charrnn import checkpoint, events, prepared, run
-from charrnn.data import Vocab, read_corpus
+from charrnn.data import RandomWindows, RestartingStreams, StatefulBatches, Vocab, read_corpus
 from charrnn.errors import DataError, TrainingInterrupted
 from charrnn.evaluate import evaluate, evaluate_windows
 from charrnn.model import CharRNN
@@ -319,3 +319,38 @@ def test_cli_prepare_then_train_and_eval_the_id_file(tmp_path):
     assert bad.returncode == 2 and "ending in .ids" in bad.stderr and "Traceback" not in bad.stderr
     missing = run_cli("prepare", tmp_path / "nope.txt", env=env)
     assert missing.returncode == 1 and missing.stderr.strip() == f"error: {tmp_path / 'nope.txt'} does not exist; check the path"
+
+
+@pytest.mark.parametrize("layout", ["windows", "restarting", "stateful"])
+def test_batches_read_by_pread_equal_the_map_and_read_ahead_asks_for_the_next_batch(tmp_path, cache, layout):
+    """The three batch layouts over a prepared file: the IdReader's windows are the map's,
+    batch for batch, and after each batch the reader was told exactly the windows of the
+    next one (drawn on a copy of the generator, which is left as it was)."""
+    source = tmp_path / "text.txt"
+    source.write_text(VERSE * 40)
+    corpus = prepared.prepare([str(source)])
+    kinds = {"windows": lambda ids, reader: RandomWindows(ids, 4, 16, reader=reader),
+             "restarting": lambda ids, reader: RestartingStreams(ids, 4, 16, 0.3, reader=reader),
+             "stateful": lambda ids, reader: StatefulBatches(ids, 4, 16, reader=reader)}
+    mapped = kinds[layout](corpus.ids, None)
+    reader = prepared.reader_for(corpus, corpus.ids)
+    asked = []
+    reader.will_need = lambda starts, length: asked.append((starts.tolist(), length))
+    read = kinds[layout](corpus.ids, reader)
+    by_map, by_reader = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    previous = None
+    for step in range(12):
+        expected = mapped.batch(step if layout == "stateful" else by_map)
+        got = read.batch(step if layout == "stateful" else by_reader)
+        for a, b in zip(expected, got):
+            assert torch.equal(a, b)
+        if previous is not None:
+            starts, length = previous
+            assert length == 17
+            window = torch.cat([got[0], got[1][:, -1:]], dim=1)
+            assert torch.equal(torch.stack([corpus.ids[s : s + 17].long() for s in starts]), window)
+            if layout == "stateful":
+                assert starts == (read._row_starts + step * 16).tolist()
+        previous = asked[-1]
+    assert len(asked) == 12
+    reader.close()
