@@ -15,9 +15,9 @@ import warnings
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 __all__ = ["load", "train", "Model", "EvalResult", "CharRNNError", "UsageError", "DataError", "CheckpointError",
-           "TrainingInterrupted", "__version__"]
+           "TextError", "TrainingInterrupted", "__version__"]
 
-from charrnn.errors import CharRNNError, CheckpointError, DataError, TrainingInterrupted, UsageError  # noqa: E402
+from charrnn.errors import CharRNNError, CheckpointError, DataError, TextError, TrainingInterrupted, UsageError  # noqa: E402
 from charrnn.version import __version__  # noqa: E402
 
 

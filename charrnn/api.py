@@ -13,7 +13,9 @@ predictions, charrnn.startmix), and hands all three to the decoder and the score
 Importing it does not import training (`charrnn.train` is charrnn.run.train).
 
 Nothing here prints; errors are charrnn.CharRNNError subclasses (UsageError for a bad
-setting, DataError for text, CheckpointError for a file).
+setting, DataError for text, CheckpointError for a file). A string that is not valid
+Unicode (a lone surrogate) raises TextError, a UsageError and a ValueError, naming the
+argument: prime, stop or text.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from charrnn import checkpoint
 from charrnn.config import EVAL_STREAMS, DynamicSettings, check_seed, check_streams
 from charrnn.data import rereadable, split
 from charrnn.device import autocast, resolve_device, resolve_dtype
-from charrnn.errors import UsageError
+from charrnn.errors import DataError, UsageError
 from charrnn.evaluate import EvalResult, dynamic_evaluate, evaluate, read
 from charrnn.prepared import Progress, ids_in, prepare
 from charrnn.rundir import is_run
@@ -92,7 +94,7 @@ class Model:
         unknown: characters of the prime the model does not know, "error" or "skip"."""
         settings = SampleSettings(length=length, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop)
         settings.validate()
-        prime_ids, _ = self.vocab.encode(prime, unknown)
+        prime_ids, _ = self.vocab.encode(prime, unknown, "prime")
         for chars in self.generate(prime_ids, settings, seed=seed):
             if chars[0]:
                 yield chars[0]
@@ -108,7 +110,8 @@ class Model:
         (streams: as its --streams; 1 reads the text as one sequence). dtype: auto (as
         training picks), fp32, bf16 or fp16."""
         check_streams(streams)
-        ids, dropped = self.vocab.encode(text, unknown)
+        ids, dropped = self.vocab.encode(text, unknown, "text")
+        _enough(ids, dropped)
         precision, _ = resolve_dtype(dtype, self.device)
         return evaluate(self.network, ids, self.device, precision, dropped, max_streams=streams, prior=self.prior)
 
@@ -121,6 +124,7 @@ class Model:
         check_streams(streams)
         corpus = prepare(files, encoding, on_progress=on_progress, on_notice=on_notice)
         ids, dropped = ids_in(corpus, self.vocab, unknown)
+        _enough(ids, dropped)
         precision, _ = resolve_dtype(dtype, self.device)
         try:
             if dynamic is None:
@@ -137,7 +141,8 @@ class Model:
         """The loss of text under dynamic evaluation (the model adapts as it reads;
         charrnn.evaluate.dynamic_evaluate). The model is as before afterwards."""
         settings.validate()
-        ids, dropped = self.vocab.encode(text, unknown)
+        ids, dropped = self.vocab.encode(text, unknown, "text")
+        _enough(ids, dropped)
         precision, _ = resolve_dtype(dtype, self.device)
         return dynamic_evaluate(self.network, ids, self.device, settings, precision, dropped, prior=self.prior)
 
@@ -147,7 +152,8 @@ class Model:
         character after the first, read as one stream from the start state with the start
         mix, in the precision `score` reads with (dtype: auto, fp32, bf16 or fp16), so that
         `score(text, streams=1)` is their mean's negative, to float rounding."""
-        ids, _ = self.vocab.encode(text, unknown)
+        ids, dropped = self.vocab.encode(text, unknown, "text")
+        _enough(ids, dropped)
         ids = ids.long().to(self.device)
         precision, _ = resolve_dtype(dtype, self.device)
         with autocast(self.device, precision):
@@ -165,6 +171,15 @@ class Model:
         val_frac = self.train_config["val_frac"]
         _, val_ids = split(prepare(rereadable(corpus["sources"])).ids_for(self.vocab), val_frac)
         return val_ids, f"validation split of {corpus['name']} (its last {val_frac:.0%})"
+
+
+def _enough(ids, dropped: int) -> None:
+    """DataError unless ids hold two or more characters: the first is only read, so fewer
+    leave nothing to score (a loss of NaN, which JSON cannot carry)."""
+    if len(ids) < 2:
+        unknown = f" once {dropped} unknown character(s) were dropped" if dropped else ""
+        raise DataError(f"nothing to score: the text has {len(ids)} character(s) the model knows{unknown}; "
+                        "scoring needs two or more (the first is only read)")
 
 
 def load(path: str | Path | None = None, device: str = "auto") -> Model:

@@ -24,7 +24,7 @@ import typer
 from charrnn.version import __version__
 from charrnn.config import (EVAL_STREAMS, MAX_BATCH, DynamicSettings, ModelConfig, TrainConfig, check_seed, check_streams,
                             stop_text)
-from charrnn.errors import CharRNNError, UsageError
+from charrnn.errors import CharRNNError, TextError, UsageError, check_text
 
 app = typer.Typer(
     name="charrnn",
@@ -54,7 +54,42 @@ _flags_take_no_value()
 
 
 def _err(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(_shown(message), file=sys.stderr, flush=True)
+
+
+def _shown(text: str) -> str:
+    """text as the terminal can show it: a file name's byte that is not UTF-8 (which Python
+    keeps as a surrogate) as \\xFF, any other lone surrogate as \\uD800."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _json(value) -> str:
+    """One JSON line for stdout, every string in it as _shown gives it (a file name that is
+    not UTF-8 would otherwise leave a lone surrogate's escape, which strict parsers refuse)."""
+    def shown(v):
+        if isinstance(v, str):
+            return _shown(v)
+        if isinstance(v, dict):
+            return {shown(k): shown(x) for k, x in v.items()}
+        return [shown(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return json.dumps(shown(value))
+
+
+def _prime_text(prime: str) -> str:
+    """--prime's text: itself, or standard input's for "-" (read as UTF-8); refused (exit 2,
+    naming --prime) where it is not valid Unicode, as a byte of argv that is not UTF-8 is."""
+    if prime != "-":
+        return check_text(prime, "--prime")
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TextError(f"--prime - (standard input) is not valid UTF-8: first bad byte at offset {err.start}; "
+                        "give text in UTF-8") from None
 
 
 @contextmanager
@@ -176,7 +211,7 @@ def train(
              f"{summary['best_val_loss']:.4f} nats/char; run directory {summary['run_dir']} ({where})")
         _err(f"sample it with: charrnn sample --checkpoint {summary['run_dir']}")
         if json_out:
-            print(json.dumps(summary))
+            print(_json(summary))
 
 
 @app.command()
@@ -208,7 +243,7 @@ def prepare(
                   "file_bytes": corpus.path.stat().st_size, "sha256": corpus.sha256, "reused": corpus.reused,
                   "seconds": round(seconds, 3)}
         if json_out:
-            print(json.dumps(report))
+            print(_json(report))
         else:
             print(corpus.path)
             _err(f"{'reused' if corpus.reused else 'prepared'}: {len(corpus.ids):,} characters, vocabulary "
@@ -395,15 +430,14 @@ def sample(
         from charrnn.sample import SampleSettings, check_num_samples
 
         settings = SampleSettings(length=length, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  stop=_unescape(stop))
+                                  stop=_unescape(check_text(stop, "--stop")))
         settings.validate()
         check_num_samples(num_samples)
         if seed is not None:
             check_seed(seed)
-        if prime == "-":
-            prime = sys.stdin.read()
+        prime = _prime_text(prime)
         model = _load(checkpoint_path, device)
-        prime_ids, dropped = model.vocab.encode(prime, unknown.value)
+        prime_ids, dropped = model.vocab.encode(prime, unknown.value, "--prime")
         if dropped:
             _err(f"warning: dropped {dropped} unknown character(s) from --prime")
         echo = model.vocab.decode(prime_ids)
@@ -440,8 +474,8 @@ def _sample_onnx(path: Path, prime: str, length: int, temperature: float, seed: 
         check_temperature(temperature)
         if length < 0:
             raise UsageError(f"--length must be >= 0, not {length}")
-        if prime == "-":
-            prime = sys.stdin.read()
+        stop = check_text(stop, "--stop")
+        prime = _prime_text(prime)
         model = OnnxModel(path)
         ids = model.encode(prime, unknown.value)
         if seed is None:
@@ -502,7 +536,7 @@ def eval_(
             report["dynamic"] = {**adapted.as_dict(), "step_size": step_size, "decay": decay, "segment": segment,
                                  "chars_per_s": adapted.chars / seconds}
         if json_out:
-            print(json.dumps(report))
+            print(_json(report))
             return
         extra = f", {result.dropped} unknown dropped" if result.dropped else ""
         print(f"chars {result.chars}  loss {result.loss:.4f} nats/char  bpc {result.bpc:.4f}  "
@@ -545,7 +579,7 @@ def gradients(
             name = f"{model.model_config.cell} ({model.path.parent.name})"
             curves[name] = gradient_reach(model.network, ids, span, windows, torch.Generator().manual_seed(seed))
         if json_out:
-            print(json.dumps(curves))
+            print(_json(curves))
         else:
             print(table(curves))
         if plot_path is not None:

@@ -16,7 +16,7 @@ from typing import BinaryIO, Iterable, Iterator
 
 import torch
 
-from charrnn.errors import DataError, UsageError
+from charrnn.errors import DataError, UsageError, not_unicode
 
 CHUNK_BYTES = 1 << 20
 EMBEDDED_SOURCE = "<embedded: Python reference docs from pydoc_data.topics>"
@@ -131,7 +131,7 @@ def _checked_file(path: Path, source: str, encoding: str) -> bytes | Path:
 def _is_utf8(encoding: str) -> bool:
     try:
         return codecs.lookup(encoding).name == "utf-8"
-    except LookupError:
+    except (LookupError, UnicodeError):  # a name with a lone surrogate cannot even be looked up
         raise UsageError(f"--encoding {encoding!r} is not a known text encoding") from None
 
 
@@ -185,11 +185,16 @@ def iter_text(data: bytes | Corpus, chunk_bytes: int | None = None) -> Iterator[
         yield tail
 
 
-def code_points(text: str) -> torch.Tensor:
-    """The Unicode code points of text as an int32 tensor, without a Python loop."""
+def code_points(text: str, field: str = "the text") -> torch.Tensor:
+    """The Unicode code points of text as an int32 tensor, without a Python loop; TextError
+    (naming field) where text is not valid Unicode."""
     if not text:
         return torch.zeros(0, dtype=torch.int32)
-    return torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
+    try:
+        data = text.encode("utf-32-le")
+    except UnicodeEncodeError as err:
+        raise not_unicode(text, err.start, field) from None
+    return torch.frombuffer(bytearray(data), dtype=torch.int32)
 
 
 class Vocab:
@@ -227,16 +232,17 @@ class Vocab:
     def __contains__(self, char: str) -> bool:
         return char in self.chars
 
-    def _lookup(self, text: str) -> torch.Tensor:
-        codes = code_points(text)
+    def _lookup(self, text: str, field: str = "the text") -> torch.Tensor:
+        codes = code_points(text, field)
         return self._table[codes.clamp_(max=len(self._table) - 1)]  # int32 indices: no int64 copy
 
-    def encode(self, text: str, unknown: str = "error") -> tuple[torch.Tensor, int]:
+    def encode(self, text: str, unknown: str = "error", field: str = "the text") -> tuple[torch.Tensor, int]:
         """Ids of text (dtype self.dtype) and how many unknown characters were dropped.
 
-        unknown="error" raises DataError naming the characters; "skip" drops them.
+        unknown="error" raises DataError naming the characters; "skip" drops them. Text
+        that is not valid Unicode raises TextError naming field.
         """
-        ids = self._lookup(text)
+        ids = self._lookup(text, field)
         missing = ids < 0
         dropped = int(missing.sum())
         if dropped:

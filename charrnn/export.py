@@ -30,7 +30,7 @@ import torch
 from charrnn.atomic import atomic_write
 from charrnn.decode import step_weights
 from charrnn.celltypes import CELL_TYPES
-from charrnn.errors import UsageError
+from charrnn.errors import UsageError, check_text
 from charrnn.version import __version__
 
 OPSET = 17  # LayerNormalization
@@ -277,6 +277,7 @@ class OnnxModel:
         self.index = {ch: k for k, ch in enumerate(self.vocabulary)}
 
     def encode(self, text: str, unknown: str = "error") -> list[int]:
+        check_text(text, "prime")
         missing = sorted({ch for ch in text if ch not in self.index})
         if missing and unknown != "skip":
             from charrnn.errors import DataError

@@ -43,7 +43,7 @@ from typing import BinaryIO, Callable, Iterator
 import torch
 
 from charrnn.data import Corpus, Vocab, _hidden, _is_utf8, code_points, read_corpus
-from charrnn.errors import DataError, UsageError
+from charrnn.errors import DataError, UsageError, not_unicode
 
 MAGIC = b"CHARIDS\n"
 FORMAT = 1
@@ -119,7 +119,7 @@ def read_header(path: Path) -> dict:
         raise DataError(f"{path} is not a charrnn id file")
     (size,) = struct.unpack("<I", head[8:12])
     try:
-        header = json.loads(head[12 : 12 + size].decode("utf-8"))
+        header = json.loads(head[12 : 12 + size].decode("utf-8", "surrogateescape"))
         version, chars, itemsize = int(header["format"]), int(header["chars"]), _dtype(header["dtype"]).itemsize
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise DataError(f"{path} has a corrupt header; prepare the corpus again") from None
@@ -168,6 +168,10 @@ def _sources(paths: list[str]) -> list[_Source]:
     found = []
     for given in paths:
         path = Path(given)
+        try:
+            os.fsencode(given)  # a name the file system can take: any bytes, but no lone surrogate
+        except UnicodeEncodeError as err:
+            raise not_unicode(given, err.start, "the corpus path") from None
         try:
             if path.is_dir():
                 files = [p for p in sorted(path.rglob("*")) if p.is_file() and not _hidden(p, path)]
@@ -305,7 +309,8 @@ def _write(target: Path, chunks: Callable[[], Iterator], total: int, header: dic
     vocab = Vocab("".join(chr(c) for c in counts.nonzero().flatten().tolist()))
     header = {"format": FORMAT, **header, "vocab": vocab.chars, "chars": chars, "bytes": size,
               "dtype": str(vocab.dtype).removeprefix("torch."), "sha256": digest, "skipped": skipped}
-    blob = json.dumps(header, ensure_ascii=False).encode("utf-8")
+    # surrogateescape: a file name's bytes that are not UTF-8 written as they are, read back the same
+    blob = json.dumps(header, ensure_ascii=False).encode("utf-8", "surrogateescape")
     if 12 + len(blob) > DATA_OFFSET:
         raise DataError(f"the corpus names too many files for one id file's header ({len(header['given'])}); "
                         "give their directory instead")

@@ -18,7 +18,7 @@ import torch
 
 from charrnn.data import Vocab
 from charrnn.decode import make_decoder
-from charrnn.errors import UsageError
+from charrnn.errors import UsageError, check_text
 from charrnn.model import CharRNN, evaluating
 from charrnn.startmix import POSITIONS, StartMix
 
@@ -39,6 +39,7 @@ class SampleSettings:
             raise UsageError(f"--top-k must be >= 0 (0 = off), not {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise UsageError(f"--top-p must be in (0, 1], not {self.top_p}")
+        check_text(self.stop, "stop")
 
 
 def check_temperature(temperature: float) -> None:

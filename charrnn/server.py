@@ -39,13 +39,13 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from charrnn.config import EVAL_STREAMS, MAX_SEED
 from charrnn.engine import Busy, Engine, Meter, Request, Runner, Sequence
-from charrnn.errors import CharRNNError
+from charrnn.errors import CharRNNError, TextError, check_text
 from charrnn.evaluate import EvalResult
 from charrnn.rundir import records
 from charrnn.version import __version__
@@ -85,7 +85,30 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
 # -- request bodies: pydantic checks types and fixed ranges; Limits the configurable ones --------
 
 
-class CompletionBody(BaseModel):
+class _Body(BaseModel):
+    """A request body whose every string (in lists and as keys too) is valid Unicode: JSON
+    can carry a lone surrogate ("\\ud800"), which nothing downstream could encode. Refused
+    here, 400 naming the field (prompt[1] for the second prompt)."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any, info: ValidationInfo) -> Any:
+        def walk(item: Any, name: str) -> None:
+            if isinstance(item, str):
+                check_text(item, name)
+            elif isinstance(item, list):
+                for k, x in enumerate(item):
+                    walk(x, f"{name}[{k}]")
+            elif isinstance(item, dict):
+                for key, x in item.items():
+                    walk(key, f"{name} key")
+                    walk(x, f"{name}[{key!r}]")
+
+        walk(value, info.field_name)
+        return value
+
+
+class CompletionBody(_Body):
     model_config = ConfigDict(strict=True, extra="ignore")  # unknown OpenAI fields (user, ...) are ignored
 
     model: Optional[str] = None  # may be left out when one model is served
@@ -102,7 +125,7 @@ class CompletionBody(BaseModel):
     stream_options: Optional[dict[str, bool]] = None
 
 
-class ScoreBody(BaseModel):
+class ScoreBody(_Body):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     model: Optional[str] = None
@@ -257,7 +280,7 @@ def create_app(models: dict[str, Any], limits: Limits = Limits(), api_key: str |
         runner.close()
 
     app = FastAPI(title="charrnn", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url="/openapi.json")  # the routes' schema, for clients and schemathesis
     app.state.served, app.state.close_all, app.state.metrics = served, close_all, metrics
 
     @app.exception_handler(APIError)
@@ -361,6 +384,8 @@ def _validation_error(err: RequestValidationError) -> APIError:
     first = err.errors()[0]
     where = [str(x) for x in first.get("loc", ()) if x != "body"]
     kind = first.get("type", "")
+    if isinstance(first.get("ctx", {}).get("error"), TextError):  # its message names the field
+        return APIError(400, str(first["ctx"]["error"]), where[0] if where else None)
     if kind == "json_invalid":
         return APIError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})")
     if not where:
@@ -625,6 +650,12 @@ class _Gate:
                 await refusal.response()(scope, receive, sending)
             else:
                 await self.app(scope, receive, sending)
+        except Exception as err:  # noqa: BLE001 -- Starlette re-raises what its handler has answered, for
+            # the server to print a traceback; the handler logged it in one line, and that is enough
+            if not status[0]:
+                self.log(f"error: {type(err).__name__}: {err} ({scope['method']} {path})")
+                await JSONResponse(error_body(f"internal error: {type(err).__name__}", "server_error"), 500)(
+                    scope, receive, sending)
         finally:
             known = path if path in ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/score") \
                 or path.startswith("/v1/models/") else "other"
