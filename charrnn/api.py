@@ -64,6 +64,11 @@ class Model:
         return self.vocab.chars
 
     @property
+    def _lstm(self) -> bool:
+        """Its network runs nn.LSTM (oneDNN's kernel on a CPU), for resolve_dtype."""
+        return self.model_config.cell == "lstm"
+
+    @property
     def run_dir(self) -> Path | None:
         """The run directory the checkpoint sits in, None for a .pt alone."""
         return self.path.parent if is_run(self.path.parent) else None
@@ -112,7 +117,7 @@ class Model:
         check_streams(streams)
         ids, dropped = self.vocab.encode(text, unknown, "text")
         _enough(ids, dropped)
-        precision, _ = resolve_dtype(dtype, self.device)
+        precision, _ = resolve_dtype(dtype, self.device, lstm=self._lstm)
         return evaluate(self.network, ids, self.device, precision, dropped, max_streams=streams, prior=self.prior)
 
     def score_files(self, files: list[str], unknown: str = "error", streams: int = EVAL_STREAMS, dtype: str = "auto",
@@ -125,7 +130,7 @@ class Model:
         corpus = prepare(files, encoding, on_progress=on_progress, on_notice=on_notice)
         ids, dropped = ids_in(corpus, self.vocab, unknown)
         _enough(ids, dropped)
-        precision, _ = resolve_dtype(dtype, self.device)
+        precision, _ = resolve_dtype(dtype, self.device, lstm=self._lstm)
         try:
             if dynamic is None:
                 return evaluate(self.network, ids, self.device, precision, dropped, max_streams=streams, prior=self.prior)
@@ -143,7 +148,7 @@ class Model:
         settings.validate()
         ids, dropped = self.vocab.encode(text, unknown, "text")
         _enough(ids, dropped)
-        precision, _ = resolve_dtype(dtype, self.device)
+        precision, _ = resolve_dtype(dtype, self.device, lstm=self._lstm)
         return dynamic_evaluate(self.network, ids, self.device, settings, precision, dropped, prior=self.prior)
 
     @torch.no_grad()
@@ -155,7 +160,7 @@ class Model:
         ids, dropped = self.vocab.encode(text, unknown, "text")
         _enough(ids, dropped)
         ids = ids.long().to(self.device)
-        precision, _ = resolve_dtype(dtype, self.device)
+        precision, _ = resolve_dtype(dtype, self.device, lstm=self._lstm)
         with autocast(self.device, precision):
             logits, _ = read(self.network, ids[None], None, self.prior)
         return ids, logits[0, :-1].float().log_softmax(-1)

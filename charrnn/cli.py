@@ -726,6 +726,17 @@ def export(
         _err(f"export: {target} ({size / 1e6:.2f} MB, {model!r}){prior}")
 
 
+def _utf8_streams() -> None:
+    """Text out in UTF-8 whatever the locale: the texts charrnn learns and writes are UTF-8,
+    and an ASCII or Latin-1 locale (LANG=en_US.ISO-8859-1, PYTHONIOENCODING=ascii) would
+    otherwise fail on the first character it cannot write. stderr shows what it cannot as
+    escapes rather than failing."""
+    for stream, errors in ((sys.stdout, "strict"), (sys.stderr, "backslashreplace")):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if encoding != "utf8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8", errors=errors)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: runs the app, turning usage errors into one line and exit 2."""
     global _debug
@@ -733,6 +744,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if "--debug" in args[1:]:  # accepted after the command name too
         args = [a for a in args if a != "--debug"]
         _debug = True
+    _utf8_streams()
     try:
         code = app(args=args, prog_name="charrnn", standalone_mode=False)
     except Exception as err:

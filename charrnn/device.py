@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -53,8 +54,25 @@ def cpu_has_fast_bf16() -> bool:
     return False
 
 
-def resolve_dtype(spec: str, device: torch.device) -> tuple[torch.dtype | None, str]:
-    """The autocast dtype (None = plain fp32) for a --dtype value on a device."""
+@functools.lru_cache(maxsize=None)
+def cpu_runs_bf16_lstm() -> bool:
+    """Whether PyTorch's CPU LSTM (oneDNN's kernel) runs in bf16 here: it needs AVX-512,
+    which a CPU without it lacks and ONEDNN_MAX_CPU_ISA=AVX2 withholds (how the tests
+    play a CPU without it on one that has it)."""
+    lstm = torch.nn.LSTM(1, 1)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lstm(torch.zeros(1, 1, 1))
+    except RuntimeError:
+        return False
+    return True
+
+
+def resolve_dtype(spec: str, device: torch.device, lstm: bool = False) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype (None = plain fp32) for a --dtype value on a device. lstm: the
+    path runs nn.LSTM under it (training, scoring), so `auto` picks bf16 on a CPU only
+    where oneDNN's bf16 LSTM runs: under CHARRNN_CPU_BF16=1 on a CPU without AVX-512 those
+    paths stay fp32, and the decoder's own kernels (lstm=False) take bf16."""
     if spec == "auto":
         if device.type == "cuda":
             if torch.cuda.is_bf16_supported():
@@ -62,6 +80,8 @@ def resolve_dtype(spec: str, device: torch.device) -> tuple[torch.dtype | None, 
             return None, "auto: this CUDA GPU lacks bf16"
         if device.type == "cpu":
             forced = " (as CHARRNN_CPU_BF16 says)" if os.environ.get("CHARRNN_CPU_BF16", "").strip() in ("0", "1") else ""
+            if cpu_has_fast_bf16() and lstm and not cpu_runs_bf16_lstm():
+                return None, "auto: fp32, as oneDNN here cannot run the bf16 LSTM (it needs AVX-512)" + forced
             if cpu_has_fast_bf16():
                 return torch.bfloat16, "auto: this CPU has AVX512_BF16/AMX" + forced
             return None, "auto: this CPU lacks AVX512_BF16/AMX, so bf16 would be slower" + forced

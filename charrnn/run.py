@@ -187,7 +187,7 @@ def resolve(corpus: Corpus | Prepared, model_config: ModelConfig, train_config: 
         corpus = in_memory(corpus)
     device, device_reason = resolve_device(train_config.device)
     device = distributed.rank_device(device)  # this rank's, under DDP
-    dtype, dtype_reason = resolve_dtype(train_config.dtype, device)
+    dtype, dtype_reason = resolve_dtype(train_config.dtype, device, lstm=model_config.cell == "lstm")
     config = train_config.with_default_stop()
     auto = auto if resume is None else ()
     reasons = []

@@ -122,3 +122,18 @@ def test_the_bf16_host_switch_decides_auto_as_on_such_a_cpu(monkeypatch, forced,
     assert cpu_has_fast_bf16() is (forced == "1")
     dtype, reason = resolve_dtype("auto", torch.device("cpu"))
     assert dtype == expected and reason
+
+
+def test_the_bf16_host_switch_keeps_lstm_paths_fp32_where_onednn_cannot_run_them(monkeypatch):
+    """CHARRNN_CPU_BF16=1 on a CPU whose oneDNN lacks the bf16 LSTM (no AVX-512): the
+    paths that run nn.LSTM (training, scoring) stay fp32 and say why; the decoder's own
+    kernels take bf16, as on a bf16 host."""
+    from charrnn import device
+
+    monkeypatch.setenv("CHARRNN_CPU_BF16", "1")
+    monkeypatch.setattr(device, "cpu_runs_bf16_lstm", lambda: False)
+    dtype, reason = device.resolve_dtype("auto", torch.device("cpu"), lstm=True)
+    assert dtype is None and "cannot run the bf16 LSTM" in reason and "CHARRNN_CPU_BF16" in reason
+    assert device.resolve_dtype("auto", torch.device("cpu"), lstm=False)[0] == torch.bfloat16
+    monkeypatch.setattr(device, "cpu_runs_bf16_lstm", lambda: True)
+    assert device.resolve_dtype("auto", torch.device("cpu"), lstm=True)[0] == torch.bfloat16

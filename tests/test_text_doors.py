@@ -206,3 +206,17 @@ def test_the_server_answers_any_string_with_200_or_400_and_no_error_line(live, p
         if _has_surrogate(*(v for v in body.values() if isinstance(v, str))):
             assert reply.status_code == 400 and "is not valid Unicode" in reply.json()["error"]["message"]
     assert not [line for line in lines[before:] if not line.startswith("POST ")], lines[before:]
+
+
+@pytest.mark.parametrize("env", [{"PYTHONIOENCODING": "ascii"}, {"PYTHONIOENCODING": "latin-1"}, {"LC_ALL": "C", "LANG": "C"}],
+                         ids=["ascii", "latin-1", "C-locale"])
+def test_sample_writes_the_same_utf8_bytes_whatever_the_locale(trained_run, env):
+    """The tiny model writes é, 春 and 🙂 (VERSE has them); a locale that cannot encode them
+    neither fails nor changes a byte of stdout."""
+    args = [sys.executable, "-m", "charrnn", "sample", "-m", str(trained_run), "--length", "300", "--seed", "5",
+            "--prime", "café 春", "--device", "cpu", "--dtype", "fp32"]
+    base = {**os.environ, "PYTHONPATH": str(ROOT)}
+    plain = subprocess.run(args, capture_output=True, timeout=120, env=base)
+    local = subprocess.run(args, capture_output=True, timeout=120, env={**base, **env})
+    assert plain.returncode == 0 and local.returncode == 0, local.stderr
+    assert local.stdout == plain.stdout and not plain.stdout.isascii()
