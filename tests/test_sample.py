@@ -1,5 +1,6 @@
 """Sampling: temperature, top-k / top-p, seeds, stop strings, the draws' distribution."""
 
+import pytest
 import torch
 
 from charrnn.data import Vocab
@@ -70,3 +71,32 @@ def test_draws_follow_the_distribution():
     ids = next_ids(logits, SampleSettings(temperature=1.0), torch.Generator().manual_seed(0))
     freq = torch.bincount(ids, minlength=4).float() / 20000
     torch.testing.assert_close(freq, probs, rtol=0, atol=0.015)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_text_and_scores_do_not_depend_on_the_cpus_thread_count(dtype):
+    """A host's core count sets torch's intra-op threads (the suite runs on one); 32 decoded
+    streams and an evaluation of a 2x256 model, wide enough for its matmuls to be split,
+    are the same bits on 1 and 2 threads, in the precision given (bf16: the decoder's
+    matmuls, and the LSTM where oneDNN runs it in bf16)."""
+    from charrnn.config import ModelConfig
+    from charrnn.device import cpu_runs_bf16_lstm
+    from charrnn.evaluate import evaluate
+    from charrnn.model import CharRNN
+
+    vocab = Vocab("".join(chr(c) for c in range(32, 127)))
+    torch.manual_seed(0)
+    net = CharRNN(ModelConfig(hidden_size=256, num_layers=2, embedding_size=32, dropout=0.0), len(vocab)).eval()
+    ids = torch.randint(0, len(vocab), (6000,))
+    texts, losses = [], []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        streams = [""] * 32
+        for chars in generate(net, vocab, ids[:10], SampleSettings(length=60, temperature=1.0), 32,
+                              torch.Generator().manual_seed(3), "cpu", dtype=dtype):
+            streams = [s + c for s, c in zip(streams, chars)]
+        texts.append(streams)
+        if dtype is None or cpu_runs_bf16_lstm():
+            losses.append(evaluate(net, ids, torch.device("cpu"), dtype).loss)
+    assert texts[0] == texts[1] and len(set(texts[0])) > 1
+    assert len(set(losses)) <= 1
