@@ -11,6 +11,7 @@ import torch
 from charrnn import checkpoint
 from charrnn.config import TrainConfig
 from charrnn.data import split
+from charrnn.device import cpu_runs_bf16_lstm
 from charrnn.evaluate import evaluate
 from charrnn import events
 from charrnn.run import trainer_for
@@ -115,8 +116,8 @@ def test_best_checkpoint_has_the_lowest_validation_loss(trained_run):
     assert best["val_loss"] == min(r["val_loss"] for r in _metrics(trained_run))
 
 
-@pytest.mark.skipif(not torch.cpu._is_avx512_supported(),
-                    reason="oneDNN's bf16 LSTM kernels need AVX-512; this CPU has none")
+@pytest.mark.skipif(not cpu_runs_bf16_lstm(),
+                    reason="oneDNN's bf16 LSTM kernels need AVX-512; this CPU (or ONEDNN_MAX_CPU_ISA) has none")
 def test_bf16_autocast_training_step_is_finite(tmp_path):
     model_config, train_config = tiny_configs(train={"dtype": "bf16", "steps": 5, "eval_every": 5})
     summary = trainer_for(corpus_of(VERSE * 10), model_config, train_config, tmp_path / "run").run()
