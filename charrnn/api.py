@@ -33,7 +33,7 @@ from charrnn.errors import DataError, UsageError
 from charrnn.evaluate import EvalResult, dynamic_evaluate, evaluate, read
 from charrnn.prepared import Progress, ids_in, prepare
 from charrnn.rundir import is_run
-from charrnn.sample import SampleSettings, generate
+from charrnn.sample import SampleSettings, generate, parse_logit_bias
 
 __all__ = ["Model", "load", "EvalResult"]
 
@@ -92,12 +92,18 @@ class Model:
                         dtype=matmul, prior=self.prior)
 
     def stream(self, prime: str = "", length: int = 500, temperature: float = 0.8, *, top_k: int = 0,
-               top_p: float = 1.0, stop: str = "", seed: int | None = None, unknown: str = "error") -> Iterator[str]:
+               top_p: float = 1.0, stop: str = "", seed: int | None = None, unknown: str = "error", min_p: float = 0.0,
+               frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+               logit_bias: dict[str, float] | None = None) -> Iterator[str]:
         """Yield the new text a character at a time as it is generated (the prime is not repeated).
 
         temperature: below 1 safer, above 1 wilder, 0 greedy. seed: same seed, same text.
-        unknown: characters of the prime the model does not know, "error" or "skip"."""
-        settings = SampleSettings(length=length, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop)
+        unknown: characters of the prime the model does not know, "error" or "skip".
+        top_k, top_p, min_p, frequency_penalty, presence_penalty, logit_bias ({"e": -100}
+        bans "e"; a key of digits is an id): as `charrnn sample`'s flags (charrnn.sample)."""
+        settings = SampleSettings(length=length, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop,
+                                  min_p=min_p, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                                  logit_bias=parse_logit_bias(self.vocab, logit_bias or {}, "logit_bias"))
         settings.validate()
         prime_ids, _ = self.vocab.encode(prime, unknown, "prime")
         for chars in self.generate(prime_ids, settings, seed=seed):

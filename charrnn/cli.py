@@ -412,6 +412,10 @@ def sample(
     temperature: float = typer.Option(0.8, "--temperature", "-T", help="Below 1 safer, above 1 wilder; 0 = greedy (argmax)."),
     top_k: int = typer.Option(0, help="Sample only from the k likeliest characters (0 = off)."),
     top_p: float = typer.Option(1.0, help="Sample from the smallest set of characters with this total probability (1 = off)."),
+    min_p: float = typer.Option(0.0, help="Drop characters less likely than this times the likeliest one (0 = off)."),
+    frequency_penalty: float = typer.Option(0.0, help="-2 to 2: lower a character's logit by this for each time this sample has drawn it (OpenAI's)."),
+    presence_penalty: float = typer.Option(0.0, help="-2 to 2: lower the logit of any character this sample has drawn (OpenAI's)."),
+    logit_bias: str = typer.Option("", help="CHAR=VALUE,... added to those characters' logits, -100 to 100 (-100 bans one); \\n, \\, and \\= for newline, comma, equals."),
     seed: Optional[int] = typer.Option(None, help="Random seed: same seed, same text.", show_default="random, printed on stderr"),
     num_samples: int = typer.Option(1, "--num-samples", "-s", help="Samples generated together as one batch."),
     stop: str = typer.Option("", help="End a sample once it has written this string (included)."),
@@ -427,16 +431,19 @@ def sample(
     with _errors_to_exit_codes():
         import torch
 
-        from charrnn.sample import SampleSettings, check_num_samples
+        from charrnn.sample import SampleSettings, check_num_samples, parse_logit_bias
 
         settings = SampleSettings(length=length, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  stop=_unescape(check_text(stop, "--stop")))
+                                  stop=_unescape(check_text(stop, "--stop")), min_p=min_p,
+                                  frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
         settings.validate()
         check_num_samples(num_samples)
         if seed is not None:
             check_seed(seed)
         prime = _prime_text(prime)
         model = _load(checkpoint_path, device)
+        if logit_bias:
+            settings = dataclasses.replace(settings, logit_bias=parse_logit_bias(model.vocab, check_text(logit_bias, "--logit-bias")))
         prime_ids, dropped = model.vocab.encode(prime, unknown.value, "--prime")
         if dropped:
             _err(f"warning: dropped {dropped} unknown character(s) from --prime")

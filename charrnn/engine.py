@@ -44,7 +44,7 @@ from typing import Any, Callable
 import torch
 
 from charrnn.decode import Decoder, make_decoder
-from charrnn.sample import mix_next, next_ids_rows
+from charrnn.sample import SampleSettings, count_drawn, mix_next, next_ids_rows
 from charrnn.startmix import POSITIONS
 
 MIN_WIDTH = 4  # see the module docstring: widths that are multiples of 4 give the same bits
@@ -62,6 +62,11 @@ class Request:
     length: int  # new characters per choice
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0  # 1 = off
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (id, bias)
     n: int = 1  # choices, each a row
     stop: tuple[str, ...] = ()  # a choice ends once it writes one of these (left out of its text)
     seed: int = 0
@@ -328,7 +333,7 @@ class Engine:
             self._decoder.load_state(tuple(x.expand(-1, n, -1) for x in state), sequence.rows)
             self._append({"logits": logits.expand(n, -1).clone(), "temperature": torch.full((n, 1), request.temperature),
                           "top_p": torch.full((n, 1), request.top_p), "uniforms": self._block(sequence),
-                          "column": torch.zeros(n, dtype=torch.long)})
+                          "column": torch.zeros(n, dtype=torch.long), **self._controls(request)})
             self._rows += n
             self._active.append(sequence)
 
@@ -371,6 +376,16 @@ class Engine:
             logits = self.prior.mix_at(logits, ids)
         return logits, state
 
+    def _controls(self, request: Request) -> dict[str, torch.Tensor]:
+        """The request's top-k, min-p, bias and penalties as per-row columns, and its rows'
+        counts of what they drew (for the penalties), all zeros to start."""
+        n, size = request.n, len(self.vocab)
+        settings = SampleSettings(frequency_penalty=request.frequency_penalty, presence_penalty=request.presence_penalty,
+                                  logit_bias=request.logit_bias)
+        return {"top_k": torch.full((n, 1), request.top_k, dtype=torch.long), "min_p": torch.full((n, 1), request.min_p),
+                "bias": settings.bias(size).expand(n, -1).clone(), "frequency": torch.full((n, 1), request.frequency_penalty),
+                "presence": torch.full((n, 1), request.presence_penalty), "counts": torch.zeros(n, size)}
+
     def _block(self, sequence: Sequence) -> torch.Tensor:
         """The sequence's next BLOCK draws, (n, BLOCK): one torch.rand call gives the same
         numbers as BLOCK calls of (n, 1), so its text is as if it drew step by step."""
@@ -387,10 +402,18 @@ class Engine:
                 table["uniforms"][s.rows] = self._block(s)
         uniforms = table["uniforms"].gather(1, table["column"][:, None])
         table["column"].add_(1).remainder_(BLOCK)
-        greedy = any(s.request.temperature == 0 for s in self._active)
-        nucleus = any(s.request.top_p < 1 for s in self._active)
-        return next_ids_rows(table["logits"], table["temperature"].to(self.device), table["top_p"].to(self.device),
-                             uniforms.to(self.device), greedy, nucleus)
+        requests = [s.request for s in self._active]
+        greedy = any(r.temperature == 0 for r in requests)
+        nucleus = any(r.top_p < 1 for r in requests)
+        on = self.device
+        shaping = (table["bias"].to(on), table["counts"].to(on), table["frequency"].to(on), table["presence"].to(on)) \
+            if any(r.frequency_penalty or r.presence_penalty or r.logit_bias for r in requests) else None
+        ids = next_ids_rows(table["logits"], table["temperature"].to(on), table["top_p"].to(on), uniforms.to(on), greedy,
+                            nucleus, top_k=table["top_k"].to(on) if any(r.top_k for r in requests) else None,
+                            min_p=table["min_p"].to(on) if any(r.min_p > 0 for r in requests) else None, shaping=shaping)
+        if shaping is not None:
+            count_drawn(table["counts"], ids.cpu())
+        return ids
 
     def _hand_on(self, ids: torch.Tensor) -> list[Sequence]:
         alphabet = self.vocab.chars

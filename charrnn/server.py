@@ -45,9 +45,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from charrnn.config import EVAL_STREAMS, MAX_SEED
 from charrnn.engine import Busy, Engine, Meter, Request, Runner, Sequence
-from charrnn.errors import CharRNNError, TextError, check_text
+from charrnn.errors import CharRNNError, TextError, UsageError, check_text
 from charrnn.evaluate import EvalResult
 from charrnn.rundir import records
+from charrnn.sample import parse_logit_bias
 from charrnn.version import __version__
 
 
@@ -116,6 +117,11 @@ class CompletionBody(_Body):
     max_tokens: int = Field(256, ge=0)  # characters (OpenAI's default of 16 tokens is ~64 characters)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0 = off; with min_p, not OpenAI's (send them with the client's extra_body)
+    min_p: float = Field(0.0, ge=0, le=1)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: Optional[dict[str, float]] = None  # a character (or its id, as a string of digits) -> -100 to 100
     n: int = Field(1, ge=1)
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
@@ -354,8 +360,8 @@ def create_app(models: dict[str, Any], limits: Limits = Limits(), api_key: str |
         stop = tuple([body.stop] if isinstance(body.stop, str) else body.stop or [])
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         waker = asyncio.Event()
-        requests = [Request(prompt_ids=i, length=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                            n=body.n, stop=stop, seed=seed, logprobs=body.logprobs) for i in ids]
+        requests = [Request(prompt_ids=i, length=body.max_tokens, n=body.n, stop=stop, seed=seed, logprobs=body.logprobs,
+                            **_controls(body, target.model)) for i in ids]
         sequences = []
         try:
             for r in requests:
@@ -427,6 +433,16 @@ def _check_completion(body: CompletionBody, target: Served, limits: Limits) -> l
     if body.echo and body.stream and body.logprobs is not None:
         raise APIError(400, "echo with logprobs is not available when streaming", "echo")
     return prompts
+
+
+def _controls(body, model) -> dict[str, Any]:
+    """The sampling controls of a completion or chat body, as engine.Request's fields."""
+    try:
+        bias = parse_logit_bias(model.vocab, body.logit_bias or {}, "logit_bias")
+    except UsageError as err:
+        raise APIError(400, str(err), "logit_bias") from None
+    return dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+                frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty, logit_bias=bias)
 
 
 def _encode(model, prompt: str, unknown: str, field: str):

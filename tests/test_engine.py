@@ -251,3 +251,54 @@ def test_the_kept_prompts_are_bounded_and_the_least_recently_used_go_first(model
     for prime in ("a", "b", "c", "a", "d", "b"):  # d pushes out b (a was used again after b)
         drain(engine, [engine.submit(request(model, prime, 2, seed=1))])
     assert len(read) == 5 and len(engine._prime_cache) == 3  # a, b, c, d, b again
+
+
+def test_rows_with_every_control_draw_what_each_draws_alone():
+    """top_k, min_p, logit_bias and the penalties, row by row over rows that use them and
+    rows that do not: next_ids_rows == next_ids for each row alone, bit for bit, over 40
+    draws with the counts growing as they are drawn."""
+    from charrnn.sample import count_drawn
+
+    torch.manual_seed(2)
+    size, rows = 24, 7
+    settings = [SampleSettings(temperature=0.9),
+                SampleSettings(temperature=0.8, top_k=3),
+                SampleSettings(temperature=1.1, min_p=0.2, top_p=0.9),
+                SampleSettings(temperature=1.0, frequency_penalty=1.5, logit_bias=((2, -100.0), (5, 4.0))),
+                SampleSettings(temperature=0.0, presence_penalty=2.0, top_k=5),
+                SampleSettings(temperature=1.3, top_k=30, frequency_penalty=-0.5, presence_penalty=0.7, min_p=0.05),
+                SampleSettings(temperature=0.7, logit_bias=((0, 100.0),), top_p=0.5)]
+    column = lambda name, dtype=torch.float32: torch.tensor([[getattr(s, name)] for s in settings], dtype=dtype)
+    bias = torch.cat([s.bias(size) for s in settings])
+    counts = torch.zeros(rows, size)
+    alone_counts = [torch.zeros(1, size) for _ in range(rows)]
+    generators = [torch.Generator().manual_seed(r) for r in range(rows)]
+    for _ in range(40):
+        logits = torch.randn(rows, size) * 3
+        uniforms = torch.cat([torch.rand((1, 1), generator=torch.Generator().set_state(g.get_state()))
+                              for g in generators])
+        together = next_ids_rows(logits, column("temperature"), column("top_p"), uniforms, top_k=column("top_k", torch.long),
+                                 min_p=column("min_p"), shaping=(bias, counts, column("frequency_penalty"),
+                                                                 column("presence_penalty")))
+        alone = [next_ids(logits[r : r + 1], settings[r], generators[r], alone_counts[r])[0] for r in range(rows)]
+        assert together.tolist() == [int(i) for i in alone]
+        count_drawn(counts, together)
+        for r in range(rows):
+            count_drawn(alone_counts[r], torch.tensor([int(alone[r])]))
+    assert counts[3, 2] == 0 and counts[6, 0] > 30  # banned never, boosted nearly always
+    assert torch.equal(counts, torch.cat(alone_counts))
+
+
+def test_a_request_with_controls_writes_what_charrnn_sample_writes_among_others(model):
+    """The same controls through the engine (with plain requests beside it) and through
+    generate: the same text, at 1, 4 and 32 rows."""
+    controls = dict(temperature=0.9, top_k=8, min_p=0.05, frequency_penalty=0.8, presence_penalty=0.3,
+                    logit_bias=((model.vocab.chars.index("e"), -100.0),))
+    expected = sample_texts(model, "The ", SampleSettings(length=150, **controls), 2, seed=21)
+    assert all("e" not in text for text in expected)
+    for others in (0, 2, 30):
+        engine = Engine(model)
+        mine = engine.submit(request(model, "The ", 150, n=2, seed=21, **controls))
+        beside = [engine.submit(request(model, "fox", 150, seed=k, temperature=1.0)) for k in range(others)]
+        (texts, _), *_ = drain(engine, [mine, *beside])
+        assert texts == expected, others

@@ -145,7 +145,9 @@ class _Pipe(io.StringIO):
         return super().write(text)
 
 
-SAMPLE_OPTIONS = {"length": INTEGERS, "temperature": FLOATS, "top_k": INTEGERS, "top_p": FLOATS,
+SAMPLE_OPTIONS = {"length": INTEGERS, "temperature": FLOATS, "top_k": INTEGERS, "top_p": FLOATS, "min_p": FLOATS,
+                  "frequency_penalty": FLOATS, "presence_penalty": FLOATS,
+                  "logit_bias": st.one_of(TEXT, st.builds(lambda c, v: f"{c}={v}", TEXT, FLOATS)),
                   "seed": INTEGERS, "num_samples": INTEGERS, "stop": TEXT, "prime": TEXT, "device": TEXT,
                   "dtype": TEXT}
 

@@ -136,14 +136,17 @@ def test_n_choices_and_a_stop_string_equal_charrnn_sample_without_the_stop(serve
             assert choice["text"] == text and choice["finish_reason"] == "length"
 
 
-def test_the_same_seed_gives_the_same_text_alone_and_among_32_clients(server):
+@pytest.mark.parametrize("controls", [{}, dict(top_k=6, min_p=0.02, frequency_penalty=0.6, presence_penalty=0.2,
+                                               logit_bias={"o": -3})], ids=["plain", "every-control"])
+def test_the_same_seed_gives_the_same_text_alone_and_among_32_clients(server, controls):
     url, _, _ = server
-    mine = dict(prompt="The lazy", max_tokens=300, seed=77, temperature=0.9, top_p=0.95)
+    mine = dict(prompt="The lazy", max_tokens=300, seed=77, temperature=0.9, top_p=0.95, **controls)
     alone = complete(url, **mine).json()["choices"][0]["text"]
 
     def other(k):
+        extra = dict(top_k=k % 4, frequency_penalty=0.1 * (k % 3)) if k % 3 else {}
         return complete(url, prompt="a" * (1 + k % 5), max_tokens=100 + 10 * k, seed=k, temperature=1.1,
-                        stream=k % 2 == 0).status_code
+                        stream=k % 2 == 0, **extra).status_code
 
     with ThreadPoolExecutor(32) as pool:
         others = [pool.submit(other, k) for k in range(31)]
@@ -377,3 +380,57 @@ def test_the_playground_streams_shaded_text_in_headless_chromium(model, tmp_path
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         if os.environ.get("CHARRNN_SCREENSHOTS"):
             shutil.copy(shot, os.environ["CHARRNN_SCREENSHOTS"])
+
+
+# -- the sampling controls OpenAI-style clients send ---------------------------------------------
+
+
+def test_the_sampling_controls_through_the_openai_client(server, trained_run):
+    """top_k=1 is greedy; a logit_bias of -100 keeps a character out of 1,000; a frequency
+    penalty lowers repeats on a seeded sample; the seeded server writes what `charrnn
+    sample` writes with the same controls (fp32, as the server's engine here)."""
+    url, _, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+
+    def text(**options):
+        extra = {k: options.pop(k) for k in ("top_k", "min_p") if k in options}
+        done = client.completions.create(model="tiny", prompt="The ", seed=4, extra_body=extra or None, **options)
+        return done.choices[0].text
+
+    greedy = text(max_tokens=200, temperature=0)
+    assert text(max_tokens=200, temperature=1.0, top_k=1) == greedy
+    plain = text(max_tokens=1000, temperature=1.0)
+    banned = text(max_tokens=1000, temperature=1.0, logit_bias={"e": -100})
+    assert plain.count("e") > 20 and "e" not in banned and len(banned) == 1000
+
+    def repeats(sample: str) -> float:  # the share of characters that repeat one of the last 8
+        return sum(c in sample[max(0, i - 8) : i] for i, c in enumerate(sample)) / len(sample)
+
+    penalised = text(max_tokens=1000, temperature=1.0, frequency_penalty=2.0)
+    assert repeats(penalised) < repeats(plain) - 0.05, (repeats(penalised), repeats(plain))
+    controls = dict(temperature=0.9, top_p=0.95, frequency_penalty=0.5, presence_penalty=0.4, logit_bias={"o": -2.5})
+    served = text(max_tokens=300, top_k=10, min_p=0.03, **controls)
+    printed = cli("sample", "-m", trained_run, "--prime", "The ", "--length", 300, "--seed", 4, "--device", "cpu",
+                  "--dtype", "fp32", "--temperature", 0.9, "--top-p", 0.95, "--top-k", 10, "--min-p", 0.03,
+                  "--frequency-penalty", 0.5, "--presence-penalty", 0.4, "--logit-bias", "o=-2.5")
+    assert "The " + served == printed.rstrip("\n")
+    api = charrnn.load(trained_run, device="cpu").sample("The ", 300, top_k=10, min_p=0.03, seed=4, **controls)
+    assert api == printed.rstrip("\n")
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"top_k": -1}, "top_k", "greater than or equal to 0"),
+    ({"min_p": 1.5}, "min_p", "less than or equal to 1"),
+    ({"frequency_penalty": 3}, "frequency_penalty", "less than or equal to 2"),
+    ({"presence_penalty": -2.5}, "presence_penalty", "greater than or equal to -2"),
+    ({"logit_bias": {"e": 101}}, "logit_bias", "must be from -100 to 100"),
+    ({"logit_bias": {"Z": 5}}, "logit_bias", "'Z' is not a character the model knows"),
+    ({"logit_bias": {"99999": 5}}, "logit_bias", "id 99999 is past the model's"),
+    ({"logit_bias": {"ab": 5}}, "logit_bias", "neither one character nor a character id"),
+    ({"logit_bias": {"e": "x"}}, "logit_bias", ""),
+])
+def test_bad_sampling_controls_are_400s_naming_the_field(server, body, param, message):
+    url, _, _ = server
+    reply = complete(url, prompt="The ", max_tokens=5, **body)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == param
+    assert message in reply.json()["error"]["message"]
