@@ -665,8 +665,10 @@ def serve(
     max_body: int = typer.Option(4 * 1024 * 1024, help="Bytes in a request body."),
     unknown: Unknown = typer.Option(Unknown.error, help="Characters a model does not know: error (a 400 naming them) or skip."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    chat_template: str = typer.Option("script", help="How chat messages are written for the model: script (NAME:\\ntext\\n\\n), irc (<NAME> text\\n), plain (text\\n), or a turn such as '{name}: {text}\\n'."),
+    speakers: str = typer.Option("", help="Names for the chat roles, as the corpus writes speakers: user=ROMEO,assistant=JULIET.", show_default="the role names"),
 ):
-    """Serve models over HTTP: OpenAI-compatible completions, scoring, a playground page."""
+    """Serve models over HTTP: OpenAI-compatible completions and chat, scoring, a playground page."""
     with _errors_to_exit_codes():
         try:
             from charrnn import server
@@ -682,6 +684,9 @@ def serve(
                 raise UsageError(f"{flag} must be at least {0 if flag == '--max-queued' else 1}, not {value}")
         if not 0 <= port <= 65535:
             raise UsageError(f"--port must be 0 to 65535, not {port}")
+        from charrnn.chat import template_from
+
+        chat = template_from(check_text(chat_template, "--chat-template"), check_text(speakers, "--speakers"))
         named = server.model_names([str(checkpoint.latest_run())] if not models else models)
         # Only the decoding thread runs multi-threaded (engine.Runner says why): this one,
         # which loads the models and then runs the event loop, and the threads it starts use one.
@@ -698,7 +703,7 @@ def serve(
                 _err(f"warning: listening on {host} with no --api-key: anyone who can reach it can use it")
             server.serve(loaded, host, port, limits, api_key,
                          on_ready=lambda url: _err(f"serving {', '.join(loaded)} at {url} (playground: {url}/; Ctrl-C stops)"),
-                         log=_err, threads=threads)
+                         log=_err, threads=threads, chat=chat)
         finally:
             torch.set_num_threads(threads)
 

@@ -33,7 +33,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, ClassVar, Literal, Optional, Union
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from charrnn.chat import ChatTemplate, Message
 from charrnn.config import EVAL_STREAMS, MAX_SEED
 from charrnn.engine import Busy, Engine, Meter, Request, Runner, Sequence
 from charrnn.errors import CharRNNError, TextError, UsageError, check_text
@@ -129,6 +130,38 @@ class CompletionBody(_Body):
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=20)
     stream_options: Optional[dict[str, bool]] = None
+
+
+class ChatMessageBody(_Body):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[dict[str, Any]]]  # a string, or OpenAI's parts: [{"type": "text", "text": ...}]
+    name: Optional[str] = None
+
+
+class ChatBody(_Body):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: Optional[str] = None
+    messages: list[ChatMessageBody]
+    max_tokens: Optional[int] = Field(None, ge=0)
+    max_completion_tokens: Optional[int] = Field(None, ge=0)  # the newer name; either, 256 if neither
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0, le=1)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: Optional[dict[str, float]] = None
+    n: int = Field(1, ge=1)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
+    stream: bool = False
+    stream_options: Optional[dict[str, bool]] = None
+
+    echo: ClassVar[bool] = False  # what _Reply asks of a completion body
+    logprobs: ClassVar[None] = None
 
 
 class ScoreBody(_Body):
@@ -267,10 +300,11 @@ class Served:
 
 def create_app(models: dict[str, Any], limits: Limits = Limits(), api_key: str | None = None,
                log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
-               threads: int | None = None) -> FastAPI:
+               threads: int | None = None, chat: ChatTemplate = ChatTemplate()) -> FastAPI:
     """The server for models ({name: charrnn.api.Model}); their engines, stepped by one
     decoding thread (engine.Runner) with `threads` intra-op threads (default: torch's
-    count now), start with the app."""
+    count now), start with the app. chat: how /v1/chat/completions writes messages as
+    text (charrnn.chat)."""
     bridge, metrics = Bridge(), Metrics()
     served = {name: Served(name, model, limits, bridge, metrics, threads) for name, model in models.items()}
     runner = Runner([s.engine for s in served.values()])
@@ -362,15 +396,7 @@ def create_app(models: dict[str, Any], limits: Limits = Limits(), api_key: str |
         waker = asyncio.Event()
         requests = [Request(prompt_ids=i, length=body.max_tokens, n=body.n, stop=stop, seed=seed, logprobs=body.logprobs,
                             **_controls(body, target.model)) for i in ids]
-        sequences = []
-        try:
-            for r in requests:
-                sequences.append(target.engine.submit(r, waker))
-        except Busy as err:
-            for s in sequences:
-                target.engine.cancel(s)
-            raise APIError(503, f"server busy: {err}; retry shortly", code="overloaded", kind="server_error",
-                           headers={"Retry-After": "1"}) from None
+        sequences = _submit(target, requests, waker)
         reply = _Reply(target, body, prompts, sequences, seed, waker, request.scope.setdefault("state", {}))
         if body.echo and body.logprobs is not None:
             reply.echo_logprobs = await run_in_threadpool(_prompt_logprobs, target.model, prompts, body.logprobs)
@@ -378,8 +404,71 @@ def create_app(models: dict[str, Any], limits: Limits = Limits(), api_key: str |
             return EventStream(reply)
         return await reply.whole()
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody, request: HTTPRequest):
+        target = pick(body.model)
+        length = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        length = 256 if length is None else length
+        rendered, stop = _render_chat(body, chat, limits)
+        if length > limits.max_tokens:
+            field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+            raise APIError(400, f"{field} must be 0 to {limits.max_tokens} characters (--max-tokens), not {length}", field)
+        if body.n > min(limits.max_n, limits.max_streams):
+            raise APIError(400, f"n must be 1 to {min(limits.max_n, limits.max_streams)}, not {body.n}", "n")
+        ids = _encode(target.model, rendered, limits.unknown, "messages")
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        waker = asyncio.Event()
+        sequences = _submit(target, [Request(prompt_ids=ids, length=length, n=body.n, stop=stop, seed=seed,
+                                             **_controls(body, target.model))], waker)
+        reply = _ChatReply(target, body, [rendered], sequences, seed, waker, request.scope.setdefault("state", {}),
+                           rendered=rendered)
+        if body.stream:
+            return EventStream(reply)
+        return await reply.whole()
+
     app.add_middleware(_Gate, limits=limits, api_key=api_key, metrics=metrics, log=log)
     return app
+
+
+def _submit(target: Served, requests: list[Request], waker: asyncio.Event) -> list[Sequence]:
+    """Each request to the model's engine; a 503 (and none of them kept) when it is full."""
+    sequences = []
+    try:
+        for r in requests:
+            sequences.append(target.engine.submit(r, waker))
+    except Busy as err:
+        for s in sequences:
+            target.engine.cancel(s)
+        raise APIError(503, f"server busy: {err}; retry shortly", code="overloaded", kind="server_error",
+                       headers={"Retry-After": "1"}) from None
+    return sequences
+
+
+def _render_chat(body: ChatBody, chat: ChatTemplate, limits: Limits) -> tuple[str, tuple[str, ...]]:
+    """The messages through the template: the prompt, and the reply's stop strings (the end
+    of a turn, then the body's own)."""
+    if not body.messages:
+        raise APIError(400, "messages: the list is empty; give at least one message", "messages")
+    messages = []
+    for k, m in enumerate(body.messages):
+        if isinstance(m.content, str):
+            content = m.content
+        else:
+            texts = [part.get("text") for part in m.content if part.get("type") == "text"]
+            if len(texts) != len(m.content) or not all(isinstance(t, str) for t in texts):
+                raise APIError(400, f"messages[{k}].content: only text parts ({{'type': 'text', 'text': ...}}) "
+                               "are read by a character model", "messages")
+            content = "".join(texts)
+            check_text(content, f"messages[{k}].content")
+        messages.append(Message(m.role, content, m.name))
+    rendered = chat.render(messages)
+    if len(rendered) > limits.max_prompt:
+        raise APIError(400, f"messages: the conversation is {len(rendered):,} characters as the model reads it; "
+                       f"the limit is {limits.max_prompt:,} (--max-prompt)", "messages")
+    stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    if len(stops) > 4 or any(not 1 <= len(s) <= 64 for s in stops):
+        raise APIError(400, "stop: at most 4 strings, each 1 to 64 characters", "stop")
+    return rendered, tuple(([chat.end] if chat.end else []) + stops)
 
 
 _TYPES = {"prompt": "a string or a list of strings", "stop": "a string, a list of strings or null"}
@@ -502,10 +591,26 @@ class _Reply:
         self.error: str | None = None
         self.ended: set[int] = set()  # the sequences whose ("end",) event has been taken
         self.state["chars"] = 0
+        self.extra: dict = {}  # more top-level fields for the response (and the first event)
 
-    def _head(self) -> dict:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.target.name,
-                "system_fingerprint": f"charrnn-{__version__}"}
+    OBJECT = CHUNK = "text_completion"
+
+    def _head(self, chunk: bool = False) -> dict:
+        return {"id": self.id, "object": self.CHUNK if chunk else self.OBJECT, "created": self.created,
+                "model": self.target.name, "system_fingerprint": f"charrnn-{__version__}"}
+
+    def _choice(self, index: int, text: str, logprobs: list, finish: str) -> dict:
+        """One choice of the whole response."""
+        prompt = self.prompts[index // self.body.n]
+        return {"index": index, "text": (prompt + text) if self.body.echo else text,
+                "logprobs": self._logprobs(logprobs, index, 0, self.body.echo), "finish_reason": finish}
+
+    def _delta(self, index: int, text: str, logprobs: list, finish: str | None, start: int) -> dict:
+        """One choice of one event: what arrived since the last."""
+        if self.body.echo and start == 0:
+            text = self.prompts[index // self.body.n] + text
+        return {"index": index, "text": text, "logprobs": self._logprobs(logprobs, index, start, False),
+                "finish_reason": finish}
 
     def _usage(self) -> dict:
         prompt = sum(len(p) for p in self.prompts) * self.body.n
@@ -552,11 +657,8 @@ class _Reply:
         choices = []
         for index in range(len(self.sequences) * self.body.n):
             text, logprobs, finish = texts.get(index, ["", [], "length"])
-            prompt = self.prompts[index // self.body.n]
-            choices.append({"index": index, "text": (prompt + text) if self.body.echo else text,
-                            "logprobs": self._logprobs(logprobs, index, 0, self.body.echo),
-                            "finish_reason": finish or "length"})
-        return JSONResponse({**self._head(), "choices": choices, "usage": self._usage(), "seed": self.seed})
+            choices.append(self._choice(index, text, logprobs, finish or "length"))
+        return JSONResponse({**self._head(), "choices": choices, "usage": self._usage(), "seed": self.seed, **self.extra})
 
     def _logprobs(self, entries: list, index: int, offset: int, echoed: bool) -> dict | None:
         """OpenAI's legacy logprobs object for entries (the prompt's first when echoed): each
@@ -581,20 +683,17 @@ class _Reply:
         while not gone():
             found, ended = self.take()
             for index, (text, logprobs, finish) in sorted(found.items()):
-                first = index not in offsets
-                if self.body.echo and first:
-                    text = self.prompts[index // self.body.n] + text
                 start = offsets.get(index, 0)
-                offsets[index] = start + len(text)
-                choice = {"index": index, "text": text, "logprobs": self._logprobs(logprobs, index, start, False),
-                          "finish_reason": finish}
-                yield f"data: {json.dumps({**self._head(), 'choices': [choice]})}\n\n"
+                choice = self._delta(index, text, logprobs, finish, start)
+                offsets[index] = start + len(choice.get("text", text))
+                extra = self.extra if start == 0 and index == 0 else {}
+                yield f"data: {json.dumps({**self._head(chunk=True), 'choices': [choice], **extra})}\n\n"
             if self.error:
                 yield f"data: {json.dumps(error_body(self.error, 'server_error', code='shutting_down'))}\n\n"
                 break
             if ended:
                 if include_usage:
-                    yield f"data: {json.dumps({**self._head(), 'choices': [], 'usage': self._usage()})}\n\n"
+                    yield f"data: {json.dumps({**self._head(chunk=True), 'choices': [], 'usage': self._usage()})}\n\n"
                 break
             await self.waker.wait()
             self.waker.clear()
@@ -603,6 +702,26 @@ class _Reply:
     def cancel(self) -> None:
         for sequence in self.sequences:
             self.target.engine.cancel(sequence)
+
+
+class _ChatReply(_Reply):
+    """A chat completion's one sequence, as OpenAI's chat.completion (whole) or
+    chat.completion.chunk events: the first delta of a choice carries the role."""
+
+    OBJECT, CHUNK = "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, *args, rendered: str):
+        super().__init__(*args)
+        self.id = "chatcmpl-" + secrets.token_hex(12)
+        self.extra = {"prompt": rendered}  # the conversation as the model read it (not OpenAI's; clients ignore it)
+
+    def _choice(self, index: int, text: str, logprobs: list, finish: str) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish}
+
+    def _delta(self, index: int, text: str, logprobs: list, finish: str | None, start: int) -> dict:
+        delta = {"role": "assistant", "content": text} if start == 0 else {"content": text} if text else {}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
 
 
 class EventStream(Response):
@@ -673,7 +792,8 @@ class _Gate:
                 await JSONResponse(error_body(f"internal error: {type(err).__name__}", "server_error"), 500)(
                     scope, receive, sending)
         finally:
-            known = path if path in ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/score") \
+            known = path if path in ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
+                                     "/v1/score", "/openapi.json") \
                 or path.startswith("/v1/models/") else "other"
             self.metrics.requests.labels("/v1/models/{name}" if known.startswith("/v1/models/") else known,
                                          str(status[0])).inc()
@@ -781,8 +901,8 @@ class _Server:
 def serve(models: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
           api_key: str | None = None, on_ready: Callable[[str], None] = lambda url: None,
           log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
-          threads: int | None = None) -> None:
+          threads: int | None = None, chat: ChatTemplate = ChatTemplate()) -> None:
     """Serve models until SIGTERM or Ctrl-C; on_ready(url) once it listens. The decoding
     thread uses `threads` intra-op threads; every other thread should use one (see
     engine.Runner: the `charrnn serve` command sets that before it loads a model)."""
-    _Server(create_app(models, limits, api_key, log, threads), host, port, on_ready).run()
+    _Server(create_app(models, limits, api_key, log, threads, chat), host, port, on_ready).run()

@@ -30,10 +30,10 @@ openai = pytest.importorskip("openai")
 
 
 @contextlib.contextmanager
-def running(models, limits=Limits(), api_key=None):
+def running(models, limits=Limits(), api_key=None, **options):
     """create_app(models) served by uvicorn on 127.0.0.1 in a thread; yields (url, app, log lines)."""
     lines = []
-    app = create_app(models, limits, api_key, log=lines.append)
+    app = create_app(models, limits, api_key, log=lines.append, **options)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
