@@ -14,7 +14,7 @@ from charrnn.device import cpu_has_fast_bf16
 from conftest import ROOT
 
 FILES = ["tests/test_serve.py", "tests/test_sample.py", "tests/test_evaluate.py", "tests/test_export.py",
-         "tests/test_api.py", "tests/test_text_doors.py"]
+         "tests/test_api.py", "tests/test_text_doors.py", "tests/test_chat.py"]
 
 
 def test_serve_sample_eval_export_and_api_pass_with_the_bf16_host_switch_flipped():

@@ -91,13 +91,17 @@ def test_the_readme_openai_example_runs_against_a_server(model):
     from contextlib import redirect_stdout
 
     blocks = [b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S) if "OpenAI(" in b]
-    assert len(blocks) == 1
+    assert len(blocks) == 2  # completions, then chat
     with running({"tinyshakespeare": model}, Limits(unknown="skip")) as (url, _, lines):  # the tiny model lacks R, O, ...
-        out = io.StringIO()
-        with redirect_stdout(out):
-            exec(compile(blocks[0].replace("http://127.0.0.1:8000", url), "README.md", "exec"), {})
-    assert len(out.getvalue()) == 400 + 1  # 200 characters, a newline, 200 streamed
-    assert [line.split()[:3] for line in lines] == [["POST", "/v1/completions", "200"]] * 2
+        outs = []
+        for block in blocks:
+            outs.append(io.StringIO())
+            with redirect_stdout(outs[-1]):
+                exec(compile(block.replace("http://127.0.0.1:8000", url), "README.md", "exec"), {})
+    assert len(outs[0].getvalue()) == 400 + 1  # 200 characters, a newline, 200 streamed
+    assert outs[1].getvalue().endswith("\n") and "\n\n" not in outs[1].getvalue()  # one turn, printed
+    assert [line.split()[:3] for line in lines] == [["POST", "/v1/completions", "200"]] * 2 + \
+        [["POST", "/v1/chat/completions", "200"]]
 
 
 def test_curl_streams_server_sent_events(server):
