@@ -4,6 +4,7 @@ bounded: each client sends --requests requests of --chars characters, then stops
 
     python scripts/loadtest.py runs/tinyshakespeare [--widths 1,8,32,64] [--chars 400]
                                [--rounds 3] [--primes same|distinct] [--json]
+    python scripts/loadtest.py runs/tinyshakespeare --long-prompt 4000 [--rounds 5]
 
 For each width W it prints:
   in-process   characters/s of model.generate(num_samples=W) (charrnn's packed decoder, no HTTP)
@@ -22,6 +23,11 @@ median of the rounds' own ratios, and the speeds shown are medians too.
 --primes same: every request sends the same 100-character prime (the one `charrnn sample`
 reads in the in-process run). --primes distinct: each request its own (windows of a longer
 passage), so that no request's prime has been read before.
+
+--long-prompt CHARS: 32 clients stream --chars characters each, in rounds without and with
+one more client sending a prompt of CHARS characters (never read before) 0.5 s in; it
+prints the gaps between the streams' pieces of text (p50, p99, max) and the long
+request's time to its first character, medians of the rounds.
 
 The clients are raw asyncio sockets in this process (so client overhead stays small); each
 server is its own process. Run it alone: two cores shared with anything else change it.
@@ -58,8 +64,9 @@ def prime_for(k: int, r: int, distinct: bool) -> str:
 # -- clients ---------------------------------------------------------------------------------------
 
 
-async def stream_one(port: int, body: dict) -> tuple[float | None, int, int]:
-    """POST a streaming completion; (seconds to the first character, characters, status)."""
+async def stream_one(port: int, body: dict, gaps: list | None = None) -> tuple[float | None, int, int]:
+    """POST a streaming completion; (seconds to the first character, characters, status).
+    gaps: where to add the seconds between one piece of text and the next."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     data = json.dumps(body).encode()
     started = time.perf_counter()
@@ -68,7 +75,7 @@ async def stream_one(port: int, body: dict) -> tuple[float | None, int, int]:
     head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
     status = int(head.split()[1])
     chunked = "transfer-encoding: chunked" in head.lower()
-    first, chars, buffer = None, 0, b""
+    first, chars, buffer, last = None, 0, b"", started
     while True:
         if chunked:
             size = int((await reader.readline()).strip() or b"0", 16)
@@ -84,8 +91,13 @@ async def stream_one(port: int, body: dict) -> tuple[float | None, int, int]:
         for event in events:
             if event.startswith(b"data: {"):
                 text = json.loads(event[6:])["choices"][0]["text"] if b'"choices": [{' in event else ""
+                now = time.perf_counter()
                 if text and first is None:
-                    first = time.perf_counter() - started
+                    first = now - started
+                elif text and gaps is not None:
+                    gaps.append(now - last)
+                if text:
+                    last = now
                 chars += len(text)
     writer.close()
     return first, chars, status
@@ -128,6 +140,26 @@ async def clients(port: int, width: int, requests: int, chars: int, distinct: bo
     return {"chars_per_s": total / wall, "chars": total, "seconds": wall, "ttfc_p50_ms": 1000 * percentile(firsts, 50),
             "ttfc_p99_ms": 1000 * percentile(firsts, 99), "health_p99_ms": 1000 * percentile(health, 99),
             "non_200": sum(s != 200 for s in statuses), "client_cpu": client_cpu}
+
+
+async def long_prompt(port: int, width: int, chars: int, length: int, arrive: bool, seed: int) -> dict:
+    """width clients stream chars characters each; with arrive, one more client sends a
+    prompt of `length` characters (never read before) 0.5 s in. The gaps between the
+    streams' pieces of text, p50 / p99, and the long request's time to its first character."""
+    gaps: list[float] = []
+    body = {"max_tokens": chars, "temperature": 0.8, "stream": True, "prompt": PRIME}
+
+    async def intruder() -> float | None:
+        await asyncio.sleep(0.5)
+        start = seed % len(PASSAGE)
+        text = ((PASSAGE * (2 + length // len(PASSAGE)))[start:])[:length]
+        first, _, _ = await stream_one(port, {"prompt": text, "max_tokens": 20, "stream": True, "seed": seed})
+        return first
+
+    tasks = [stream_one(port, {**body, "seed": k}, gaps) for k in range(width)]
+    results = await asyncio.gather(*tasks, *([intruder()] if arrive else []))
+    return {"gap_p50_ms": 1000 * percentile(gaps, 50), "gap_p99_ms": 1000 * percentile(gaps, 99),
+            "gap_max_ms": 1000 * max(gaps), "long_ttfc_ms": 1000 * results[-1] if arrive else None}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -245,10 +277,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="(in-process, serve) rounds per width")
     parser.add_argument("--primes", choices=("same", "distinct"), default="same")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--long-prompt", type=int, default=0, metavar="CHARS",
+                        help="instead: 32 streaming clients, rounds without and with a prompt of CHARS characters arriving")
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_server:
         return baseline_server(args.run)
+    if args.long_prompt:
+        return long_prompt_rounds(args)
     widths = [int(w) for w in args.widths.split(",")]
     distinct = args.primes == "distinct"
     rows = []
@@ -304,6 +340,34 @@ def main() -> None:
               f"{s['step_ms']:>4.2f}ms {i['step_ms']:>5.2f}ms {s['health_p99_ms']:>8.1f}ms | {b['chars_per_s']:>13,.0f} "
               f"{b['ttfc_p50_ms']:>4.0f}ms {b['ttfc_p99_ms']:>5.0f}ms | {s['chars_per_s'] / b['chars_per_s']:>6.1f}x"
               f"{'' if s['non_200'] + b['non_200'] == 0 else '  (non-200 responses!)'}")
+
+
+def long_prompt_rounds(args) -> None:
+    """--long-prompt: alternate rounds without and with the long prompt arriving."""
+    server, port = start([sys.executable, "-m", "charrnn", "serve", f"m={args.run}", "--port", "0", "--device", "cpu",
+                          "--max-prompt", str(args.long_prompt)])
+    found = {False: [], True: []}
+    try:
+        asyncio.run(clients(port, 1, 1, 50))  # warm up
+        for r in range(args.rounds):
+            for arrive in (False, True):
+                found[arrive].append(asyncio.run(long_prompt(port, 32, args.chars, args.long_prompt, arrive, 7919 * r + 1)))
+                print(f"round {r}, long prompt {arrive}: {found[arrive][-1]}", file=sys.stderr)
+    finally:
+        server.terminate()
+        server.wait()
+    rows = {arrive: {key: median([x[key] for x in runs]) for key in runs[0] if runs[0][key] is not None}
+            for arrive, runs in found.items()}
+    if args.json:
+        print(json.dumps({"without": rows[False], "with": rows[True]}, indent=1))
+        return
+    print(f"32 clients, {args.chars} characters each; medians of {args.rounds} rounds")
+    print(f"{'':<28} {'gap p50':>8} {'gap p99':>8} {'gap max':>8} {'long TTFC':>10}")
+    for arrive, name in ((False, "no long prompt"), (True, f"a {args.long_prompt:,}-char prompt arrives")):
+        row = rows[arrive]
+        print(f"{name:<28} {row['gap_p50_ms']:>6.1f}ms {row['gap_p99_ms']:>6.1f}ms {row['gap_max_ms']:>6.0f}ms "
+              f"{row.get('long_ttfc_ms', float('nan')):>8.0f}ms")
+    print(f"gap p99 with / without: {rows[True]['gap_p99_ms'] / rows[False]['gap_p99_ms']:.2f}x")
 
 
 if __name__ == "__main__":

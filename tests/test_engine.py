@@ -302,3 +302,33 @@ def test_a_request_with_controls_writes_what_charrnn_sample_writes_among_others(
         beside = [engine.submit(request(model, "fox", 150, seed=k, temperature=1.0)) for k in range(others)]
         (texts, _), *_ = drain(engine, [mine, *beside])
         assert texts == expected, others
+
+
+def test_a_long_prompt_is_read_a_slice_a_step_without_stalling_the_others(model, monkeypatch):
+    """A prompt longer than PRIME_SLICE waits in its place while it is read, one slice per
+    step, and the streams being decoded draw a character at every one of those steps; the
+    request then writes the same text as when it arrives alone, and a short prompt that
+    queued behind it is not held up."""
+    from charrnn import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PRIME_SLICE", 16)
+    long_prompt = ("The quick brown fox jumps over the lazy dog. " * 5)[:200]  # 13 slices of 16
+
+    alone_engine = Engine(model)
+    (alone, _), = drain(alone_engine, [alone_engine.submit(request(model, long_prompt, 60, seed=5, temperature=0.9))])
+
+    engine = Engine(model)
+    running = engine.submit(request(model, "fox", 400, seed=1, temperature=1.0))
+    engine.step()
+    late = engine.submit(request(model, long_prompt, 60, seed=5, temperature=0.9))
+    short = engine.submit(request(model, "dog", 20, seed=2, temperature=1.0))
+    drawn = []
+    for _ in range(13):
+        before = sum(len(e[2]) for e in running.events if e[0] == "text")
+        engine.step()
+        drawn.append(sum(len(e[2]) for e in running.events if e[0] == "text") - before)
+        assert late not in engine._active  # still being read
+    assert drawn == [1] * 13  # the running stream drew at every step of the read
+    assert short in engine._active or short.finished  # admitted past the long prompt
+    (crowded, _), *_ = drain(engine, [late, running, short])
+    assert crowded == alone
