@@ -160,8 +160,10 @@ class ChatBody(_Body):
     stream: bool = False
     stream_options: Optional[dict[str, bool]] = None
 
+    logprobs: bool = False  # each character's log-probability, in OpenAI's chat shape
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)  # and the k likeliest alternatives
+
     echo: ClassVar[bool] = False  # what _Reply asks of a completion body
-    logprobs: ClassVar[None] = None
 
 
 class ScoreBody(_Body):
@@ -418,7 +420,10 @@ def create_app(models: dict[str, Any], limits: Limits = Limits(), api_key: str |
         ids = _encode(target.model, rendered, limits.unknown, "messages")
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         waker = asyncio.Event()
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         sequences = _submit(target, [Request(prompt_ids=ids, length=length, n=body.n, stop=stop, seed=seed,
+                                             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                                              **_controls(body, target.model))], waker)
         reply = _ChatReply(target, body, [rendered], sequences, seed, waker, request.scope.setdefault("state", {}),
                            rendered=rendered)
@@ -716,12 +721,23 @@ class _ChatReply(_Reply):
         self.extra = {"prompt": rendered}  # the conversation as the model read it (not OpenAI's; clients ignore it)
 
     def _choice(self, index: int, text: str, logprobs: list, finish: str) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish}
+        return {"index": index, "message": {"role": "assistant", "content": text},
+                "logprobs": self._chat_logprobs(logprobs), "finish_reason": finish}
 
     def _delta(self, index: int, text: str, logprobs: list, finish: str | None, start: int) -> dict:
         delta = {"role": "assistant", "content": text} if start == 0 else {"content": text} if text else {}
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "delta": delta, "logprobs": self._chat_logprobs(logprobs), "finish_reason": finish}
+
+    def _chat_logprobs(self, entries: list) -> dict | None:
+        """OpenAI's chat logprobs: {"content": [{token, logprob, bytes, top_logprobs}, ...]}."""
+        if not self.body.logprobs:
+            return None
+
+        def token(char: str, logprob: float) -> dict:
+            return {"token": char, "logprob": logprob, "bytes": list(char.encode("utf-8"))}
+
+        return {"content": [{**token(char, lp), "top_logprobs": [token(c, v) for c, v in alternatives.items()]}
+                            for char, lp, alternatives in entries]}
 
 
 class EventStream(Response):

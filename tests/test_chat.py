@@ -126,3 +126,17 @@ def test_charrnn_serve_refuses_a_bad_template_in_one_line(trained_run):
     done = run_cli("serve", trained_run, "--chat-template", "{name} says", "--port", "0")
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert done.stderr.startswith("error: --chat-template must be script, irc, plain or a turn with {text}")
+
+
+def test_chat_logprobs_in_openais_shape_streamed_and_not(model):
+    with running({"tiny": model}, Limits(unknown="skip"), chat=template_from("irc")) as (url, _, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        done = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=80, seed=2, logprobs=True,
+                                              top_logprobs=3)
+        content = done.choices[0].logprobs.content
+        assert "".join(t.token for t in content) == done.choices[0].message.content
+        assert all(t.logprob <= 0 and len(t.top_logprobs) == 3 and t.bytes == list(t.token.encode()) for t in content)
+        chunks = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=80, seed=2, logprobs=True,
+                                                stream=True)
+        streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+        assert [t.logprob for t in streamed] == [t.logprob for t in content]

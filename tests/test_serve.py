@@ -438,3 +438,33 @@ def test_bad_sampling_controls_are_400s_naming_the_field(server, body, param, me
     reply = complete(url, prompt="The ", max_tokens=5, **body)
     assert reply.status_code == 400 and reply.json()["error"]["param"] == param
     assert message in reply.json()["error"]["message"]
+
+
+@pytest.mark.skipif(chromium() is None, reason="no Chromium here (apt-get install chromium; .ci/run installs it)")
+def test_the_playground_chat_tab_streams_a_shaded_reply_in_headless_chromium(model, tmp_path):
+    """The chat tab: the conversation's lines become messages, the reply streams in shaded
+    after the conversation as the model read it, and is added to the conversation; it is
+    what /v1/chat/completions answers for the same messages and seed."""
+    from charrnn.chat import template_from
+
+    with running({"poem": model}, Limits(unknown="skip"), chat=template_from("irc")) as (url, _, lines), \
+            Browser(tmp_path / "profile") as browser:
+        browser.open(f"{url}/")
+        browser.wait("document.getElementById('card').textContent.includes('validation loss')")
+        browser.js("""document.getElementById('tab-chat').click();
+                      document.getElementById('conversation').value = 'user: The quick\\nassistant: brown fox\\nuser: jumps';
+                      document.getElementById('length').value = '200';
+                      document.getElementById('seed').value = '6';
+                      document.getElementById('chatgo').click()""")
+        browser.wait("document.body.dataset.done === '1'")
+        messages = [{"role": "user", "content": "The quick"}, {"role": "assistant", "content": "brown fox"},
+                    {"role": "user", "content": "jumps"}]
+        answer = httpx.post(f"{url}/v1/chat/completions", json={"model": "poem", "messages": messages, "seed": 6,
+                                                                "max_tokens": 200, "temperature": 0.8}).json()
+        reply = answer["choices"][0]["message"]["content"]
+        assert reply and browser.js("document.querySelector('#out .prime').textContent") == answer["prompt"]
+        shades = browser.js("[...document.querySelectorAll('#out span:not(.prime)')].map(s => s.style.background)")
+        assert len(shades) == len(reply) and len(set(shades)) > 2
+        assert browser.js("document.getElementById('out').textContent") == answer["prompt"] + reply
+        assert browser.js("document.getElementById('conversation').value").endswith(f"\nassistant: {reply}\n")
+        assert ["POST", "/v1/chat/completions", "200"] in [line.split()[:3] for line in lines]
