@@ -6,7 +6,9 @@ thread, Runner), each request's streams rows of one packed decoder (charrnn.deco
       drop cancelled sequences             (a client that went away: its rows freed now)
       admit waiting ones                   (their primes read together, one forward pass
                                             per prompt length, each prompt once; one read
-                                            lately: its kept state; states into free rows)
+                                            lately: its kept state; states into free rows;
+                                            a prompt over PRIME_SLICE characters is read a
+                                            slice a step first, so it stalls no one)
       draw a character for every row       (each sequence's own temperature, top-p and
                                             generator: sample.next_ids_rows)
       hand each sequence its characters    (stop strings held back until they cannot match)

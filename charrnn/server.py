@@ -110,12 +110,13 @@ class _Body(BaseModel):
         return value
 
 
-class CompletionBody(_Body):
+class _Drawing(_Body):
+    """What a completion and a chat completion share: the model, the sampling controls,
+    choices, stop strings, the seed and streaming."""
+
     model_config = ConfigDict(strict=True, extra="ignore")  # unknown OpenAI fields (user, ...) are ignored
 
     model: Optional[str] = None  # may be left out when one model is served
-    prompt: Union[str, list[str]]
-    max_tokens: int = Field(256, ge=0)  # characters (OpenAI's default of 16 tokens is ~64 characters)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # 0 = off; with min_p, not OpenAI's (send them with the client's extra_body)
@@ -127,9 +128,14 @@ class CompletionBody(_Body):
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
+    stream_options: Optional[dict[str, bool]] = None
+
+
+class CompletionBody(_Drawing):
+    prompt: Union[str, list[str]]
+    max_tokens: int = Field(256, ge=0)  # characters (OpenAI's default of 16 tokens is ~64 characters)
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=20)
-    stream_options: Optional[dict[str, bool]] = None
 
 
 class ChatMessageBody(_Body):
@@ -140,26 +146,10 @@ class ChatMessageBody(_Body):
     name: Optional[str] = None
 
 
-class ChatBody(_Body):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    model: Optional[str] = None
+class ChatBody(_Drawing):
     messages: list[ChatMessageBody]
     max_tokens: Optional[int] = Field(None, ge=0)
     max_completion_tokens: Optional[int] = Field(None, ge=0)  # the newer name; either, 256 if neither
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0, le=1)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: Optional[dict[str, float]] = None
-    n: int = Field(1, ge=1)
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
-    stream: bool = False
-    stream_options: Optional[dict[str, bool]] = None
-
     logprobs: bool = False  # each character's log-probability, in OpenAI's chat shape
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)  # and the k likeliest alternatives
 
