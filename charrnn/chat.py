@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from charrnn.errors import UsageError
 
 PRESETS = {"script": "{name}:\n{text}\n\n", "irc": "<{name}> {text}\n", "plain": "{text}\n"}
-ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
 
 
 @dataclass(frozen=True)

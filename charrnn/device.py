@@ -80,9 +80,9 @@ def resolve_dtype(spec: str, device: torch.device, lstm: bool = False) -> tuple[
             return None, "auto: this CUDA GPU lacks bf16"
         if device.type == "cpu":
             forced = " (as CHARRNN_CPU_BF16 says)" if os.environ.get("CHARRNN_CPU_BF16", "").strip() in ("0", "1") else ""
-            if cpu_has_fast_bf16() and lstm and not cpu_runs_bf16_lstm():
-                return None, "auto: fp32, as oneDNN here cannot run the bf16 LSTM (it needs AVX-512)" + forced
             if cpu_has_fast_bf16():
+                if lstm and not cpu_runs_bf16_lstm():
+                    return None, "auto: fp32, as oneDNN here cannot run the bf16 LSTM (it needs AVX-512)" + forced
                 return torch.bfloat16, "auto: this CPU has AVX512_BF16/AMX" + forced
             return None, "auto: this CPU lacks AVX512_BF16/AMX, so bf16 would be slower" + forced
         return None, f"auto: fp32 on {device.type}"

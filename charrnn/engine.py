@@ -46,7 +46,7 @@ from typing import Any, Callable
 import torch
 
 from charrnn.decode import Decoder, make_decoder
-from charrnn.sample import SampleSettings, count_drawn, mix_next, next_ids_rows
+from charrnn.sample import bias_row, count_drawn, mix_next, next_ids_rows, shapes
 from charrnn.startmix import POSITIONS
 
 MIN_WIDTH = 4  # see the module docstring: widths that are multiples of 4 give the same bits
@@ -419,10 +419,8 @@ class Engine:
         """The request's top-k, min-p, bias and penalties as per-row columns, and its rows'
         counts of what they drew (for the penalties), all zeros to start."""
         n, size = request.n, len(self.vocab)
-        settings = SampleSettings(frequency_penalty=request.frequency_penalty, presence_penalty=request.presence_penalty,
-                                  logit_bias=request.logit_bias)
         return {"top_k": torch.full((n, 1), request.top_k, dtype=torch.long), "min_p": torch.full((n, 1), request.min_p),
-                "bias": settings.bias(size).expand(n, -1).clone(), "frequency": torch.full((n, 1), request.frequency_penalty),
+                "bias": bias_row(request.logit_bias, size).expand(n, -1).clone(), "frequency": torch.full((n, 1), request.frequency_penalty),
                 "presence": torch.full((n, 1), request.presence_penalty), "counts": torch.zeros(n, size)}
 
     def _block(self, sequence: Sequence) -> torch.Tensor:
@@ -446,11 +444,11 @@ class Engine:
         nucleus = any(r.top_p < 1 for r in requests)
         on = self.device
         shaping = (table["bias"].to(on), table["counts"].to(on), table["frequency"].to(on), table["presence"].to(on)) \
-            if any(r.frequency_penalty or r.presence_penalty or r.logit_bias for r in requests) else None
+            if any(shapes(r) for r in requests) else None
         ids = next_ids_rows(table["logits"], table["temperature"].to(on), table["top_p"].to(on), uniforms.to(on), greedy,
                             nucleus, top_k=table["top_k"].to(on) if any(r.top_k for r in requests) else None,
                             min_p=table["min_p"].to(on) if any(r.min_p > 0 for r in requests) else None, shaping=shaping)
-        if shaping is not None:
+        if shaping is not None:  # while no row is shaped the counts can lag: they multiply zeros
             count_drawn(table["counts"], ids.cpu())
         return ids
 

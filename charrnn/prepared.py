@@ -599,8 +599,9 @@ def ids_in(corpus: Prepared, vocab: Vocab, unknown: str = "error", on_notice: Ca
     return reader, dropped
 
 
-def _bytes(ids: torch.Tensor) -> bytes:
+def _bytes(ids: torch.Tensor) -> bytearray:
+    """ids' bytes, in a buffer of their own (a writer thread may still hold the last one)."""
     buffer = bytearray(len(ids) * ids.element_size())
     if ids.numel():
         torch.frombuffer(buffer, dtype=ids.dtype).copy_(ids)
-    return bytes(buffer)
+    return buffer

@@ -66,15 +66,21 @@ class SampleSettings:
 
     @property
     def shaped(self) -> bool:
-        """Whether step 1 (bias, penalties) changes any logit."""
-        return bool(self.logit_bias) or self.frequency_penalty != 0 or self.presence_penalty != 0
+        return shapes(self)
 
-    def bias(self, size: int) -> torch.Tensor:
-        """logit_bias as a (1, size) float32 row."""
-        row = torch.zeros(1, size)
-        for i, value in self.logit_bias:
-            row[0, i] += value
-        return row
+
+def shapes(controls) -> bool:
+    """Whether step 1 (bias, penalties) changes any logit, for a SampleSettings or an
+    engine.Request (both carry logit_bias, frequency_penalty and presence_penalty)."""
+    return bool(controls.logit_bias) or controls.frequency_penalty != 0 or controls.presence_penalty != 0
+
+
+def bias_row(logit_bias: tuple[tuple[int, float], ...], size: int) -> torch.Tensor:
+    """logit_bias's (id, bias) pairs as a (1, size) float32 row."""
+    row = torch.zeros(1, size)
+    for i, value in logit_bias:
+        row[0, i] += value
+    return row
 
 
 def parse_logit_bias(vocab: Vocab, given: dict[str, float] | str, name: str = "--logit-bias") -> tuple:
@@ -142,7 +148,7 @@ def next_ids(logits: torch.Tensor, settings: SampleSettings, generator: torch.Ge
     how often each character was drawn so far in each row's sample (for the penalties)."""
     rows = logits.shape[0]
     if settings.shaped:
-        logits = shape_logits(logits, settings.bias(logits.shape[-1]).to(logits.device), counts,
+        logits = shape_logits(logits, bias_row(settings.logit_bias, logits.shape[-1]).to(logits.device), counts,
                               _column(rows, settings.frequency_penalty, logits), _column(rows, settings.presence_penalty, logits))
     if settings.temperature == 0:
         return logits.argmax(dim=-1)

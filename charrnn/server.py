@@ -381,10 +381,9 @@ def create_app(models: dict[str, Any], limits: Limits = Limits(), api_key: str |
     async def completions(body: CompletionBody, request: HTTPRequest):
         target = pick(body.model)
         prompts = _check_completion(body, target, limits)
+        stop, seed = _drawing(body, limits)
         ids = [_encode(target.model, prompt, limits.unknown, f"prompt[{k}]" if isinstance(body.prompt, list) else "prompt")
                for k, prompt in enumerate(prompts)]
-        stop = tuple([body.stop] if isinstance(body.stop, str) else body.stop or [])
-        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         waker = asyncio.Event()
         requests = [Request(prompt_ids=i, length=body.max_tokens, n=body.n, stop=stop, seed=seed, logprobs=body.logprobs,
                             **_controls(body, target.model)) for i in ids]
@@ -401,17 +400,16 @@ def create_app(models: dict[str, Any], limits: Limits = Limits(), api_key: str |
         target = pick(body.model)
         length = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         length = 256 if length is None else length
-        rendered, stop = _render_chat(body, chat, limits)
+        rendered = _render_chat(body, chat, limits)
         if length > limits.max_tokens:
             field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
             raise APIError(400, f"{field} must be 0 to {limits.max_tokens} characters (--max-tokens), not {length}", field)
-        if body.n > min(limits.max_n, limits.max_streams):
-            raise APIError(400, f"n must be 1 to {min(limits.max_n, limits.max_streams)}, not {body.n}", "n")
-        ids = _encode(target.model, rendered, limits.unknown, "messages")
-        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        waker = asyncio.Event()
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        stops, seed = _drawing(body, limits)
+        stop = ((chat.end,) if chat.end else ()) + stops  # the end of a turn ends the reply
+        ids = _encode(target.model, rendered, limits.unknown, "messages")
+        waker = asyncio.Event()
         sequences = _submit(target, [Request(prompt_ids=ids, length=length, n=body.n, stop=stop, seed=seed,
                                              logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                                              **_controls(body, target.model))], waker)
@@ -439,9 +437,19 @@ def _submit(target: Served, requests: list[Request], waker: asyncio.Event) -> li
     return sequences
 
 
-def _render_chat(body: ChatBody, chat: ChatTemplate, limits: Limits) -> tuple[str, tuple[str, ...]]:
-    """The messages through the template: the prompt, and the reply's stop strings (the end
-    of a turn, then the body's own)."""
+def _drawing(body: _Drawing, limits: Limits) -> tuple[tuple[str, ...], int]:
+    """What both routes check of a _Drawing body (choices within the limits, stop strings),
+    and its stop strings and seed (drawn here when the body has none)."""
+    if body.n > min(limits.max_n, limits.max_streams):
+        raise APIError(400, f"n must be 1 to {min(limits.max_n, limits.max_streams)}, not {body.n}", "n")
+    stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    if len(stops) > 4 or any(not 1 <= len(s) <= 64 for s in stops):
+        raise APIError(400, "stop: at most 4 strings, each 1 to 64 characters", "stop")
+    return tuple(stops), body.seed if body.seed is not None else secrets.randbelow(2**31)
+
+
+def _render_chat(body: ChatBody, chat: ChatTemplate, limits: Limits) -> str:
+    """The messages through the template: the prompt the reply continues."""
     if not body.messages:
         raise APIError(400, "messages: the list is empty; give at least one message", "messages")
     messages = []
@@ -460,10 +468,7 @@ def _render_chat(body: ChatBody, chat: ChatTemplate, limits: Limits) -> tuple[st
     if len(rendered) > limits.max_prompt:
         raise APIError(400, f"messages: the conversation is {len(rendered):,} characters as the model reads it; "
                        f"the limit is {limits.max_prompt:,} (--max-prompt)", "messages")
-    stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
-    if len(stops) > 4 or any(not 1 <= len(s) <= 64 for s in stops):
-        raise APIError(400, "stop: at most 4 strings, each 1 to 64 characters", "stop")
-    return rendered, tuple(([chat.end] if chat.end else []) + stops)
+    return rendered
 
 
 _TYPES = {"prompt": "a string or a list of strings", "stop": "a string, a list of strings or null"}
@@ -509,11 +514,6 @@ def _check_completion(body: CompletionBody, target: Served, limits: Limits) -> l
     if body.max_tokens > limits.max_tokens:
         raise APIError(400, f"max_tokens must be 0 to {limits.max_tokens} characters (--max-tokens), not {body.max_tokens}",
                        "max_tokens")
-    if body.n > min(limits.max_n, limits.max_streams):
-        raise APIError(400, f"n must be 1 to {min(limits.max_n, limits.max_streams)}, not {body.n}", "n")
-    stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
-    if len(stops) > 4 or any(not 1 <= len(s) <= 64 for s in stops):
-        raise APIError(400, "stop: at most 4 strings, each 1 to 64 characters", "stop")
     if body.echo and body.stream and body.logprobs is not None:
         raise APIError(400, "echo with logprobs is not available when streaming", "echo")
     return prompts

@@ -257,7 +257,7 @@ def test_rows_with_every_control_draw_what_each_draws_alone():
     """top_k, min_p, logit_bias and the penalties, row by row over rows that use them and
     rows that do not: next_ids_rows == next_ids for each row alone, bit for bit, over 40
     draws with the counts growing as they are drawn."""
-    from charrnn.sample import count_drawn
+    from charrnn.sample import bias_row, count_drawn
 
     torch.manual_seed(2)
     size, rows = 24, 7
@@ -269,7 +269,7 @@ def test_rows_with_every_control_draw_what_each_draws_alone():
                 SampleSettings(temperature=1.3, top_k=30, frequency_penalty=-0.5, presence_penalty=0.7, min_p=0.05),
                 SampleSettings(temperature=0.7, logit_bias=((0, 100.0),), top_p=0.5)]
     column = lambda name, dtype=torch.float32: torch.tensor([[getattr(s, name)] for s in settings], dtype=dtype)
-    bias = torch.cat([s.bias(size) for s in settings])
+    bias = torch.cat([bias_row(s.logit_bias, size) for s in settings])
     counts = torch.zeros(rows, size)
     alone_counts = [torch.zeros(1, size) for _ in range(rows)]
     generators = [torch.Generator().manual_seed(r) for r in range(rows)]
