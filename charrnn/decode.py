@@ -10,6 +10,9 @@ character (batch 1, T = 1). This decoder packs the weights once and runs each st
     head:     logits = b + h_top @ W_head^T
 
 into buffers allocated once. On CUDA the step is captured as a CUDA graph and replayed.
+With invariant=True (the server's decoder, on a CPU, fp32, where charrnn._rows is built)
+the products run on charrnn.rows' kernel, whose row bits do not depend on the number of
+streams.
 In fp32 it computes what `CharRNN.forward` computes (a test checks the sampled text is the
 same for the same seed); with dtype=bf16 (the autocast policy of `--dtype auto`) the
 matmuls run in bf16 with fp32 gates and cell state.
@@ -26,15 +29,18 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from charrnn import rows as row_kernel
 from charrnn.cells import lstm_pointwise
 from charrnn.celltypes import CELL_TYPES
 from charrnn.model import CharRNN
 
 
 def make_decoder(model: CharRNN, num_streams: int, device: torch.device | str = "cpu",
-                 cuda_graph: bool = True, dtype: torch.dtype | None = None) -> "Decoder":
+                 cuda_graph: bool = True, dtype: torch.dtype | None = None, invariant: bool = False) -> "Decoder":
+    """invariant: a stream's results do not depend on num_streams, bit for bit (charrnn.rows'
+    kernel; taken where it can be: see Decoder.invariant)."""
     kind = LSTMDecoder if CELL_TYPES[model.config.cell].decoder == "lstm" else CellDecoder
-    return kind(model, num_streams, device, cuda_graph, dtype)
+    return kind(model, num_streams, device, cuda_graph, dtype, invariant)
 
 
 class Decoder:
@@ -43,23 +49,33 @@ class Decoder:
     (`state_buffers`) and writes self.logits in `_step`."""
 
     def __init__(self, model: CharRNN, num_streams: int, device: torch.device | str, cuda_graph: bool,
-                 dtype: torch.dtype | None):
+                 dtype: torch.dtype | None, invariant: bool = False):
         self.device = torch.device(device)
         self.hidden, self.layers = model.config.hidden_size, model.config.num_layers
         self.mm_dtype = matmul_dtype(dtype, num_streams, self.device)
         self.exact = self.mm_dtype == torch.float32
+        # Row-invariant products: asked for, and possible (fp32 on a CPU, the kernel built).
+        self.invariant = invariant and self.exact and self.device.type == "cpu" and row_kernel.available()
+        self.threads = 1  # the kernel's threads (it splits only from rows.SPLIT_ROWS rows)
+        # Scratch rows below the streams' in every buffer the cell's elementwise maths runs
+        # on: ATen runs an op over a contiguous tensor as one flat loop, vectors first, and
+        # its last < 2 vectors of elements through a scalar path whose tanh or sigmoid may
+        # differ in the last bit; with TAIL elements of scratch that tail is never a stream's.
+        self.pad = -(-TAIL // self.hidden) if self.invariant else 0
         with torch.no_grad():
             self.w_head = model.head.weight.T.contiguous().to(self.device, self.mm_dtype)  # (H, V)
             self.b_head = model.head.bias.float().to(self.device)
+        self.p_head = self._packed(self.w_head)
         self.vocab_size = model.vocab_size
         self.graph = None
         self.use_graph = cuda_graph and self.device.type == "cuda"
 
     def _allocate(self, num_streams: int) -> None:
-        """The per-stream buffers, zeroed: what `with_streams` makes anew."""
+        """The per-stream buffers, zeroed: what `with_streams` makes anew (with self.pad
+        scratch rows, for the ids and in the subclasses' buffers)."""
         self.num_streams = num_streams
         self.logits = torch.empty(num_streams, self.vocab_size, device=self.device)
-        self.ids = torch.zeros(num_streams, dtype=torch.long, device=self.device)
+        self.ids = torch.zeros(num_streams + self.pad, dtype=torch.long, device=self.device)
 
     def with_streams(self, num_streams: int) -> "Decoder":
         """A decoder for num_streams streams sharing these packed weights (and their matmul
@@ -85,8 +101,24 @@ class Decoder:
     def _step(self) -> None:
         raise NotImplementedError
 
+    def _packed(self, w: torch.Tensor) -> "row_kernel.Packed | None":
+        return row_kernel.Packed(w) if self.invariant else None
+
+    def _product(self, x: torch.Tensor, packed: "row_kernel.Packed", out: torch.Tensor,
+                 init: torch.Tensor | None = None) -> torch.Tensor:
+        """out = init + x @ w on the row kernel (init (G,) is broadcast over the rows)."""
+        self._bind(x, packed, out, init)(self.threads)
+        return out
+
+    def _bind(self, x, packed, out, init=None) -> "row_kernel.bind":
+        if init is not None and init.dim() == 1:
+            init = init.expand(len(x), -1)
+        return row_kernel.bind(x, packed, out, init)
+
     def _head(self, top: torch.Tensor) -> None:
-        if self.exact:
+        if self.invariant:
+            self._product(top[: self.num_streams], self.p_head, self.logits, self.b_head)
+        elif self.exact:
             torch.addmm(self.b_head, top, self.w_head, out=self.logits)
         else:
             self.logits.copy_(top.to(self.mm_dtype).mm(self.w_head)).add_(self.b_head)
@@ -94,7 +126,7 @@ class Decoder:
     @torch.no_grad()
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Feed (N,) ids; returns the (N, V) logits of the next character (a reused buffer)."""
-        self.ids.copy_(ids)
+        self.ids[: self.num_streams].copy_(ids)
         if not self.use_graph:
             self._step()
             return self.logits
@@ -120,10 +152,10 @@ class Decoder:
 
 class LSTMDecoder(Decoder):
     def __init__(self, model: CharRNN, num_streams: int, device: torch.device | str = "cpu",
-                 cuda_graph: bool = True, dtype: torch.dtype | None = None):
+                 cuda_graph: bool = True, dtype: torch.dtype | None = None, invariant: bool = False):
         if CELL_TYPES[model.config.cell].decoder != "lstm":
             raise ValueError("LSTMDecoder packs nn.LSTM weights only")
-        super().__init__(model, num_streams, device, cuda_graph, dtype)
+        super().__init__(model, num_streams, device, cuda_graph, dtype, invariant)
         hidden, layers = self.hidden, self.layers
         rnns = model.layers
         order = torch.cat([torch.arange(0, 2 * hidden), torch.arange(3 * hidden, 4 * hidden),
@@ -140,16 +172,25 @@ class LSTMDecoder(Decoder):
                 self.w_cat.append(w[order].T.contiguous().to(self.device, self.mm_dtype))  # (2H, 4H)
                 b = rnn.bias_ih_l0 + rnn.bias_hh_l0
                 self.b_cat.append(b[order].float().to(self.device))
+        self.p_hh0, self.p_cat = self._packed(self.w_hh0), [self._packed(w) for w in self.w_cat]
         self._allocate(num_streams)
 
     def _allocate(self, num_streams: int) -> None:
         super()._allocate(num_streams)
         n, hidden, to = num_streams, self.hidden, dict(device=self.device)
-        self.xh = [torch.zeros(n, 2 * hidden, **to) for _ in range(self.layers)]  # [h_{l-1}, h_l]
-        self.c = torch.zeros(self.layers, n, hidden, **to)
-        self.gates = torch.empty(n, 4 * hidden, **to)
-        self.gates_act = torch.empty(n, 4 * hidden, **to)
-        self.tanh_c = torch.empty(n, hidden, **to)
+        rows = n + self.pad
+        self.xh_rows = [torch.zeros(rows, 2 * hidden, **to) for _ in range(self.layers)]  # [h_{l-1}, h_l]
+        self.c_rows = torch.zeros(self.layers, rows, hidden, **to)
+        self.xh, self.c = [xh[:n] for xh in self.xh_rows], self.c_rows[:, :n]  # the streams' own rows
+        self.gates = torch.empty(rows, 4 * hidden, **to)
+        self.gates_act = torch.empty(rows, 4 * hidden, **to)
+        self.tanh_c = torch.empty(rows, hidden, **to)
+        if self.invariant:  # the step's products, on the streams' rows of these buffers, checked once
+            gates = self.gates[:n]
+            self.products = [self._bind(self.xh[0][:, hidden:], self.p_hh0, gates, gates)]
+            self.products += [self._bind(self.xh[layer], self.p_cat[layer - 1], gates, self.b_cat[layer - 1])
+                              for layer in range(1, self.layers)]
+            self.products.append(self._bind(self.xh[-1][:, hidden:], self.p_head, self.logits, self.b_head))
 
     def state_buffers(self) -> list[torch.Tensor]:
         return [*self.xh, self.c]
@@ -170,26 +211,33 @@ class LSTMDecoder(Decoder):
         hidden = self.hidden
         gates, act = self.gates, self.gates_act
         for layer in range(self.layers):
-            h = self.xh[layer][:, hidden:]
+            h = self.xh_rows[layer][:, hidden:]
             if layer == 0:
                 torch.index_select(self.table, 0, self.ids, out=gates)
-                if self.exact:
+                if self.invariant:
+                    self.products[0](self.threads)
+                elif self.exact:
                     gates.addmm_(h, self.w_hh0)
                 else:
                     gates.add_(h.to(self.mm_dtype).mm(self.w_hh0))
+            elif self.invariant:
+                self.products[layer](self.threads)
             elif self.exact:
                 torch.addmm(self.b_cat[layer - 1], self.xh[layer], self.w_cat[layer - 1], out=gates)
             else:
                 gates.copy_(self.xh[layer].to(self.mm_dtype).mm(self.w_cat[layer - 1])).add_(self.b_cat[layer - 1])
             torch.sigmoid(gates[:, : 3 * hidden], out=act[:, : 3 * hidden])
             torch.tanh(gates[:, 3 * hidden :], out=act[:, 3 * hidden :])
-            c = self.c[layer]
+            c = self.c_rows[layer]
             c.mul_(act[:, hidden : 2 * hidden]).addcmul_(act[:, :hidden], act[:, 3 * hidden :])
             torch.tanh(c, out=self.tanh_c)
             torch.mul(act[:, 2 * hidden : 3 * hidden], self.tanh_c, out=h)  # new h_l, in place
             if layer + 1 < self.layers:
-                self.xh[layer + 1][:, :hidden].copy_(h)
-        self._head(self.xh[-1][:, hidden:])
+                self.xh_rows[layer + 1][:, :hidden].copy_(h)
+        if self.invariant:
+            self.products[-1](self.threads)
+        else:
+            self._head(self.xh[-1][:, hidden:])
 
 
 class CellDecoder(Decoder):
@@ -198,8 +246,8 @@ class CellDecoder(Decoder):
     x @ W_ih^T + b), the recurrent part h @ W_hh^T, then the cell's gate maths in fp32."""
 
     def __init__(self, model: CharRNN, num_streams: int, device: torch.device | str = "cpu",
-                 cuda_graph: bool = True, dtype: torch.dtype | None = None):
-        super().__init__(model, num_streams, device, cuda_graph, dtype)
+                 cuda_graph: bool = True, dtype: torch.dtype | None = None, invariant: bool = False):
+        super().__init__(model, num_streams, device, cuda_graph, dtype, invariant)
         self.cell = model.config.cell
         if CELL_TYPES[self.cell].decoder == "lstm":
             raise ValueError("use LSTMDecoder for nn.LSTM models")
@@ -208,6 +256,8 @@ class CellDecoder(Decoder):
         self.table = packed[0]["table"].to(**to).contiguous()  # (V, G)
         self.w_ih = [None] + [w["w_ih"].T.contiguous().to(self.device, self.mm_dtype) for w in packed[1:]]
         self.w_hh = [w["w_hh"].T.contiguous().to(self.device, self.mm_dtype) for w in packed]
+        self.p_ih = [None] + [self._packed(w) for w in self.w_ih[1:]]
+        self.p_hh = [self._packed(w) for w in self.w_hh]
         self.in_bias = [w["in_bias"].to(**to) for w in packed]
         self.rec_bias = [None if w["rec_bias"] is None else w["rec_bias"].to(**to) for w in packed]
         self.norms = [None if w["norms"] is None else [(nw.to(**to), nb.to(**to), eps) for nw, nb, eps in w["norms"]]
@@ -218,9 +268,11 @@ class CellDecoder(Decoder):
 
     def _allocate(self, num_streams: int) -> None:
         super()._allocate(num_streams)
-        shape = (self.layers, num_streams, self.hidden)
-        self.h = torch.zeros(shape, device=self.device)
-        self.c = torch.zeros(shape, device=self.device) if CELL_TYPES[self.cell].has_cell_state else None
+        shape = (self.layers, num_streams + self.pad, self.hidden)
+        self.h_rows = torch.zeros(shape, device=self.device)
+        self.c_rows = torch.zeros(shape, device=self.device) if CELL_TYPES[self.cell].has_cell_state else None
+        self.h = self.h_rows[:, :num_streams]  # the streams' own rows
+        self.c = None if self.c_rows is None else self.c_rows[:, :num_streams]
 
     def state_buffers(self) -> list[torch.Tensor]:
         return [self.h] if self.c is None else [self.h, self.c]
@@ -234,7 +286,11 @@ class CellDecoder(Decoder):
         for buffer, value in zip(self.state_buffers(), state):
             buffer[:, rows] = value
 
-    def _matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _matmul(self, x: torch.Tensor, w: torch.Tensor, packed: "row_kernel.Packed | None") -> torch.Tensor:
+        if self.invariant:  # the streams' rows; the scratch rows stay zero
+            out = torch.zeros(len(x), packed.n, device=self.device)
+            self._product(x[: self.num_streams], packed, out[: self.num_streams])
+            return out
         return x.mm(w) if self.exact else x.to(self.mm_dtype).mm(w).float()
 
     def _step(self) -> None:
@@ -244,12 +300,12 @@ class CellDecoder(Decoder):
             if layer == 0:
                 inputs = self.table[self.ids]  # (N, G)
             else:
-                inputs = self._matmul(x, self.w_ih[layer])
+                inputs = self._matmul(x, self.w_ih[layer], self.p_ih[layer])
                 if norms is not None:
                     inputs = F.layer_norm(inputs, inputs.shape[1:], *norms[0])
                 inputs = inputs + self.in_bias[layer]
-            h = self.h[layer]
-            recurrent = self._matmul(h, self.w_hh[layer])
+            h = self.h_rows[layer]
+            recurrent = self._matmul(h, self.w_hh[layer], self.p_hh[layer])
             if norms is not None:
                 recurrent = F.layer_norm(recurrent, recurrent.shape[1:], *norms[1])
             if self.cell == "rnn":
@@ -257,7 +313,7 @@ class CellDecoder(Decoder):
             elif self.cell == "gru":
                 self._gru(inputs, recurrent + self.rec_bias[layer], h)
             else:
-                self._lstm(inputs + recurrent, h, self.c[layer], self.peepholes[layer], norms)
+                self._lstm(inputs + recurrent, h, self.c_rows[layer], self.peepholes[layer], norms)
             x = h
         self._head(x)
 
@@ -274,6 +330,9 @@ class CellDecoder(Decoder):
         h_new, c_new, _ = lstm_pointwise(gates, c, peepholes, norm_c)
         c.copy_(c_new)
         h.copy_(h_new)
+
+
+TAIL = 64  # elements: more than ATen's scalar tail (< 2 vectors: 32 fp32 with AVX-512)
 
 
 def matmul_dtype(dtype: torch.dtype | None, num_streams: int, device: torch.device) -> torch.dtype:

@@ -202,7 +202,12 @@ class Engine:
         self.network, self.vocab, self.prior, self.device = model.network, model.vocab, model.prior, model.device
         self.max_streams, self.max_queued = max_streams, max_queued
         self.notify, self.meter = notify, meter
-        self._decoder: Decoder = make_decoder(self.network, MIN_WIDTH, self.device, cuda_graph=False)
+        self._decoder: Decoder = make_decoder(self.network, 1, self.device, cuda_graph=False, invariant=True)
+        # The row kernel's rows are the same bits at every width; without it (not built, or a
+        # GPU) torch's matmul is, at multiples of 4 rows.
+        self.min_width = 1 if self._decoder.invariant else MIN_WIDTH
+        if self.min_width > 1:
+            self._decoder = self._decoder.with_streams(self.min_width)
         self._active: list[Sequence] = []
         self._rows = 0
         # Per row, in row order: logits (rows, V) the next draw draws from; temperature and
@@ -247,6 +252,12 @@ class Engine:
     @property
     def has_work(self) -> bool:
         return bool(self._waiting or self._active or self._reading)
+
+    @property
+    def row_kernel(self) -> bool:
+        """Whether the decoder's products run on charrnn.rows' kernel (one row wide for one
+        stream); False: torch's matmul at multiples of 4 rows."""
+        return self._decoder.invariant
 
     @property
     def active_streams(self) -> int:
@@ -308,6 +319,8 @@ class Engine:
         2x384: 807 vs 669 us a step) and its spinning takes the core the event loop and the
         clients need. The thread count does not change a single bit of the results."""
         wanted = 1 if rows < 16 else self.threads
+        if self._decoder.invariant:  # the row kernel splits its products itself
+            self._decoder.threads, wanted = wanted, 1
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
 
@@ -520,9 +533,9 @@ class Engine:
     def _resize(self, rows: int) -> None:
         """Widen the decoder to hold rows, or narrow it when a quarter of it would do."""
         width = self._decoder.num_streams
-        if rows <= width and (width == MIN_WIDTH or rows > width // 4):
+        if rows <= width and (width == self.min_width or rows > width // 4):
             return
-        new_width = MIN_WIDTH
+        new_width = self.min_width
         while new_width < rows:
             new_width *= 2
         decoder = self._decoder.with_streams(new_width)

@@ -350,7 +350,8 @@ def create_app(models: dict[str, Any], limits: Limits = Limits(), api_key: str |
     @app.get("/health")
     async def health():
         return {"status": "ok", "models": {name: {"active_streams": s.engine.active_streams,
-                                                  "queued_streams": s.engine.queued_streams}
+                                                  "queued_streams": s.engine.queued_streams,
+                                                  "row_kernel": s.engine.row_kernel}
                                            for name, s in served.items()}}
 
     @app.get("/metrics")

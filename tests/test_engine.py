@@ -117,7 +117,7 @@ def test_rows_move_up_and_the_decoder_narrows_without_changing_anyones_text(mode
     long = engine.submit(request(model, "The", 160, temperature=0.7, seed=9))
     shorts = [engine.submit(request(model, "x", 3 + k, seed=k, n=2)) for k in range(12)]
     results = drain(engine, [long, *shorts])
-    assert engine._decoder.num_streams == 4  # narrowed back once the short ones left
+    assert engine._decoder.num_streams == engine.min_width  # narrowed back once the short ones left
     settings = SampleSettings(length=160, temperature=0.7)
     assert results[0][0] == sample_texts(model, "The", settings, 1, seed=9)
 
@@ -170,10 +170,39 @@ def test_rows_with_no_greedy_or_top_p_row_skip_that_work_and_draw_the_same():
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_every_cells_rows_give_the_same_bits_at_every_width(cell):
+    """fp32, the server's decoder (the row kernel): a stream's logits are the same bits at
+    widths 1, 3, 4 and 32, with the 32-wide products split between two threads."""
+    from charrnn import rows
+    from charrnn.decode import make_decoder
+
+    if not rows.available():
+        pytest.skip("charrnn._rows is not built: the fallback's widths are tested below")
+    network = shaken(make_model(cell, vocab_size=20))
+    wide = make_decoder(network, 32, invariant=True)
+    assert wide.invariant
+    wide.threads = 2
+    state = tuple(torch.randn(2, 32, 24) for _ in wide.state())
+    wide.load_state(state)
+    narrow = {width: wide.with_streams(width) for width in (1, 3, 4)}
+    for width, decoder in narrow.items():
+        decoder.threads = 1
+        decoder.load_state(tuple(x[:, 8 : 8 + width] for x in state))
+    ids = torch.randint(0, 20, (32,))
+    for _ in range(20):
+        a = wide.step(ids)
+        for width, decoder in narrow.items():
+            assert torch.equal(a[8 : 8 + width], decoder.step(ids[8 : 8 + width]))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_without_the_row_kernel_rows_give_the_same_bits_at_multiples_of_4(cell):
+    """fp32, torch's matmul (the decoder where charrnn._rows is not built): the same bits
+    at every width that is a multiple of 4, the engine's minimum width then."""
     from charrnn.decode import make_decoder
 
     network = shaken(make_model(cell, vocab_size=20))
     wide = make_decoder(network, 32)
+    assert not wide.invariant
     state = tuple(torch.randn(2, 32, 24) for _ in wide.state())
     wide.load_state(state)
     narrow = wide.with_streams(4)
@@ -184,19 +213,39 @@ def test_every_cells_rows_give_the_same_bits_at_every_width(cell):
         assert torch.equal(a[8:12], b)
 
 
+def test_one_request_decodes_one_row_wide_and_many_share_the_products(model, monkeypatch):
+    """With the row kernel a lone request is decoded one row wide (its products at the
+    one-stream cost); without it, four rows wide, as before."""
+    from charrnn import rows
+
+    engine = Engine(model)
+    sequence = engine.submit(request(model, "a", 50, seed=1))
+    engine.step()
+    assert engine._decoder.num_streams == (1 if rows.available() else 4)
+    drain(engine, [sequence])
+    monkeypatch.setattr(rows, "available", lambda: False)
+    fallback = Engine(model)
+    assert fallback.min_width == 4 and not fallback._decoder.invariant
+
+
 def test_one_runner_thread_steps_every_model_and_close_ends_what_is_open(model):
-    """Every engine of a process is stepped on the one decoding thread, with its own
-    intra-op thread count from 16 rows up; closing ends open sequences with an error event
-    and refuses new ones."""
+    """Every engine of a process is stepped on the one decoding thread, with two threads for
+    its products from 16 rows up (the row kernel's, torch's intra-op ones staying at one:
+    a split of an elementwise op may fall mid-row; or torch's, without the kernel);
+    closing ends open sequences with an error event and refuses new ones."""
     first, second = Engine(model, threads=2), Engine(model, threads=2)
     stepped, counts = set(), []
     for engine in (first, second):
         step = engine.step
 
-        def recorded(step=step):
+        def recorded(step=step, engine=engine):
             stepped.add(threading.get_ident())
             step()
-            counts.append(torch.get_num_threads())
+            if engine._decoder.invariant:
+                assert torch.get_num_threads() == 1
+                counts.append(engine._decoder.threads)
+            else:
+                counts.append(torch.get_num_threads())
         engine.step = recorded
     runner = Runner([first, second])
     runner.start()

@@ -20,6 +20,7 @@ import uvicorn
 from typer.testing import CliRunner
 
 import charrnn
+from charrnn import rows
 from charrnn.cli import app as cli_app
 from charrnn.server import Limits, create_app
 
@@ -140,20 +141,25 @@ def test_n_choices_and_a_stop_string_equal_charrnn_sample_without_the_stop(serve
             assert choice["text"] == text and choice["finish_reason"] == "length"
 
 
-@pytest.mark.parametrize("controls", [{}, dict(top_k=6, min_p=0.02, frequency_penalty=0.6, presence_penalty=0.2,
-                                               logit_bias={"o": -3})], ids=["plain", "every-control"])
-def test_the_same_seed_gives_the_same_text_alone_and_among_32_clients(server, controls):
+EVERY_CONTROL = dict(top_k=6, min_p=0.02, frequency_penalty=0.6, presence_penalty=0.2, logit_bias={"o": -3})
+
+
+@pytest.mark.parametrize("controls, crowd", [({}, 3), ({}, 31), (EVERY_CONTROL, 31)],
+                         ids=["plain-4-wide", "plain-32-wide", "every-control-32-wide"])
+def test_the_same_seed_gives_the_same_text_alone_and_among_others(server, controls, crowd):
+    """Alone (the decoder 1 row wide), among 3 others (4 wide) and among 31 (32 wide, its
+    products split between two threads): the same text."""
     url, _, _ = server
     mine = dict(prompt="The lazy", max_tokens=300, seed=77, temperature=0.9, top_p=0.95, **controls)
     alone = complete(url, **mine).json()["choices"][0]["text"]
 
     def other(k):
         extra = dict(top_k=k % 4, frequency_penalty=0.1 * (k % 3)) if k % 3 else {}
-        return complete(url, prompt="a" * (1 + k % 5), max_tokens=100 + 10 * k, seed=k, temperature=1.1,
+        return complete(url, prompt="a" * (1 + k % 5), max_tokens=300 + 10 * k, seed=k, temperature=1.1,
                         stream=k % 2 == 0, **extra).status_code
 
-    with ThreadPoolExecutor(32) as pool:
-        others = [pool.submit(other, k) for k in range(31)]
+    with ThreadPoolExecutor(crowd + 1) as pool:
+        others = [pool.submit(other, k) for k in range(crowd)]
         time.sleep(0.05)
         crowded = pool.submit(complete, url, **mine)
         assert all(f.result() == 200 for f in others)
@@ -206,7 +212,8 @@ def test_models_health_and_metrics(server, trained_run):
               if "val_loss" in json.loads(l)]
     assert card["training"]["best_val_loss"] == pytest.approx(min(losses))
     assert card["config"]["hidden_size"] == 32 and card["vocabulary_size"] == len(card["vocabulary"])
-    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["models"]["tiny"]["row_kernel"] == rows.available()
     metrics = httpx.get(f"{url}/metrics").text
     for name in ("charrnn_requests_total", "charrnn_generated_characters_total", "charrnn_active_streams",
                  "charrnn_queued_streams", "charrnn_time_to_first_character_seconds_bucket",
