@@ -20,15 +20,20 @@ the same request with the same seed writes the same text. Choices that are done 
 drawing until the whole sequence is (as `charrnn sample` does), so the generator's
 stream, and with it every other choice's text, does not depend on when one stopped.
 
-Width: the decoder is 4, 8, 16, ... streams wide (at least the rows in use; it narrows
-when a quarter would do) and its rows are fp32. On the CPUs measured (oneDNN/MKL sgemm),
-a row's logits are bit for bit the same at every width that is a multiple of 4, while
-1 to 3 rows take a matrix-vector path whose last bits differ; nn.LSTM's prime reads
-behave the same, so they are padded to a multiple of 4 rows too. So a request's text is
-the same whatever else is being served. Against `charrnn sample` (one stream, that
-matrix-vector path) the logits agree to ~1e-6 and the text is the same unless a draw
-lands that close to the boundary between two characters (tests/test_serve.py checks
-both on its models).
+Width: the decoder is 1, 2, 4, 8, ... streams wide (at least the rows in use; it narrows
+when a quarter would do) and its rows are fp32, their products on charrnn.rows' kernel:
+every output is the same sequence of operations at every width (and the elementwise
+maths keeps scratch rows below the streams', decode.Decoder.pad), so a row's logits are
+bit for bit the same whatever else is being decoded, and one stream is decoded one row
+wide, at `charrnn sample`'s cost. Where the kernel is not built (no C compiler at
+install) the products are torch's, whose kernels change with the row count (on the CPUs
+measured: a matrix-vector path for 1-3 rows, blocked sgemm from 4), and the decoder is
+4, 8, 16, ... rows wide instead. nn.LSTM's prime reads are padded to a multiple of 4 rows
+for the same reason. So a request's text is the same whatever else is being served.
+Against `charrnn sample` (one stream: nn.LSTM reads the prime one row wide, then torch's
+matrix-vector path, whose sums the kernel repeats bit for bit on the CPUs measured) the
+logits agree to ~1e-6, and the text is the same unless a draw lands that close to the
+boundary between two characters (tests/test_serve.py checks the texts on its models).
 
 Nothing here knows about HTTP: `notify(sequences)` (from the loop's thread) tells the
 server which sequences have new events; a Sequence's events are a deque of
@@ -45,11 +50,11 @@ from typing import Any, Callable
 
 import torch
 
-from charrnn.decode import Decoder, make_decoder
+from charrnn.decode import Decoder, Lanes, make_decoder, widen
 from charrnn.sample import bias_row, count_drawn, mix_next, next_ids_rows, shapes
 from charrnn.startmix import POSITIONS
 
-MIN_WIDTH = 4  # see the module docstring: widths that are multiples of 4 give the same bits
+MIN_WIDTH = 4  # without the row kernel, and for prime reads: multiples of 4 rows give the same bits
 BLOCK = 64  # uniforms drawn at once per sequence
 PRIME_CACHE = 256  # prompts whose state after reading them is kept (a 2x384 LSTM's: 6 KB each)
 PRIME_SLICE = 32  # a prompt longer than this is read this many characters a step, between decoding steps
@@ -202,7 +207,7 @@ class Engine:
         self.network, self.vocab, self.prior, self.device = model.network, model.vocab, model.prior, model.device
         self.max_streams, self.max_queued = max_streams, max_queued
         self.notify, self.meter = notify, meter
-        self._decoder: Decoder = make_decoder(self.network, 1, self.device, cuda_graph=False, invariant=True)
+        self._decoder: Decoder | Lanes = make_decoder(self.network, 1, self.device, cuda_graph=False, invariant=True)
         # The row kernel's rows are the same bits at every width; without it (not built, or a
         # GPU) torch's matmul is, at multiples of 4 rows.
         self.min_width = 1 if self._decoder.invariant else MIN_WIDTH
@@ -319,7 +324,7 @@ class Engine:
         2x384: 807 vs 669 us a step) and its spinning takes the core the event loop and the
         clients need. The thread count does not change a single bit of the results."""
         wanted = 1 if rows < 16 else self.threads
-        if self._decoder.invariant:  # the row kernel splits its products itself
+        if self._decoder.invariant:  # two lanes of the decoder (or the kernel's products) take them
             self._decoder.threads, wanted = wanted, 1
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
@@ -538,7 +543,7 @@ class Engine:
         new_width = self.min_width
         while new_width < rows:
             new_width *= 2
-        decoder = self._decoder.with_streams(new_width)
+        decoder = widen(self._decoder, new_width)
         kept = min(self._rows, rows)
         if kept:
             decoder.load_state(self._decoder.state(slice(0, kept)), slice(0, kept))

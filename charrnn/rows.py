@@ -102,14 +102,15 @@ class bind:
     def __call__(self, threads: int = 1) -> None:
         if threads > 1 and self.split:
             half = self.count // 2
-            other = _pool().submit(self.f, *self.args, half, self.count, 1)  # ctypes lets go of the GIL
+            other = helper().submit(self.f, *self.args, half, self.count, 1)  # ctypes lets go of the GIL
             self.f(*self.args, 0, half, 0)
             other.result()
         else:
             self.f(*self.args, 0, self.count, 1)
 
 
-def _pool() -> ThreadPoolExecutor:
+def helper() -> ThreadPoolExecutor:
+    """The one helper thread of this process's two-thread products and decoder lanes."""
     global _helper
     if _helper is None:
         _helper = ThreadPoolExecutor(1, thread_name_prefix="charrnn-rows")

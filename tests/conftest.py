@@ -75,9 +75,9 @@ def run_cli(*args, cwd=None, input=None, timeout=120, env=None):
 CELLS = ["lstm", "gru", "rnn", "peephole", "layernorm"]
 
 
-def make_model(cell="lstm", vocab_size=20, seed=0):
+def make_model(cell="lstm", vocab_size=20, seed=0, hidden_size=24):
     torch.manual_seed(seed)
-    return CharRNN(ModelConfig(cell=cell, hidden_size=24, num_layers=2, embedding_size=8, dropout=0.0), vocab_size).eval()
+    return CharRNN(ModelConfig(cell=cell, hidden_size=hidden_size, num_layers=2, embedding_size=8, dropout=0.0), vocab_size).eval()
 
 
 def shaken(model: CharRNN) -> CharRNN:

@@ -171,21 +171,24 @@ def test_rows_with_no_greedy_or_top_p_row_skip_that_work_and_draw_the_same():
 @pytest.mark.parametrize("cell", CELLS)
 def test_every_cells_rows_give_the_same_bits_at_every_width(cell):
     """fp32, the server's decoder (the row kernel): a stream's logits are the same bits at
-    widths 1, 3, 4 and 32, with the 32-wide products split between two threads."""
+    widths 1, 3, 4, 16 (its products split between two threads) and 32 (two lanes of 16
+    on two threads; the 16 rows compared straddle them)."""
     from charrnn import rows
-    from charrnn.decode import make_decoder
+    from charrnn.decode import Lanes, make_decoder, widen
 
     if not rows.available():
         pytest.skip("charrnn._rows is not built: the fallback's widths are tested below")
-    network = shaken(make_model(cell, vocab_size=20))
-    wide = make_decoder(network, 32, invariant=True)
-    assert wide.invariant
+    network = shaken(make_model(cell, vocab_size=20, hidden_size=40))
+    one = make_decoder(network, 1, invariant=True)
+    assert one.invariant
+    wide = widen(one, 32)
+    assert isinstance(wide, Lanes)
     wide.threads = 2
-    state = tuple(torch.randn(2, 32, 24) for _ in wide.state())
+    state = tuple(torch.randn(2, 32, 40) for _ in wide.state())
     wide.load_state(state)
-    narrow = {width: wide.with_streams(width) for width in (1, 3, 4)}
+    narrow = {width: one.with_streams(width) for width in (1, 3, 4, 16)}
     for width, decoder in narrow.items():
-        decoder.threads = 1
+        decoder.threads = 2
         decoder.load_state(tuple(x[:, 8 : 8 + width] for x in state))
     ids = torch.randint(0, 20, (32,))
     for _ in range(20):
