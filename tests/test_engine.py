@@ -384,3 +384,23 @@ def test_a_long_prompt_is_read_a_slice_a_step_without_stalling_the_others(model,
     assert short in engine._active or short.finished  # admitted past the long prompt
     (crowded, _), *_ = drain(engine, [late, running, short])
     assert crowded == alone
+
+
+def test_a_prompt_reads_the_same_bits_on_one_thread_or_two(model):
+    """fp32. The engine reads prompts (4 rows at a time, and long ones a slice of one row a
+    step) on two intra-op threads from 16 rows and on one below: the state must not care."""
+    ids = torch.randint(0, model.network.vocab_size, (4, 300))
+    results = []
+    for threads in (1, 2):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                state = None
+                for start in range(0, 300, 32):
+                    sliced, state = model.network(ids[:1, start : start + 32], state)
+                batch = model.network(ids)
+        finally:
+            torch.set_num_threads(before)
+        results.append([sliced, *state, batch[0], *batch[1]])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
