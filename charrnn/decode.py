@@ -10,12 +10,11 @@ character (batch 1, T = 1). This decoder packs the weights once and runs each st
     head:     logits = b + h_top @ W_head^T
 
 into buffers allocated once. On CUDA the step is captured as a CUDA graph and replayed.
-With invariant=True (the server's decoder, on a CPU, fp32, where charrnn._rows is built)
-the products run on charrnn.rows' kernel, whose row bits do not depend on the number of
-streams.
 In fp32 it computes what `CharRNN.forward` computes (a test checks the sampled text is the
 same for the same seed); with dtype=bf16 (the autocast policy of `--dtype auto`) the
-matmuls run in bf16 with fp32 gates and cell state.
+matmuls run in bf16 with fp32 gates and cell state. With invariant=True (the server's
+decoder, on a CPU, fp32, where charrnn._rows is built) the products run on charrnn.rows'
+kernel, whose row bits do not depend on the number of streams.
 
 `CellDecoder` does the same for the other cells (gru, rnn, peephole, layernorm): layer
 0's input part, W_ih Emb[id] + b (through LN_x for layernorm), is a table row; each step
