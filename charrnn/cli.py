@@ -186,6 +186,7 @@ def train(
     encoding: str = typer.Option("utf-8", help="Text encoding of the corpus files.", rich_help_panel=PANEL_RUN),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or samples on stderr.", rich_help_panel=PANEL_RUN),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout at the end.", rich_help_panel=PANEL_RUN),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Make every decision (the size for the text and budget included, with its few seconds of probe), print them and stop: no training and no run directory (the corpus is prepared and cached as for a run).", rich_help_panel=PANEL_RUN),
     tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="Also write the metrics and samples as TensorBoard events to this directory (needs the tensorboard package, charrnn's tensorboard extra).", rich_help_panel=PANEL_RUN),
     **settings,  # one flag per ModelConfig / TrainConfig field, derived from the fields (see below)
 ):
@@ -194,19 +195,24 @@ def train(
         from charrnn import run
 
         sinks = [_TrainView(quiet)]
-        if tensorboard is not None and int(os.environ.get("RANK", "0")) == 0:
+        if tensorboard is not None and not dry_run and int(os.environ.get("RANK", "0")) == 0:
             from charrnn.tensorboard import TensorBoardLog
 
             sinks.append(TensorBoardLog(tensorboard))
         try:
             summary = run.train(corpus, config=config, out=out, resume=resume, init_from=init_from, encoding=encoding,
-                                on_event=lambda event: [sink(event) for sink in sinks], **settings)
+                                on_event=lambda event: [sink(event) for sink in sinks], dry_run=dry_run, **settings)
         finally:
             for sink in sinks:
                 sink.close()
         if summary is None:  # another rank under torchrun: rank 0 reports
             return
         where = summary.pop("run_dir_reason")
+        if dry_run:
+            _err("dry run: nothing trained, no run directory written; the same command without --dry-run trains this")
+            if json_out:
+                print(_json(summary))
+            return
         _err(f"done: {summary['steps']} steps in {summary['elapsed_s']:.0f}s, best val loss "
              f"{summary['best_val_loss']:.4f} nats/char; run directory {summary['run_dir']} ({where})")
         _err(f"sample it with: charrnn sample --checkpoint {summary['run_dir']}")

@@ -24,7 +24,7 @@ from charrnn import checkpoint, distributed, rundir, sizing
 from charrnn.checkpoint import Checkpoint
 from charrnn.config import ModelConfig, TrainConfig, build, field_names, load_toml
 from charrnn.data import Corpus, RandomWindows, RestartingStreams, StatefulBatches, Vocab, rereadable, split
-from charrnn.device import resolve_device, resolve_dtype
+from charrnn.device import dtype_name, resolve_device, resolve_dtype
 from charrnn.errors import DataError, TrainingInterrupted, UsageError
 from charrnn.events import Notice, OnEvent, Preparing
 from charrnn.finetune import extended_vocab
@@ -63,6 +63,12 @@ class Plan:
     sizing: dict[str, Any] | None = None  # {"fields", "reason"} when charrnn.sizing chose them
     probe_s: float = 0.0  # seconds the sizing probe took: they count against a time budget
 
+    def summary(self) -> dict[str, Any]:
+        """What a dry run returns: the decisions, no figures."""
+        return {"run_dir": str(self.run_dir), "dry_run": True, "model": asdict(self.model_config),
+                "train": asdict(self.config), "sizing": self.sizing, "device": str(self.device),
+                "dtype": dtype_name(self.dtype), "train_chars": len(self.train_ids)}
+
     def corpus_record(self) -> dict[str, Any]:
         corpus = self.corpus
         return {"name": corpus.name, "sources": [str(s) for s in corpus.sources], "sha256": corpus.sha256,
@@ -80,12 +86,15 @@ def split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
 
 def train(corpus: str | Path | Sequence[str | Path] | None = None, *, config: str | Path | None = None,
           out: str | Path | None = None, resume: str | Path | None = None, init_from: str | Path | None = None,
-          encoding: str = "utf-8", on_event: OnEvent | None = None, **settings: Any) -> dict[str, Any] | None:
+          encoding: str = "utf-8", on_event: OnEvent | None = None, dry_run: bool = False,
+          **settings: Any) -> dict[str, Any] | None:
     """Train a model and return the run's summary (None on the other ranks under torchrun).
 
     corpus: text files, directories or "-" (stdin); None: the embedded Python docs (or,
     with resume, the run's own files). settings: any ModelConfig / TrainConfig field
     (hidden_size=256, time="5m", ...), over the TOML file's, over the defaults.
+    dry_run: make every decision (the sizing probe included), report them in the Setup
+    event, and return the plan's summary without training or writing anything.
     resume: a run directory (or its last.pt) to continue exactly. init_from: a run
     directory or .pt whose weights start a new run on this corpus (fine-tuning).
     """
@@ -140,7 +149,8 @@ def train(corpus: str | Path | Sequence[str | Path] | None = None, *, config: st
     clean = False
     try:
         plan = resolve(corpus_data, model_config, train_config, run_dir, resume=payload, base=base, auto=auto)
-        summary = Trainer(plan, emit).run()
+        trainer = Trainer(plan, emit)  # reports the plan (events.Setup); writes nothing before run()
+        summary = plan.summary() if dry_run else trainer.run()
         clean = True
     except TrainingInterrupted:
         clean = True  # every rank agreed to stop at the same step

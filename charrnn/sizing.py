@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,9 @@ from charrnn.device import autocast
 # 192 keeps the step small where a short budget sits at the 256 bar, which the
 # machine's own speed (+-20 % minute to minute) moves a run across.
 WIDTHS = (128, 192, 256, 384, 512, 768, 1024)
-CHARS_PER_PARAMETER = 2.5  # K in the module docstring, and where it comes from
+CHARS_PER_PARAMETER = 2.5  # K at ANCHOR_CHARS (a 90-second to 2-minute CPU run), measured
+ANCHOR_CHARS = 3e6
+GROWTH = 0.5  # K grows as (characters read / ANCHOR_CHARS) ** GROWTH: fitted to the sweeps
 MAX_DROPOUT = 0.35
 SIZED = ("hidden_size", "dropout")  # the model fields chosen here unless given
 SIZED_TRAIN = ("batch_size", "eval_every")  # and the training fields (fine-tuning too)
@@ -101,6 +104,12 @@ def parameters(config: ModelConfig, vocab_size: int) -> int:
     return vocab_size * e + recurrent + (h + 1) * vocab_size
 
 
+def chars_per_parameter(chars: float) -> float:
+    """K(D): the characters per parameter a run that reads D characters should have.
+    CHARS_PER_PARAMETER at ANCHOR_CHARS, growing as a power of D (the module docstring)."""
+    return CHARS_PER_PARAMETER * (chars / ANCHOR_CHARS) ** GROWTH
+
+
 def dropout_for(epochs: float) -> float:
     """No dropout up to 3 passes over the text, MAX_DROPOUT from 23 on, linear between."""
     return round(MAX_DROPOUT * _ramp(epochs, 3.0, 23.0), 2)
@@ -122,19 +131,20 @@ def _ramp(epochs: float, start: float, end: float) -> float:
 
 
 def choose(model: ModelConfig, train: TrainConfig, train_chars: int, vocab_size: int, device: torch.device,
-           dtype: torch.dtype | None, probe: bool = True, widths: tuple[int, ...] = WIDTHS) -> Choice:
+           dtype: torch.dtype | None, probe: bool = True, widths: tuple[int, ...] = WIDTHS,
+           speed_of: Callable[[int], float] | None = None) -> Choice:
     """The width, dropout and weight decay for this corpus and stop condition (see the module docstring).
     widths: the candidates; a width that was given is the only one, so the dropout follows
-    the passes that width makes, not those of the width that would have been chosen."""
+    the passes that width makes, not those of the width that would have been chosen.
+    speed_of: training chars/s as a function of the width, for a time budget; None: probed
+    here (`probed_speeds`). Given, it stands for another machine's probe (tests, tables)."""
     budget = train.with_default_stop()
     started = time.perf_counter()
-    speed_of = None
-    if budget.time:
+    if budget.time and speed_of is None:
         if probe and budget.time_budget_s >= MIN_PROBED_BUDGET_S:
             speed_of = probed_speeds(model, train, vocab_size, device, dtype)
         else:  # too short a budget to spend on a probe: a 2-core CPU's speeds
             speed_of = lambda hidden: 40_000.0 * (256 / hidden) ** 0.75
-    probe_s = time.perf_counter() - started
     chosen = None
     for hidden in widths:
         candidate = replace(model, hidden_size=hidden)
@@ -144,30 +154,40 @@ def choose(model: ModelConfig, train: TrainConfig, train_chars: int, vocab_size:
             chars = min(chars, budget.steps * train.batch_size * train.seq_len)
         if budget.epochs:
             chars = min(chars, budget.epochs * train_chars)
-        if speed_of is not None:
-            speed = speed_of(hidden)
+        if budget.time:
+            speed = speed_of(hidden)  # may time this width now: a probe's seconds count against the budget
+            probe_s = time.perf_counter() - started
             chars = min(chars, speed * max(0.0, budget.time_budget_s - probe_s) * 0.9)  # validations take the rest
-        fits = chars >= CHARS_PER_PARAMETER * parameters(candidate, vocab_size)
+        fits = 0 < chars >= chars_per_parameter(chars) * parameters(candidate, vocab_size)
         if fits or chosen is None:
             chosen = (hidden, chars, speed)
         if not fits:
             break  # wider ones read even less per parameter
     hidden, chars, speed = chosen
     epochs = chars / max(1, train_chars)
-    return Choice(hidden, dropout_for(epochs), chars, epochs, speed, probe_s)
+    return Choice(hidden, dropout_for(epochs), chars, epochs, speed, time.perf_counter() - started)
 
 
 def probed_speeds(model: ModelConfig, train: TrainConfig, vocab_size: int, device: torch.device,
-                  dtype: torch.dtype | None):
-    """Training chars/s as a function of the width: two widths timed, a power law between
-    and beyond them (on CPUs wider layers use the cores better than their FLOPs suggest:
-    2x512 trains at ~0.6x the chars/s of 2x256, not at the 0.3x of its FLOPs)."""
+                  dtype: torch.dtype | None) -> Callable[[int], float]:
+    """Training chars/s as a function of the width: 256 and 512 timed now, a power law
+    between and below them (on CPUs wider layers use the cores better than their FLOPs
+    suggest: 2x512 trains at ~0.35-0.6x the chars/s of 2x256, not at the 0.3x of its
+    FLOPs); a width above 512 is timed itself when asked for (only a long budget gets
+    there), since past 512 a CPU's speed falls faster than the law (2x1024: 0.18x of
+    2x512 measured, 0.34x by the law)."""
     low, high = 256, 512
-    r_low = probe_speed(replace(model, hidden_size=low), train, vocab_size, device, dtype)
-    r_high = probe_speed(replace(model, hidden_size=high), train, vocab_size, device, dtype)
-    exponent = math.log(r_low / r_high) / math.log(high / low)
+    measured = {width: probe_speed(replace(model, hidden_size=width), train, vocab_size, device, dtype)
+                for width in (low, high)}
+    exponent = math.log(measured[low] / measured[high]) / math.log(high / low)
     exponent = min(2.0, max(0.0, exponent))  # noise cannot make wider faster, or worse than FLOPs
-    return lambda hidden: r_low * (low / hidden) ** exponent
+
+    def speed(hidden: int) -> float:
+        if hidden > high and hidden not in measured:
+            measured[hidden] = probe_speed(replace(model, hidden_size=hidden), train, vocab_size, device, dtype)
+        return measured.get(hidden) or measured[low] * (low / hidden) ** exponent
+
+    return speed
 
 
 def probe_speed(model: ModelConfig, train: TrainConfig, vocab_size: int, device: torch.device,

@@ -1,10 +1,12 @@
 """Defaults that fit the corpus and the budget (charrnn.sizing) and how train uses them."""
 
+import json
+
 import pytest
 import torch
 
 from charrnn import checkpoint, sizing
-from charrnn.config import ModelConfig, TrainConfig
+from charrnn.config import ModelConfig, TrainConfig, parse_duration
 from charrnn.model import CharRNN, count_parameters
 
 from conftest import VERSE, corpus_of, run_cli, tiny_configs
@@ -59,7 +61,7 @@ def test_the_width_is_the_widest_that_reads_enough_characters_per_parameter():
     chars = 2000 * 64 * 128
     assert choice.chars == chars
     fits = [h for h in sizing.WIDTHS
-            if chars >= sizing.CHARS_PER_PARAMETER * sizing.parameters(ModelConfig(hidden_size=h), 100)]
+            if chars >= sizing.chars_per_parameter(chars) * sizing.parameters(ModelConfig(hidden_size=h), 100)]
     assert choice.hidden_size == max(fits)
 
 
@@ -193,3 +195,102 @@ def test_the_reason_says_when_the_budget_not_the_text_limits_what_is_read():
     small = sizing.Choice(hidden_size=512, dropout=0.0, chars=30e6, epochs=3.0, chars_per_s=None, probe_s=0.0)
     assert "the budget, not the text, limits what is read: 0.3% of it" in big.reason(int(9e9), "20m")
     assert "limits what is read" not in small.reason(int(10e6), "20m")
+
+
+# Probes as another machine's figures (chars/s by width): sizing.choose takes them as input.
+def _cpu_like(hidden):  # this project's 2-core CPU, measured (bf16, batch 16): 31k at 256, 10.5k at 512, 1.9k at 1024
+    return 31_000.0 * (256 / hidden) ** (1.56 if hidden <= 512 else 2.0)
+
+
+def _gpu_like(hidden):  # one H200, latency-bound: a wider layer costs little (bf16, batch 64)
+    return 400_000.0 * (256 / hidden) ** 0.3
+
+
+BUDGETS = ("1m", "2m", "5m", "10m", "20m", "1h", "3h", "12h")
+TEXTS = (100_000, 1_000_000, 10_000_000, 100_000_000, 1_000_000_000)
+
+
+def _timed(train_chars, budget, speed_of, **train):
+    return sizing.choose(ModelConfig(), TrainConfig(time=budget, **train), train_chars, 100, CPU, None,
+                         speed_of=speed_of)
+
+
+@pytest.mark.parametrize("speed_of", [_cpu_like, _gpu_like], ids=["cpu-probe", "gpu-probe"])
+def test_more_time_never_picks_a_smaller_model(speed_of):
+    for text in TEXTS:
+        widths = [_timed(text, budget, speed_of).hidden_size for budget in BUDGETS]
+        assert widths == sorted(widths), (text, widths)
+    # and the range is used: a minute picks a small model, half a day a big one
+    assert _timed(10_000_000, "1m", speed_of).hidden_size < _timed(10_000_000, "12h", speed_of).hidden_size
+
+
+@pytest.mark.parametrize("speed_of", [_cpu_like, _gpu_like], ids=["cpu-probe", "gpu-probe"])
+def test_more_text_never_makes_more_passes_or_a_smaller_model(speed_of):
+    for budget in BUDGETS:
+        choices = [_timed(text, budget, speed_of) for text in TEXTS]
+        passes = [c.epochs for c in choices]
+        assert passes == sorted(passes, reverse=True), (budget, passes)
+        widths = [c.hidden_size for c in choices]
+        assert widths == sorted(widths), (budget, widths)
+        regularisation = [(c.dropout, c.weight_decay) for c in choices]
+        assert regularisation == sorted(regularisation, reverse=True), (budget, regularisation)
+
+
+@pytest.mark.parametrize("speed_of", [_cpu_like, _gpu_like], ids=["cpu-probe", "gpu-probe"])
+def test_the_chosen_width_is_the_widest_the_rule_allows_on_any_probe(speed_of):
+    """The same rule on a GPU's figures as on a CPU's: each choice reads at least
+    K(chars) characters per parameter, and the next width up would not."""
+    for text in TEXTS[1:4]:
+        for budget in BUDGETS:
+            choice = _timed(text, budget, speed_of)
+            params = sizing.parameters(ModelConfig(hidden_size=choice.hidden_size), 100)
+            assert choice.chars == pytest.approx(speed_of(choice.hidden_size) * parse_duration(budget) * 0.9, rel=1e-3)
+            if choice.hidden_size != sizing.WIDTHS[0]:
+                assert choice.chars >= sizing.chars_per_parameter(choice.chars) * params
+            if choice.hidden_size != sizing.WIDTHS[-1]:
+                wider = sizing.WIDTHS[sizing.WIDTHS.index(choice.hidden_size) + 1]
+                chars = speed_of(wider) * parse_duration(budget) * 0.9
+                assert chars < sizing.chars_per_parameter(chars) * sizing.parameters(ModelConfig(hidden_size=wider), 100)
+
+
+def test_a_gpu_probe_picks_wider_models_than_a_cpu_probe_in_the_same_budget():
+    for budget in ("5m", "20m", "1h"):
+        cpu, gpu = _timed(3_000_000, budget, _cpu_like), _timed(3_000_000, budget, _gpu_like)
+        assert gpu.hidden_size > cpu.hidden_size and gpu.chars > cpu.chars
+
+
+def test_a_width_above_512_is_timed_itself_only_when_the_budget_reaches_it(monkeypatch):
+    """Past 512 a CPU's speed falls faster than the 256-512 power law: the probe times
+    such a width rather than extrapolate, and a short budget never pays for it."""
+    timed = []
+    true_speed = {256: 31_000.0, 512: 10_500.0, 768: 3_500.0, 1024: 1_900.0}
+    monkeypatch.setattr(sizing, "probe_speed", lambda model, *a, **k: timed.append(model.hidden_size) or true_speed[model.hidden_size])
+    short = sizing.choose(ModelConfig(), TrainConfig(time="5m"), 3_000_000, 100, CPU, None)
+    assert timed == [256, 512] and short.hidden_size <= 512
+    timed.clear()
+    long = sizing.choose(ModelConfig(), TrainConfig(time="24h"), 3_000_000, 100, CPU, None)
+    assert timed[:2] == [256, 512] and 768 in timed
+    assert long.chars_per_s == true_speed[long.hidden_size]  # measured, not extrapolated (the law says 5,600 at 768)
+
+
+def test_dry_run_prints_the_decisions_and_writes_no_run(tmp_path):
+    corpus = tmp_path / "verse.txt"
+    corpus.write_text(VERSE * 200, encoding="utf-8")
+    out = tmp_path / "run"
+    done = run_cli("train", corpus, "--out", out, "--steps", "3", "--batch-size", "4", "--seq-len", "16",
+                   "--dry-run", "--json")
+    assert done.returncode == 0, done.stderr
+    assert not out.exists()
+    plan = json.loads(done.stdout)
+    expected = _choose(len(VERSE * 200) * 9 // 10, steps=3, batch_size=4, seq_len=16)
+    assert plan["dry_run"] is True and plan["model"]["hidden_size"] == expected.hidden_size
+    assert plan["train"]["weight_decay"] == expected.weight_decay and plan["train"]["steps"] == 3
+    size_line = next(line for line in done.stderr.splitlines() if line.startswith("size: "))
+    assert f"{expected.hidden_size} units" in size_line and "dry run: nothing trained" in done.stderr
+    trained = run_cli("train", corpus, "--out", out, "--steps", "3", "--batch-size", "4", "--seq-len", "16",
+                      "--sample-length", "0")
+    assert trained.returncode == 0 and size_line in trained.stderr  # the same decisions, trained
+
+
+def test_a_budget_that_reads_nothing_gets_the_smallest_width():
+    assert _timed(1_000_000, "1s", lambda hidden: 0.0).hidden_size == sizing.WIDTHS[0]
