@@ -365,7 +365,10 @@ class _TrainView:
                 f"vocabulary extended by {len(added)} character(s): {added!r}" if added else "no new characters"))
         if info.get("sizing"):
             chosen = {"hidden_size": f"{model['hidden_size']} units", "dropout": f"dropout {model['dropout']:g}",
+                      "weight_drop": f"weight drop {model['weight_drop']:g}",
                       "weight_decay": f"weight decay {config['weight_decay']:g}",
+                      "ema_decay": (f"weight average {config['ema_decay']:g}" if config["ema_decay"]
+                                    else "no weight average"),
                       "batch_size": f"batch {config['batch_size']}"}  # eval_every follows the batch
             fields = [k for k in info["sizing"]["fields"] if k in chosen]
             flags = " / ".join("--" + k.replace("_", "-") for k in fields)

@@ -55,8 +55,10 @@ class ModelConfig:
     recurrent_dropout: float = setting(0.0, "Dropout on h_{t-1}, one mask per sequence (peephole/layernorm cells).")
     # DropConnect on the recurrent weights W_hh (AWD-LSTM's weight drop): one mask per
     # forward call, shared by every time step and sequence; regularises the recurrence
-    # without touching the fused nn.LSTM kernel. 0 = off.
-    weight_drop: float = setting(0.0, "DropConnect on the recurrent weights W_hh (AWD-LSTM weight drop), one mask per forward.")
+    # without touching the fused nn.LSTM kernel. 0 = off. A new run chooses it from its
+    # passes over the text (charrnn.sizing.weight_drop_for).
+    weight_drop: float = setting(0.0, "DropConnect on the recurrent weights W_hh (AWD-LSTM weight drop), one mask per forward.",
+                                 show="0-0.3, chosen from the passes over the text (0 in the library)")
     # Dropout on the character embeddings (whole vectors' entries, like the other dropouts).
     embedding_dropout: float = setting(0.0, "Dropout on the character embeddings.")
     # Weight initialisation. "default": PyTorch's uniform(+-1/sqrt(H)), which keeps the
@@ -120,8 +122,11 @@ class TrainConfig:
     # (they were made from an all-zero state, with almost no context).
     burn_in: int = setting(0, "Stateless mode: predictions left out of the loss at the start of each window.")
     # Weight averaging: validation, best.pt and sampling use an exponential moving average
-    # of the weights with this decay (0 = off; see charrnn.average).
-    ema_decay: float = setting(0.0, "Validate, keep best.pt and sample with a moving average of the weights of this decay (0 = off).")
+    # of the weights with this decay (0 = off; see charrnn.average). A new run chooses it
+    # from its passes over the text (charrnn.sizing.ema_decay_for); the library's 0 is what
+    # fine-tuning keeps.
+    ema_decay: float = setting(0.0, "Validate, keep best.pt and sample with a moving average of the weights of this decay (0 = off).",
+                               show="0.998 from 8 passes over the text, else 0 (0 in the library)")
     # Stateful mode: the chance per step that a stream jumps to a random place in the text
     # and starts again from the learned start state (0 = fixed streams, reset each epoch,
     # as char-rnn). See charrnn.data.RestartingStreams.

@@ -43,10 +43,12 @@ CHARS_PER_PARAMETER = 2.5  # K at ANCHOR_CHARS (a 90-second to 2-minute CPU run)
 ANCHOR_CHARS = 3e6
 GROWTH = 0.5  # K grows as (characters read / ANCHOR_CHARS) ** GROWTH: fitted to the sweeps
 MAX_DROPOUT = 0.35
-SIZED = ("hidden_size", "dropout")  # the model fields chosen here unless given
+SIZED = ("hidden_size", "dropout", "weight_drop")  # the model fields chosen here unless given
 SIZED_TRAIN = ("batch_size", "eval_every")  # and the training fields (fine-tuning too)
-SIZED_DECAY = ("weight_decay",)  # chosen from the passes, as the dropout, for new runs only
+SIZED_DECAY = ("weight_decay", "ema_decay")  # chosen from the passes, as the dropout, for new runs only
 MIN_WEIGHT_DECAY, MAX_WEIGHT_DECAY = 0.01, 0.2
+EMA_FROM_PASSES, EMA_DECAY = 8.0, 0.998
+MAX_WEIGHT_DROP = 0.3
 MIN_PROBED_BUDGET_S = 60.0  # shorter time budgets are not worth a probe of a few seconds
 
 
@@ -62,6 +64,14 @@ class Choice:
     @property
     def weight_decay(self) -> float:
         return weight_decay_for(self.epochs)
+
+    @property
+    def weight_drop(self) -> float:
+        return weight_drop_for(self.epochs)
+
+    @property
+    def ema_decay(self) -> float:
+        return ema_decay_for(self.epochs)
 
     def reason(self, train_chars: int, budget: str) -> str:
         speed = f" at ~{self.chars_per_s / 1000:,.0f}k chars/s (probed)" if self.chars_per_s else ""
@@ -123,6 +133,23 @@ def weight_decay_for(epochs: float) -> float:
     line is drawn.
     """
     return round(MIN_WEIGHT_DECAY + (MAX_WEIGHT_DECAY - MIN_WEIGHT_DECAY) * _ramp(epochs, 4.5, 7.0), 3)
+
+
+def weight_drop_for(epochs: float) -> float:
+    """DropConnect on the recurrent weights (AWD-LSTM's weight drop): none up to 25 passes
+    over the text, MAX_WEIGHT_DROP from 50, linear between. Past ~25 passes dropout 0.35
+    no longer stops a model from memorising the text late in the run; the weight drop
+    does, where earlier it only slows learning (docs/benchmarks.md, "Many passes")."""
+    return round(MAX_WEIGHT_DROP * _ramp(epochs, 25.0, 50.0), 2)
+
+
+def ema_decay_for(epochs: float) -> float:
+    """Validation, best.pt and samples read a moving average of the weights (decay
+    EMA_DECAY, ~500 steps) from EMA_FROM_PASSES passes over the text on; below, the raw
+    weights. Where a run makes many passes its raw weights swing from one validation to
+    the next and start to memorise late in the run; the average reads what the run has
+    learned, not the luck of the step it was read at (docs/benchmarks.md, "Many passes")."""
+    return EMA_DECAY if epochs >= EMA_FROM_PASSES else 0.0
 
 
 def _ramp(epochs: float, start: float, end: float) -> float:

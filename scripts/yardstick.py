@@ -58,11 +58,11 @@ def corpus_path(name: str) -> Path:
 
 
 class PlainLSTM(nn.Module):
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, layers: int = 2, hidden: int = 256):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, 256)
-        self.lstm = nn.LSTM(256, 256, 2, batch_first=True)
-        self.head = nn.Linear(256, vocab_size)
+        self.lstm = nn.LSTM(256, hidden, layers, batch_first=True)
+        self.head = nn.Linear(hidden, vocab_size)
 
     def forward(self, x, state=None):
         out, state = self.lstm(self.embedding(x), state)
@@ -74,17 +74,18 @@ def chunked_loss(model: PlainLSTM, ids: torch.Tensor, chunk: int = 1000, batch: 
     """Mean loss over the text cut into chunk-character pieces, each read from a zero state."""
     model.eval()
     ids = ids.long()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     starts = list(range(0, len(ids) - 1, chunk))
     full = [s for s in starts if s + chunk + 1 <= len(ids)]
     for i in range(0, len(full), batch):
-        rows = torch.stack([ids[s : s + chunk + 1] for s in full[i : i + batch]])
+        rows = torch.stack([ids[s : s + chunk + 1] for s in full[i : i + batch]]).to(device)
         logits, _ = model(rows[:, :-1])
         total += F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="sum").item()
         count += rows[:, 1:].numel()
     rest = [s for s in starts if s not in set(full)]
     for s in rest:  # the short last piece
-        piece = ids[s:]
+        piece = ids[s:].to(device)
         logits, _ = model(piece[None, :-1])
         total += F.cross_entropy(logits[0], piece[1:], reduction="sum").item()
         count += len(piece) - 1
@@ -92,20 +93,22 @@ def chunked_loss(model: PlainLSTM, ids: torch.Tensor, chunk: int = 1000, batch: 
     return total / count
 
 
-def plain_loop(path: Path, seconds: float, seed: int = 1337) -> dict:
+def plain_loop(path: Path, seconds: float, seed: int = 1337, device: str = "cpu", size: str = "2x256") -> dict:
     torch.manual_seed(seed)
     corpus = read_corpus([str(path)])
     vocab = Vocab.from_data(corpus)
     train_ids, val_ids = split(vocab.encode_data(corpus), 0.1)
-    train_ids = train_ids.long()
-    model = PlainLSTM(len(vocab))
+    train_ids = train_ids.long().to(device)
+    layers, hidden = (int(n) for n in size.split("x"))
+    model = PlainLSTM(len(vocab), layers, hidden).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     best, step, train_time = float("inf"), 0, 0.0
     start = time.perf_counter()
-    offsets = torch.arange(101)
+    offsets = torch.arange(101, device=device)
     while True:
         t0 = time.perf_counter()
-        starts = torch.randint(0, len(train_ids) - 101, (64, 1))
+        starts = torch.randint(0, len(train_ids) - 101, (64, 1), device=device)
         window = train_ids[starts + offsets]
         logits, _ = model(window[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
@@ -113,6 +116,7 @@ def plain_loop(path: Path, seconds: float, seed: int = 1337) -> dict:
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
+        sync()
         step += 1
         train_time += time.perf_counter() - t0
         out_of_time = time.perf_counter() - start >= seconds
@@ -148,6 +152,9 @@ def main() -> None:
     parser.add_argument("--charrnn-args", default="", help="extra flags for charrnn train")
     parser.add_argument("--json", action="store_true", help="one JSON line per row as well")
     parser.add_argument("--keep", type=Path, help="keep charrnn's run directories under this folder")
+    parser.add_argument("--device", default="cpu", help="the loop's device (cpu, cuda); charrnn picks its own unless "
+                        "--charrnn-args says --device")
+    parser.add_argument("--loop-size", default="2x256", help="the loop's LAYERSxHIDDEN (2x256; 3x512 for a GPU)")
     args = parser.parse_args()
     extra = shlex.split(args.charrnn_args)
     print(f"{'corpus':12s} {'budget':>6s} | {'loop val':>8s} {'steps':>6s} {'chars/s':>8s} | "
@@ -156,7 +163,7 @@ def main() -> None:
         path = corpus_path(name)
         for budget in args.time.split(","):
             seconds = parse_duration(budget)
-            loop = plain_loop(path, seconds) if args.only != "charrnn" else None
+            loop = plain_loop(path, seconds, device=args.device, size=args.loop_size) if args.only != "charrnn" else None
             ours = charrnn_run(path, budget, extra, args.keep) if args.only != "loop" else None
             row = {"corpus": name, "budget": budget, "loop": loop, "charrnn": ours,
                    "charrnn_args": args.charrnn_args}

@@ -132,7 +132,8 @@ def test_an_explicit_width_is_not_chosen(tmp_path):
     done = run_cli("train", corpus, "--out", tmp_path / "run", "--steps", "2", "--batch-size", "4", "--seq-len", "16",
                    "--hidden-size", "24", "--dropout", "0", "--weight-decay", "0.05", "--sample-length", "0")
     assert done.returncode == 0, done.stderr
-    assert "size: " not in done.stderr and "2x24 lstm" in done.stderr
+    size = [line for line in done.stderr.splitlines() if line.startswith("size: ")]
+    assert "2x24 lstm" in done.stderr and not any(flag in size[0] for flag in ("--hidden-size", "--dropout ", "--weight-decay"))
     assert checkpoint.load(tmp_path / "run" / "last.pt").train_config["weight_decay"] == 0.05
 
 
@@ -144,7 +145,9 @@ def test_a_config_files_width_dropout_and_batch_are_not_chosen(tmp_path):
     preset.write_text('[model]\nhidden_size = 24\ndropout = 0.05\n\n[train]\nbatch_size = 4\nseq_len = 16\nweight_decay = 0.3\n')
     done = run_cli("train", corpus, "--config", preset, "--out", tmp_path / "run", "--steps", "2", "--sample-length", "0")
     assert done.returncode == 0, done.stderr
-    assert "size: " not in done.stderr and "2x24 lstm, dropout 0.05" in done.stderr
+    size = [line for line in done.stderr.splitlines() if line.startswith("size: ")]
+    assert "2x24 lstm, dropout 0.05" in done.stderr
+    assert not any(flag in size[0] for flag in ("--hidden-size", "--dropout ", "--weight-decay", "--batch-size"))
     saved = checkpoint.load(tmp_path / "run" / "last.pt")
     assert (saved.model_config["hidden_size"], saved.model_config["dropout"]) == (24, 0.05)
     assert (saved.train_config["batch_size"], saved.train_config["eval_every"]) == (4, 3200)  # follows the batch
@@ -158,7 +161,7 @@ def test_the_batch_is_chosen_for_the_device_unless_given_and_resume_keeps_it(tmp
     corpus = tmp_path / "verse.txt"
     corpus.write_text(VERSE * 50, encoding="utf-8")
     common = ("--steps", "2", "--seq-len", "16", "--hidden-size", "24", "--dropout", "0", "--weight-decay", "0.01",
-              "--sample-length", "0")
+              "--weight-drop", "0", "--ema-decay", "0", "--sample-length", "0")
     settings = {}
     for name, extra in {"auto": (), "given": ("--batch-size", "4"), "interval": ("--eval-every", "5")}.items():
         done = run_cli("train", corpus, "--out", tmp_path / name, *common, *extra)
