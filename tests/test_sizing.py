@@ -297,3 +297,49 @@ def test_dry_run_prints_the_decisions_and_writes_no_run(tmp_path):
 
 def test_a_budget_that_reads_nothing_gets_the_smallest_width():
     assert _timed(1_000_000, "1s", lambda hidden: 0.0).hidden_size == sizing.WIDTHS[0]
+
+
+def test_weight_drop_and_average_come_with_many_passes():
+    assert sizing.weight_drop_for(20) == 0.0 < sizing.weight_drop_for(30) < sizing.weight_drop_for(45) < sizing.MAX_WEIGHT_DROP
+    assert sizing.weight_drop_for(50) == sizing.weight_drop_for(500) == sizing.MAX_WEIGHT_DROP
+    assert sizing.ema_decay_for(7.9) == 0.0 and sizing.ema_decay_for(8) == sizing.ema_decay_for(80) == sizing.EMA_DECAY
+
+
+def _words_text(words: int = 600) -> str:
+    """A text of 60 made-up words in random order: the words can be learned, the order only memorised."""
+    import random
+
+    rng = random.Random(0)
+    vocabulary = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 7))) for _ in range(60)]
+    return " ".join(rng.choice(vocabulary) for _ in range(words)) + "\n"
+
+
+def test_a_run_of_many_passes_does_not_overfit_at_its_end(tmp_path):
+    """~68 passes over a 3.6k-character text (fp32, 2x96): with the settings the sizing
+    picks for that many passes (weight drop, weight average) the run's last validation is
+    its best, and better than the best of the same run without them, whose validation
+    loss climbs over its last part as it memorises the text."""
+    from charrnn import events
+    from charrnn.run import trainer_for
+
+    def run(name, model=None, auto=(), **train):
+        model_config, train_config = tiny_configs(
+            model={"hidden_size": 96, "embedding_size": 32, **(model or {})},
+            train={"steps": 400, "eval_every": 25, "batch_size": 16, "seq_len": 32, "learning_rate": 3e-3,
+                   "warmup_steps": 20, "sample_length": 0, "seed": 1, "start_mix": False, **train})
+        readings = []
+        trainer = trainer_for(corpus_of(_words_text()), model_config, train_config, tmp_path / name,
+                              on_event=lambda e: readings.append(e.val_loss) if isinstance(e, events.Validation) else None,
+                              auto=auto)
+        trainer.run()
+        return trainer, readings
+
+    auto = ("dropout", "weight_drop", "weight_decay", "ema_decay")
+    chosen, with_them = run("chosen", auto=auto)
+    assert chosen.plan.model_config.weight_drop == sizing.MAX_WEIGHT_DROP and chosen.config.ema_decay == sizing.EMA_DECAY
+    assert chosen.plan.model_config.dropout == sizing.MAX_DROPOUT and chosen.config.weight_decay == sizing.MAX_WEIGHT_DECAY
+    # the same run with the settings it had before (dropout and decay from the passes, nothing else)
+    _, without = run("without", model={"dropout": sizing.MAX_DROPOUT}, weight_decay=sizing.MAX_WEIGHT_DECAY)
+    assert without[-1] - min(without) > 0.01  # it overfits at the end: the test can tell
+    assert with_them[-1] - min(with_them) < 0.002
+    assert min(with_them) < min(without) - 0.01
