@@ -1,25 +1,34 @@
 """Defaults that fit the corpus, the budget and the device: the model's width, its
-dropout and the weight decay (below), and the batch (`batch_for`).
+regularisation (below), and the batch (`batch_for`).
 
 A fixed 2x512 with dropout 0.35 suits ~1 MB in 10 CPU minutes and little else: on a
 big text in a short budget it sees too few characters to learn what a smaller model
 learns, and on a small text in a long one a bigger, more regularised model does better.
 So when neither a flag nor a config file sets them, `charrnn train` chooses:
 
-1. **How many characters the run will read**, C(H) for each candidate width H: the
+1. **How many characters the run will read**, D(H) for each candidate width H: the
    step or epoch limit says so directly; a time limit is multiplied by the training
-   speed of that width on this machine, measured by a few real steps (the probe).
-2. **The width**: the widest H whose run reads at least CHARS_PER_PARAMETER characters
-   per parameter, C(H) >= K P(H). Fewer, and the model is too big to learn in the
-   budget; many more, and a wider one would have learned more.
-3. **The dropout**, from the passes over the training text E = C(H) / N: none while
+   speed of that width on this machine, measured by a few real steps (the probe; a
+   GPU's probe is its own figure, and the same rule follows from it).
+2. **The width**: the widest H whose run reads at least K(D) characters per parameter,
+   D(H) >= K(D) P(H), where K grows with what the run reads: K(D) = CHARS_PER_PARAMETER
+   (D / ANCHOR_CHARS) ** GROWTH (`chars_per_parameter`). Fewer, and the model is too big
+   to learn in the budget; many more, and a wider one would have learned more. K grows
+   because a longer run's best model is smaller than a constant K makes it: the
+   parameters of the best width grow as D ** (1 / (1 + GROWTH)), not as D (Chinchilla's
+   rule for transformers keeps K constant). More time never picks a smaller model.
+3. **The dropout**, from the passes over the training text E = D(H) / N: none while
    each character is seen three times or less (nothing to overfit yet), rising to
    MAX_DROPOUT once it is seen ~23 times (small texts, long budgets).
 4. **The weight decay**, from the same passes: AdamW's 0.01 up to 4.5 passes, rising to
-   0.2 at 7 (`weight_decay_for`). A new run only: fine-tuning keeps the library's 0.01.
+   0.2 at 7 (`weight_decay_for`).
+5. **Many passes**: a moving average of the weights read by validation, best.pt and
+   samples from 8 passes on (`ema_decay_for`), and a weight drop on the recurrent
+   weights from 25 (`weight_drop_for`): without them a run that reads its text 50 times
+   memorises it over its last part and picks its best.pt from noisy readings.
 
-The measurements behind K, the widths, the dropout ramp, the decay's ramp and the batch
-are in docs/benchmarks.md ("Why each default is what it is").
+Items 3-5 are for new runs; fine-tuning keeps the library's values. The measurements
+behind each number are in docs/benchmarks.md ("Why each default is what it is").
 """
 
 from __future__ import annotations

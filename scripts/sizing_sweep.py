@@ -4,6 +4,7 @@ budget, and how the best grows with the characters the budget can read.
 
     python scripts/sizing_sweep.py prose shakespeare --budgets 5m,20m --widths 256,384,512 --jobs 2
     python scripts/sizing_sweep.py --fit /tmp/charrnn-sizing/results.jsonl
+    python scripts/sizing_sweep.py --choices 1MB.txt 10MB.txt 100MB.txt --budgets 1m,5m,20m,1h
 
 A time budget is turned into steps before any run: each width's training speed is timed
 once at the start (charrnn.sizing.probe_speed at the CPU's batch, with the machine to
@@ -180,6 +181,32 @@ def fit(records: list[dict]) -> None:
         print(f"  D = {d / 1e6:6.0f}M characters: N = {math.exp(c) * d ** a / 1e6:6.2f}M, K = {d / (math.exp(c) * d ** a):5.1f}")
 
 
+def choices(args) -> None:
+    """What `charrnn train FILE --time T --dry-run` picks for each file and budget (its
+    probe times this machine: run it alone)."""
+    print("| text | " + " | ".join(args.budgets.split(",")) + " |")
+    print("| --- | " + " | ".join("---" for _ in args.budgets.split(",")) + " |")
+    for name in args.corpora:
+        cells = []
+        for budget in args.budgets.split(","):
+            done = subprocess.run([sys.executable, "-m", "charrnn", "train", str(corpus_path(name)), "--time", budget,
+                                   "--dry-run", "--json", "-q"], capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
+            if done.returncode != 0:
+                raise SystemExit(f"{name} {budget}: {done.stderr[-1000:]}")
+            plan = json.loads(done.stdout)
+            model, train = plan["model"], plan["train"]
+            reason = plan["sizing"]["reason"]
+            passes = reason.split(" passes over the text")[0].rsplit(", ", 1)[-1]
+            read = reason.split("characters read")[0].rsplit("~", 1)[-1].strip()
+            cells.append(f"2x{model['hidden_size']}, {read} read, {passes} passes, dropout {model['dropout']:g}"
+                         + (f", weight drop {model['weight_drop']:g}" if model["weight_drop"] else "")
+                         + (f", average {train['ema_decay']:g}" if train["ema_decay"] else ""))
+            print(f"  {name} {budget}: " + next(line for line in done.stderr.splitlines() if line.startswith("size:")),
+                  file=sys.stderr, flush=True)
+        print(f"| {Path(name).name} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("corpora", nargs="*", help="paths or names: shakespeare, pydocs, pysource, prose")
@@ -189,8 +216,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each on cores/jobs threads)")
     parser.add_argument("--work", default="/tmp/charrnn-sizing", help="run directories and results.jsonl")
     parser.add_argument("--fit", type=Path, help="fit the rule to this results file (and print its table)")
+    parser.add_argument("--choices", action="store_true", help="print what --dry-run picks for each corpus and budget")
     args = parser.parse_args()
-    if args.fit:
+    if args.choices:
+        choices(args)
+    elif args.fit:
         records = read(args.fit)
         table(records)
         fit(records)
