@@ -49,11 +49,12 @@ from charrnn.device import autocast
 # machine's own speed (+-20 % minute to minute) moves a run across.
 WIDTHS = (128, 192, 256, 384, 512, 768, 1024)
 # K(D) = 2.4 at 2.65M characters (pydocs in 90 CPU seconds: 2x256 won at 2.4), growing as
-# D ** 0.24: the middle of 0.15-0.33, the growths that agree with all six measured pairs
-# of widths from 90 seconds to 20 minutes (docs/benchmarks.md, "The width, from the budget").
+# D ** 0.27: of the growths that agree with all five measured pairs of widths from 90
+# seconds to 20 minutes (0.15-0.41), the one with equal margins to the two that bound it
+# (docs/benchmarks.md, "The width, from the budget"; scripts/sizing_sweep.py --fit).
 CHARS_PER_PARAMETER = 2.4
 ANCHOR_CHARS = 2.65e6
-GROWTH = 0.24
+GROWTH = 0.27
 MAX_DROPOUT = 0.35
 SIZED = ("hidden_size", "dropout", "weight_drop")  # the model fields chosen here unless given
 SIZED_TRAIN = ("batch_size", "eval_every")  # and the training fields (fine-tuning too)

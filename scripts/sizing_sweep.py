@@ -4,6 +4,7 @@ budget, and how the best grows with the characters the budget can read.
 
     python scripts/sizing_sweep.py prose shakespeare --budgets 5m,20m --widths 256,384,512 --jobs 2
     python scripts/sizing_sweep.py --fit /tmp/charrnn-sizing/results.jsonl
+    python scripts/sizing_sweep.py --fit docs/sizing-pairs.jsonl     # the pairs charrnn's rule rests on
     python scripts/sizing_sweep.py --choices 1MB.txt 10MB.txt 100MB.txt --budgets 1m,5m,20m,1h
 
 A time budget is turned into steps before any run: each width's training speed is timed
@@ -15,12 +16,13 @@ so their figures do not depend on how busy the machine is: --jobs runs several a
 each on cores/jobs threads. Results go to a JSON-lines file, one line per run; a rerun
 skips the runs already there.
 
---fit reads that file and, for each corpus and budget, takes the best width (a parabola
-through the best and its two neighbours in log parameters, when the best is not at the
-edge), then fits log N_best = a log D_best + c over all of them, D the characters the
-best reads. It prints the exponent a (1 = a constant characters-per-parameter rule, as
-Chinchilla's for transformers; below 1, bigger budgets want more characters per
-parameter), its fit error, and the characters per parameter K(D) = D / N the fit implies.
+--fit reads that file and turns each pair of neighbouring widths into a bound on the
+rule's K (characters per parameter) at the characters the wider one read: at most its
+characters per parameter where it won, above where it lost. It prints the bounds and the
+growths G for which some K0 (D / ANCHOR_CHARS) ** G satisfies them all (G = 0: a constant
+K, as Chinchilla's rule for transformers), and where K0 may lie at charrnn's own G. A
+sweep whose pairs disagree says so: the runs' noise is then larger than the rule's
+resolution.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import torch  # noqa: E402
 
 from charrnn import sizing  # noqa: E402
 from charrnn.config import ModelConfig, TrainConfig, parse_duration  # noqa: E402
-from charrnn.data import read_corpus  # noqa: E402
+from charrnn.data import Vocab, read_corpus  # noqa: E402
 from charrnn.device import resolve_dtype  # noqa: E402
 from yardstick import corpus_path  # noqa: E402
 
@@ -89,7 +91,7 @@ def sweep(args) -> None:
     if args.speeds:
         speed = {int(k): float(v) for k, v in (item.split("=") for item in args.speeds.split(","))}
     else:
-        vocab = len(read_corpus([str(corpus_path(args.corpora[0]))]).vocab)
+        vocab = len(Vocab.from_data(read_corpus([str(corpus_path(args.corpora[0]))])))
         speed = speeds(widths, vocab, 16, 100)
     print("chars/s: " + ", ".join(f"{h}={s:.0f}" for h, s in speed.items()), flush=True)
     jobs = []
@@ -126,7 +128,8 @@ def table(records: list[dict]) -> None:
             if r is None:
                 cells.append("")
                 continue
-            text = f"{r['best_val_loss']:.4f} ({r['chars'] / r['parameters']:.0f} c/p)"
+            per = f" ({r['chars'] / r['parameters']:.1f} c/p)" if r.get("chars") else ""
+            text = f"{r['best_val_loss']:.4f}{per}"
             cells.append(f"**{text}**" if r is best else text)
         print(f"| {name} | {budget} | " + " | ".join(cells) + f" | 2x{best['hidden']} |")
 
@@ -138,47 +141,45 @@ def groups(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
-def best_point(rows: list[dict]) -> tuple[float, float]:
-    """(parameters, characters) of the best width: a parabola in log N through the best
-    and its neighbours, or the best measured one when it is at the edge of the sweep."""
-    rows = sorted(rows, key=lambda r: r["parameters"])
-    i = min(range(len(rows)), key=lambda k: rows[k]["best_val_loss"])
-    if 0 < i < len(rows) - 1:
-        xs = [math.log(rows[k]["parameters"]) for k in (i - 1, i, i + 1)]
-        ys = [rows[k]["best_val_loss"] for k in (i - 1, i, i + 1)]
-        ds = [math.log(rows[k]["chars"]) for k in (i - 1, i, i + 1)]
-        # vertex of the parabola through three points
-        denom = (xs[0] - xs[1]) * (xs[0] - xs[2]) * (xs[1] - xs[2])
-        a = (xs[2] * (ys[1] - ys[0]) + xs[1] * (ys[0] - ys[2]) + xs[0] * (ys[2] - ys[1])) / denom
-        b = (xs[2] ** 2 * (ys[0] - ys[1]) + xs[1] ** 2 * (ys[2] - ys[0]) + xs[0] ** 2 * (ys[1] - ys[2])) / denom
-        x = min(max(-b / (2 * a), xs[0]), xs[2]) if a > 0 else xs[1]
-        # the characters read at that size: log D is piecewise linear in log N between the widths
-        j = 0 if x <= xs[1] else 1
-        d = ds[j] + (ds[j + 1] - ds[j]) * (x - xs[j]) / (xs[j + 1] - xs[j])
-        return math.exp(x), math.exp(d)
-    return float(rows[i]["parameters"]), float(rows[i]["chars"])
+def bounds(records: list[dict]) -> list[tuple[str, float, float, bool]]:
+    """What each pair of neighbouring widths says of K: where the wider one won, K at the
+    characters it read is at most its characters per parameter (the rule should have taken
+    it); where it lost, K there is above that (the rule should have stopped below it)."""
+    out = []
+    for (name, budget), rows in sorted(groups(records).items()):
+        rows = sorted(rows, key=lambda r: r["hidden"])
+        for narrow, wide in zip(rows, rows[1:]):
+            won = wide["best_val_loss"] < narrow["best_val_loss"]
+            out.append((f"{name} {budget} 2x{wide['hidden']} {'won' if won else 'lost'}",
+                        float(wide["chars"]), wide["chars"] / wide["parameters"], won))
+    return out
 
 
 def fit(records: list[dict]) -> None:
-    points = []
-    for (name, budget), rows in sorted(groups(records).items()):
-        if len(rows) < 2:
-            continue
-        n, d = best_point(rows)
-        points.append((name, budget, n, d))
-        print(f"{name:12s} {budget:>4s}: best ~{n / 1e6:.2f}M parameters reading {d / 1e6:.1f}M characters "
-              f"({d / n:.1f} per parameter)")
-    xs = [math.log(d) for *_, d in points]
-    ys = [math.log(n) for _, _, n, _ in points]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    a = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    c = my - a * mx
-    residuals = [y - (a * x + c) for x, y in zip(xs, ys)]
-    rms = math.sqrt(sum(r * r for r in residuals) / len(residuals))
-    print(f"N_best = {math.exp(c):.3g} * D^{a:.3f}  (fit error: RMS {rms:.3f} in log N, a factor of "
-          f"{math.exp(rms):.2f} in parameters; {len(points)} points)")
-    for d in (1e6, 3e6, 1e7, 3e7, 1e8, 3e8):
-        print(f"  D = {d / 1e6:6.0f}M characters: N = {math.exp(c) * d ** a / 1e6:6.2f}M, K = {d / (math.exp(c) * d ** a):5.1f}")
+    """The growths G for which some K0 makes K(D) = K0 (D / ANCHOR_CHARS) ** G agree with
+    every pair, and the K0 range at charrnn's own GROWTH."""
+    pairs = bounds(records)
+    for label, d, k, won in pairs:
+        print(f"  {label}: {d / 1e6:.2f}M characters, {k:.2f} per parameter -> K {'<=' if won else '>'} {k:.2f} there")
+
+    def k0_range(growth: float) -> tuple[float, float]:
+        scale = [(d / sizing.ANCHOR_CHARS) ** growth for _, d, _, _ in pairs]
+        low = max([k / f for (_, _, k, won), f in zip(pairs, scale) if not won], default=0.0)
+        high = min([k / f for (_, _, k, won), f in zip(pairs, scale) if won], default=math.inf)
+        return low, high
+
+    growths = [step / 100 for step in range(151)]
+    feasible = [g for g in growths if k0_range(g)[0] < k0_range(g)[1]]
+    if not feasible:
+        print("no K0 * D^G agrees with every pair: the measurements contradict each other (noise?)")
+        return
+    k0 = sizing.CHARS_PER_PARAMETER
+    pinned = [g for g in feasible if round(k0_range(g)[0], 2) < k0 <= round(k0_range(g)[1], 2)]  # as printed
+    low, high = k0_range(sizing.GROWTH)
+    print(f"growths that agree with all {len(pairs)} pairs: {feasible[0]:.2f} to {feasible[-1]:.2f} (up to 1.5 tried); "
+          f"with charrnn's K0 = {k0} at {sizing.ANCHOR_CHARS / 1e6:g}M characters: "
+          + (f"{pinned[0]:.2f} to {pinned[-1]:.2f}" if pinned else "none")
+          + f"; at charrnn's G = {sizing.GROWTH}, K0 may lie in ({low:.2f}, {high:.2f}]")
 
 
 def choices(args) -> None:
@@ -215,7 +216,7 @@ def main() -> None:
     parser.add_argument("--speeds", help="WIDTH=chars/s,... instead of timing them now")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each on cores/jobs threads)")
     parser.add_argument("--work", default="/tmp/charrnn-sizing", help="run directories and results.jsonl")
-    parser.add_argument("--fit", type=Path, help="fit the rule to this results file (and print its table)")
+    parser.add_argument("--fit", type=Path, help="the bounds this results file puts on the rule (and its table)")
     parser.add_argument("--choices", action="store_true", help="print what --dry-run picks for each corpus and budget")
     args = parser.parse_args()
     if args.choices:
