@@ -1,7 +1,7 @@
-"""The one compiled part: charrnn._rows (charrnn/_rows.c), the server's batch-invariant
+"""The one compiled part: charrnn.infer._rows (charrnn/infer/_rows.c), the server's batch-invariant
 row products. It is optional: without a C compiler (or Python's headers) the install goes
 on without it and `charrnn serve` uses torch's matmul at a 4-row minimum width, as before
-(charrnn/rows.py). Everything else is in pyproject.toml."""
+(charrnn/infer/rows.py). Everything else is in pyproject.toml."""
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -16,5 +16,5 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
-setup(ext_modules=[Extension("charrnn._rows", ["charrnn/_rows.c"], optional=True)],
+setup(ext_modules=[Extension("charrnn.infer._rows", ["charrnn/infer/_rows.c"], optional=True)],
       cmdclass={"build_ext": BuildExt})

@@ -6,7 +6,7 @@
     print(model.score(open("held_out.txt").read()).bpc)
     summary = charrnn.train("corpus.txt", time="5m", hidden_size=256, out="runs/x")
 
-See charrnn.api (inference) and charrnn.run (training) for the details; errors are CharRNNError subclasses.
+See charrnn.infer.api (inference) and charrnn.training.run (training) for the details; errors are CharRNNError subclasses.
 """
 
 import warnings
@@ -25,12 +25,12 @@ def __getattr__(name: str):
     # The API imports torch: loaded on first use, so `charrnn --version` and the CLI's
     # usage errors stay fast.
     if name in ("load", "Model", "EvalResult"):
-        from charrnn import api
+        from charrnn.infer import api
 
         globals().update(load=api.load, Model=api.Model, EvalResult=api.EvalResult)
         return getattr(api, name)
     if name == "train":  # training is imported only by those who train
-        from charrnn.run import train
+        from charrnn.training.run import train
 
         globals()["train"] = train
         return train

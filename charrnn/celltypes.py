@@ -3,8 +3,8 @@
 One table instead of string checks scattered over the model, the decoder, the sizing
 rule, the checkpoint reader and the report. Torch-free, so config validation can use it.
 
-A new cell is a row here plus its layer (charrnn.model / charrnn.cells), its decoder
-path (charrnn.decode) and its equations in charrnn.analysis.
+A new cell is a row here plus its layer (charrnn.model.network / charrnn.model.cells), its decoder
+path (charrnn.infer.decode) and its equations in charrnn.viz.analysis.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ class CellType:
     name: str
     gates: int  # blocks of rows in weight_ih / weight_hh: LSTM i f g o, GRU r z n, RNN 1
     gate_names: tuple[str, ...]  # the gates `charrnn viz` reports, by saturation
-    fused: str | None  # the torch.nn class that runs it in one cuDNN / oneDNN call; None: charrnn.cells.HandLSTM
+    fused: str | None  # the torch.nn class that runs it in one cuDNN / oneDNN call; None: charrnn.model.cells.HandLSTM
     peephole: bool = False  # HandLSTM options
     layer_norm: bool = False
-    decoder: str = "cell"  # charrnn.decode: "lstm" packs nn.LSTM's fused gates, "cell" decodes the rest
+    decoder: str = "cell"  # charrnn.infer.decode: "lstm" packs nn.LSTM's fused gates, "cell" decodes the rest
     description: str = ""
 
     @property

@@ -35,19 +35,19 @@ def setting(default: Any, help: str, *, flags: tuple[str, ...] = (), show: str |
 @dataclass(frozen=True)
 class ModelConfig:
     # Recurrent cell: lstm (default, cuDNN on CUDA), gru or rnn (tanh) as baselines,
-    # peephole or layernorm (hand-written LSTMs, charrnn.cells).
+    # peephole or layernorm (hand-written LSTMs, charrnn.model.cells).
     cell: str = setting("lstm", "Recurrent cell: lstm, gru, rnn, peephole or layernorm.")
     # Width of the character embedding. 256, not the 64 a vocabulary of ~100 symbols seems
     # to need: 64 N(0, 1) inputs drive the gates too weakly at first, and a 64-wide
     # embedding fell far behind at equal steps (docs/benchmarks.md, "The recipe").
     embedding_size: int = setting(256, "Character embedding width.")
     # Units per recurrent layer. `charrnn train` chooses it for the corpus and the budget
-    # unless given (charrnn.sizing); 512 is what the library builds when asked for nothing.
+    # unless given (charrnn.training.sizing); 512 is what the library builds when asked for nothing.
     hidden_size: int = setting(512, "Units per layer.", show="chosen for the text and budget (512 in the library)")
     # Stacked recurrent layers; 2 is char-rnn's default and the sweet spot for ~1 MB.
     num_layers: int = setting(2, "Stacked recurrent layers.")
     # Dropout between layers and before the output head. `charrnn train` chooses it from
-    # the passes the run makes over the text unless given (charrnn.sizing); 0.35 is the
+    # the passes the run makes over the text unless given (charrnn.training.sizing); 0.35 is the
     # most the ramp gives, for a model that sees its text many times.
     dropout: float = setting(0.35, "Dropout between layers and before the head.", show="chosen for the text and budget (0.35 in the library)")
     # Dropout on h_{t-1} inside the recurrence, one mask per sequence (peephole and
@@ -56,7 +56,7 @@ class ModelConfig:
     # DropConnect on the recurrent weights W_hh (AWD-LSTM's weight drop): one mask per
     # forward call, shared by every time step and sequence; regularises the recurrence
     # without touching the fused nn.LSTM kernel. 0 = off. A new run chooses it from its
-    # passes over the text (charrnn.sizing.weight_drop_for).
+    # passes over the text (charrnn.training.sizing.weight_drop_for).
     weight_drop: float = setting(0.0, "DropConnect on the recurrent weights W_hh (AWD-LSTM weight drop), one mask per forward.",
                                  show="0-0.3, chosen from the passes over the text (0 in the library)")
     # Dropout on the character embeddings (whole vectors' entries, like the other dropouts).
@@ -90,7 +90,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     # Sequences per step; in stateful mode, the number of parallel streams of the corpus.
-    # Unless given, charrnn train chooses it for the device and cell (charrnn.sizing.batch_for).
+    # Unless given, charrnn train chooses it for the device and cell (charrnn.training.sizing.batch_for).
     batch_size: int = setting(64, "Sequences (streams) per step.", flags=("--batch-size", "-b"),
                               show="16 for the LSTM on a CPU, else 64 (64 in the library)")
     # Characters per sequence: how far back-propagation through time is truncated.
@@ -108,7 +108,7 @@ class TrainConfig:
     warmup_steps: int = setting(50, "Linear warmup steps.")
     # AdamW decoupled weight decay on weight matrices (not biases, norms or the start
     # state). Unless given, charrnn train chooses it from the passes the run makes over
-    # the text, as it does the dropout (charrnn.sizing.weight_decay_for: 0.01 up to
+    # the text, as it does the dropout (charrnn.training.sizing.weight_decay_for: 0.01 up to
     # 4.5 passes, 0.2 from 7); the library's 0.01 is what fine-tuning keeps, so a short run on
     # new text does not pull the parent's weights toward zero.
     weight_decay: float = setting(0.01, "AdamW weight decay on weight matrices.",
@@ -122,14 +122,14 @@ class TrainConfig:
     # (they were made from an all-zero state, with almost no context).
     burn_in: int = setting(0, "Stateless mode: predictions left out of the loss at the start of each window.")
     # Weight averaging: validation, best.pt and sampling use an exponential moving average
-    # of the weights with this decay (0 = off; see charrnn.average). A new run chooses it
-    # from its passes over the text (charrnn.sizing.ema_decay_for); the library's 0 is what
+    # of the weights with this decay (0 = off; see charrnn.training.average). A new run chooses it
+    # from its passes over the text (charrnn.training.sizing.ema_decay_for); the library's 0 is what
     # fine-tuning keeps.
     ema_decay: float = setting(0.0, "Validate, keep best.pt and sample with a moving average of the weights of this decay (0 = off).",
                                show="0.998 from 8 passes over the text, else 0 (0 in the library)")
     # Stateful mode: the chance per step that a stream jumps to a random place in the text
     # and starts again from the learned start state (0 = fixed streams, reset each epoch,
-    # as char-rnn). See charrnn.data.RestartingStreams.
+    # as char-rnn). See charrnn.data.text.RestartingStreams.
     stream_restart: float = setting(0.0, "Stateful: chance per step that a stream restarts from the start state at a random place.")
     # Stop after this many optimizer steps (0 = no step limit).
     steps: int = setting(0, "Stop after this many steps (0 = no step limit; with no --epochs or --time either, 10 epochs).")
@@ -155,7 +155,7 @@ class TrainConfig:
     # text teaches more than the next 100 characters of 64 fixed places, and every window
     # trains the start state that sampling and eval begin from (docs/benchmarks.md).
     stateless: bool = setting(True, "Random windows read from the learned start state, or streams with state carried across batches.", flags=("--stateless/--stateful",), show="stateless")
-    # The start mix (charrnn.startmix): a k-gram model of the training split, the prior
+    # The start mix (charrnn.model.startmix): a k-gram model of the training split, the prior
     # that sampling, eval and viz mix into the first 10 predictions read from the start
     # state, its weights fit at each validation (docs/benchmarks.md, "The start mix").
     start_mix: bool = setting(True, "Mix a k-gram model of the text into the first 10 predictions read from the start state.", flags=("--start-mix/--no-start-mix",), show="on")
@@ -251,7 +251,7 @@ MAX_WIDTH = 1 << 16  # hidden and embedding sizes: far beyond what fits in memor
 MAX_BATCH = 1 << 20  # sequences per batch, characters per sequence, samples per call
 MAX_COUNT = 2**62  # steps and step counts: "no practical limit" that still fits int64
 MAX_SAMPLE = 100_000  # characters sampled to stderr at each validation
-EVAL_STREAMS = 64  # streams a text is scored in side by side (charrnn.evaluate; eval --streams)
+EVAL_STREAMS = 64  # streams a text is scored in side by side (charrnn.infer.evaluate; eval --streams)
 
 
 def _check_finite(config) -> None:

@@ -1,7 +1,7 @@
 """What a run reports as it goes: typed events for `on_event(event)`.
 
 The library never prints; the CLI renders these on stderr (charrnn.cli), the TensorBoard
-sink writes them (charrnn.tensorboard), and a notebook can collect them. Every event is a
+sink writes them (charrnn.viz.tensorboard), and a notebook can collect them. Every event is a
 frozen dataclass; `dataclasses.asdict(event)` gives a JSON-able dict (a `Validation` is
 exactly the record appended to metrics.jsonl, a `Sample` the line of samples.jsonl).
 """
@@ -29,7 +29,7 @@ class Setup:
     steps_per_epoch: int
     config: dict[str, Any]  # the resolved TrainConfig
     model_config: dict[str, Any]
-    sizing: dict[str, Any] | None = None  # {"fields", "reason"} when charrnn.sizing chose them
+    sizing: dict[str, Any] | None = None  # {"fields", "reason"} when charrnn.training.sizing chose them
     parent: dict[str, Any] | None = None  # {"path", "added_chars"} when fine-tuning
     start_mix: dict[str, Any] | None = None  # StartMix.summary(), when on
     val_read: int | None = None  # characters each validation reads when not the whole split
@@ -38,7 +38,7 @@ class Setup:
 
 @dataclass(frozen=True)
 class Preparing:
-    """While a corpus is prepared (charrnn.prepared): bytes done of total in a pass."""
+    """While a corpus is prepared (charrnn.data.prepared): bytes done of total in a pass."""
 
     phase: str  # "checking" (UTF-8, vocabulary, hash) or "encoding"
     done: int
@@ -47,7 +47,7 @@ class Preparing:
 
 @dataclass(frozen=True)
 class Step:
-    """Every few steps (charrnn.trainer.LOG_EVERY): for a progress bar."""
+    """Every few steps (charrnn.training.trainer.LOG_EVERY): for a progress bar."""
 
     step: int
     loss: float  # mean training loss since the last Step

@@ -34,12 +34,12 @@ from torch import nn  # noqa: E402
 
 import charrnn  # noqa: E402
 from charrnn.config import ModelConfig, TrainConfig  # noqa: E402
-from charrnn.data import Vocab, embedded_corpus, read_corpus, split  # noqa: E402
+from charrnn.data.text import Vocab, embedded_corpus, read_corpus, split  # noqa: E402
 from charrnn.device import dtype_name, resolve_device, resolve_dtype  # noqa: E402
-from charrnn.evaluate import evaluate  # noqa: E402
-from charrnn.model import CharRNN  # noqa: E402
-from charrnn.sample import SampleSettings, generate  # noqa: E402
-from charrnn.run import trainer_for  # noqa: E402
+from charrnn.infer.evaluate import evaluate  # noqa: E402
+from charrnn.model.network import CharRNN  # noqa: E402
+from charrnn.infer.sample import SampleSettings, generate  # noqa: E402
+from charrnn.training.run import trainer_for  # noqa: E402
 
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -273,7 +273,7 @@ ENCODE_CHILD = r"""
 import sys, time
 sys.path.insert(0, sys.argv[2])
 import torch
-from charrnn.data import read_corpus, Vocab
+from charrnn.data.text import read_corpus, Vocab
 
 def high_water():  # VmHWM starts afresh at exec (ru_maxrss would carry the parent's)
     for line in open("/proc/self/status"):

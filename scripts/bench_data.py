@@ -231,7 +231,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     sizes = args.sizes.split(",")
     sys.path.insert(0, str(ROOT))
-    from charrnn.data import embedded_corpus
+    from charrnn.data.text import embedded_corpus
 
     # Tiny Shakespeare where ../shared is beside the checkout, else the embedded Python docs
     # (a GPU machine has only the repository).
@@ -243,7 +243,7 @@ def main() -> None:
         build(path, SIZES[name], source)
         print(f"corpus {name}: {path} ({time.perf_counter() - started:.0f}s to build)", file=sys.stderr, flush=True)
 
-    from charrnn.data import Vocab, read_corpus
+    from charrnn.data.text import Vocab, read_corpus
 
     result = {"machine": os.uname().machine, "cpus": os.cpu_count(), "device": args.device, "source": stem}
     if "100M" in corpora:  # today's in-memory encoding, in this process: the baseline rate

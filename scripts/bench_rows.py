@@ -1,4 +1,4 @@
-"""The row kernel (charrnn/_rows.c) against torch's matmul, one thread, same process:
+"""The row kernel (charrnn/infer/_rows.c) against torch's matmul, one thread, same process:
 time per product out = init + x @ w for M rows, and whether each row's bits equal the
 one-row result (the property the server needs).
 
@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from charrnn import rows
+from charrnn.infer import rows
 
 
 def seconds(fn, reps: int) -> float:
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=200)
     args = parser.parse_args()
     if not rows.available():
-        raise SystemExit("charrnn._rows is not built (reinstall charrnn with a C compiler present)")
+        raise SystemExit("charrnn.infer._rows is not built (reinstall charrnn with a C compiler present)")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     print("K x N | rows | torch us | kernel us | kernel / torch | torch rows = 1-row bits | kernel rows = 1-row bits")

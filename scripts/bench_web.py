@@ -28,8 +28,8 @@ import torch  # noqa: E402
 
 import charrnn  # noqa: E402
 from browser import Browser  # noqa: E402
-from charrnn.export import export_page  # noqa: E402
-from charrnn.sample import SampleSettings  # noqa: E402
+from charrnn.export.onnx import export_page  # noqa: E402
+from charrnn.infer.sample import SampleSettings  # noqa: E402
 
 SPEED = """(() => {{ const t0 = performance.now();
     charrnn.generate({{prime: 'ROMEO:', length: {chars}, temperature: 0.8, seed: 2}});

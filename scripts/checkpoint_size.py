@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from charrnn import checkpoint  # noqa: E402
+from charrnn.store import checkpoint  # noqa: E402
 
 
 def tensor_bytes(value) -> int:

@@ -9,7 +9,7 @@ predictions read from the start state (as `charrnn sample --prime` and `charrnn 
 begin), beside the same predictions read after 200 characters of the text before
 them, and the gap; then the model's five likeliest characters after the prime.
 
-A model trained with the start mix (charrnn.startmix, on by default) reads its first
+A model trained with the start mix (charrnn.model.startmix, on by default) reads its first
 predictions as `sample` and `eval` do, mixed with its k-gram; `--no-start-mix` reads with
 the network alone, for the side-by-side. `--warm-mix` adds the row read with context
 and mixed with the same k-gram too (a weight per position fit on other places): the gap
@@ -50,9 +50,9 @@ import torch  # noqa: E402
 from collections import Counter  # noqa: E402
 
 import charrnn  # noqa: E402
-from charrnn.data import read_corpus, rereadable, split  # noqa: E402
-from charrnn.evaluate import cold_start, cold_start_places, read  # noqa: E402
-from charrnn.startmix import POSITIONS, StartMix  # noqa: E402
+from charrnn.data.text import read_corpus, rereadable, split  # noqa: E402
+from charrnn.infer.evaluate import cold_start, cold_start_places, read  # noqa: E402
+from charrnn.model.startmix import POSITIONS, StartMix  # noqa: E402
 
 
 def main() -> None:
@@ -206,7 +206,7 @@ def kgram_trained(train: torch.Tensor, val: torch.Tensor, vocab_size: int, place
                   positions: int) -> list[float]:
     """Loss at positions 1..positions of a (p+1)-gram model counted on the training split
     only and read out of sample, at the same places: what a k-gram model learns from
-    the same text. The start mix's own k-gram (charrnn.startmix: Witten-Bell interpolation
+    the same text. The start mix's own k-gram (charrnn.model.startmix: Witten-Bell interpolation
     down to an add-one unigram, so contexts unseen in training still get a probability)."""
     if positions <= 0:
         return []

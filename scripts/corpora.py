@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from charrnn.data import embedded_corpus  # noqa: E402
+from charrnn.data.text import embedded_corpus  # noqa: E402
 
 SKIP_DIRS = {"test", "tests", "idle_test", "idlelib", "lib2to3", "turtledemo", "site-packages", "__pycache__"}
 SOURCE_BYTES = 5_000_000

@@ -246,7 +246,7 @@ def in_process(run: str, width: int, chars: int) -> tuple[float, float]:
     import torch
 
     import charrnn
-    from charrnn.sample import SampleSettings
+    from charrnn.infer.sample import SampleSettings
 
     if run not in _models:
         _models[run] = charrnn.load(run, device="cpu")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The sweeps behind the sizing rule (charrnn.sizing): which width learns most in a time
+"""The sweeps behind the sizing rule (charrnn.training.sizing): which width learns most in a time
 budget, and how the best grows with the characters the budget can read.
 
     python scripts/sizing_sweep.py prose shakespeare --budgets 5m,20m --widths 256,384,512 --jobs 2
@@ -8,7 +8,7 @@ budget, and how the best grows with the characters the budget can read.
     python scripts/sizing_sweep.py --choices 1MB.txt 10MB.txt 100MB.txt --budgets 1m,5m,20m,1h
 
 A time budget is turned into steps before any run: each width's training speed is timed
-once at the start (charrnn.sizing.probe_speed at the CPU's batch, with the machine to
+once at the start (charrnn.training.sizing.probe_speed at the CPU's batch, with the machine to
 itself), and a budget of T seconds becomes the steps that speed covers in 0.9 T, as
 `charrnn train --time T` plans it. The runs themselves are then `charrnn train CORPUS
 --steps S --hidden-size H` (every other setting the defaults' choice for those passes),
@@ -44,9 +44,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
 
-from charrnn import sizing  # noqa: E402
+from charrnn.training import sizing  # noqa: E402
 from charrnn.config import ModelConfig, TrainConfig, parse_duration  # noqa: E402
-from charrnn.data import Vocab, read_corpus  # noqa: E402
+from charrnn.data.text import Vocab, read_corpus  # noqa: E402
 from charrnn.device import resolve_dtype  # noqa: E402
 from yardstick import corpus_path  # noqa: E402
 

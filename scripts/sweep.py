@@ -31,10 +31,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from charrnn.config import ModelConfig, TrainConfig, build, tomllib  # noqa: E402
-from charrnn.data import read_corpus  # noqa: E402
+from charrnn.data.text import read_corpus  # noqa: E402
 from charrnn.device import autocast  # noqa: E402
-from charrnn.evaluate import evaluate  # noqa: E402
-from charrnn.run import trainer_for  # noqa: E402
+from charrnn.infer.evaluate import evaluate  # noqa: E402
+from charrnn.training.run import trainer_for  # noqa: E402
 from yardstick import corpus_path  # noqa: E402
 
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from charrnn.config import parse_duration  # noqa: E402
-from charrnn.data import Vocab, read_corpus, split  # noqa: E402
+from charrnn.data.text import Vocab, read_corpus, split  # noqa: E402
 
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 NAMED = ("shakespeare", "pydocs", "pysource", "prose")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from charrnn.config import ModelConfig, TrainConfig
-from charrnn.data import Corpus
-from charrnn.model import CharRNN
-from charrnn.run import trainer_for
+from charrnn.data.text import Corpus
+from charrnn.model.network import CharRNN
+from charrnn.training.run import trainer_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"

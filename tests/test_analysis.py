@@ -1,13 +1,13 @@
-"""What charrnn viz computes (charrnn.analysis), against independent recomputation, and
+"""What charrnn viz computes (charrnn.viz.analysis), against independent recomputation, and
 its surprisal against eval's."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from charrnn import analysis
+from charrnn.viz import analysis
 from charrnn.config import ModelConfig
-from charrnn.model import LSTM_CELLS, CharRNN
+from charrnn.model.network import LSTM_CELLS, CharRNN
 
 from conftest import CELLS, VERSE
 
@@ -44,7 +44,7 @@ def _stepwise(model, ids):
 
 
 def _gates_by_formula(rnn, cell, x, h, c):
-    """The cell equations written out again (see charrnn.cells and torch.nn docs)."""
+    """The cell equations written out again (see charrnn.model.cells and torch.nn docs)."""
     if cell == "rnn":
         return {}  # no gates
     if cell == "gru":
@@ -139,8 +139,8 @@ def test_viz_surprisal_equals_eval_on_every_character_the_first_10_too(trained_r
     """The page's per-character loss is eval's: with the start mix read into the first
     predictions as eval reads them (the API's network, vocabulary and prior)."""
     import charrnn
-    from charrnn.evaluate import evaluate
-    from charrnn.startmix import POSITIONS
+    from charrnn.infer.evaluate import evaluate
+    from charrnn.model.startmix import POSITIONS
 
     model = charrnn.load(trained_run, device="cpu")
     assert model.prior is not None and bool((model.prior.weights > 0).any())

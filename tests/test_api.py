@@ -85,20 +85,20 @@ def test_public_surface_is_listed_and_documented():
 
 
 def test_the_inference_api_does_not_import_training():
-    """charrnn.api, and charrnn.load with it, is inference only: what a server or a
+    """charrnn.infer.api, and charrnn.load with it, is inference only: what a server or a
     notebook pays for is the network, the decoder and the scorer."""
     import subprocess
     import sys
 
-    probe = ("import sys, charrnn, charrnn.api; charrnn.load; "
+    probe = ("import sys, charrnn, charrnn.infer.api; charrnn.load; "
              "print(sorted(m for m in sys.modules if m.startswith('charrnn')))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     loaded = set(eval(done.stdout))
-    assert "charrnn.api" in loaded and "charrnn.sample" in loaded
-    assert not loaded & {"charrnn.trainer", "charrnn.run", "charrnn.trainstate", "charrnn.sizing", "charrnn.finetune"}
+    assert "charrnn.infer.api" in loaded and "charrnn.infer.sample" in loaded
+    assert not loaded & {"charrnn.training.trainer", "charrnn.training.run", "charrnn.training.trainstate", "charrnn.training.sizing", "charrnn.training.finetune"}
     # charrnn.train is still there, imported on first use.
-    done = subprocess.run([sys.executable, "-c", "import sys, charrnn; charrnn.train; print('charrnn.trainer' in sys.modules)"],
+    done = subprocess.run([sys.executable, "-c", "import sys, charrnn; charrnn.train; print('charrnn.training.trainer' in sys.modules)"],
                           capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert done.stdout.strip() == "True", done.stderr

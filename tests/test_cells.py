@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from charrnn.cells import HandLSTM
+from charrnn.model.cells import HandLSTM
 from charrnn.config import ModelConfig
-from charrnn.model import CharRNN
+from charrnn.model.network import CharRNN
 
 
 def _pair(**kwargs):

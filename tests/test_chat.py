@@ -1,16 +1,16 @@
-"""Chat: messages written in the corpus's own layout (charrnn.chat), and
+"""Chat: messages written in the corpus's own layout (charrnn.serve.chat), and
 /v1/chat/completions for real, on loopback, with the official openai client: a reply is
 the completion of the rendered conversation, cut where the model ends the turn. CPU, fp32."""
 
 import pytest
 
 import charrnn
-from charrnn.chat import PRESETS, ChatTemplate, Message, template_from
+from charrnn.serve.chat import PRESETS, ChatTemplate, Message, template_from
 from charrnn.errors import UsageError
 
 pytest.importorskip("fastapi", reason="the server is an extra: pip install -e '.[serve]'")
 openai = pytest.importorskip("openai")
-from charrnn.server import Limits  # noqa: E402
+from charrnn.serve.app import Limits  # noqa: E402
 from test_serve import complete, running  # noqa: E402
 
 CONVERSATION = [Message("system", "A night in Verona."), Message("user", "But soft!"),

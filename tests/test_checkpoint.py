@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from charrnn import checkpoint
+from charrnn.store import checkpoint
 from charrnn.errors import CheckpointError
 
 from conftest import ROOT, VERSE

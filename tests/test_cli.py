@@ -218,13 +218,13 @@ def test_huge_and_edge_values_of_sample_eval_and_gradients(trained_run, tmp_path
 @pytest.mark.parametrize("failure", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] "
                                      "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB")])
 def test_running_out_of_memory_is_its_own_one_line_error(trained_run, monkeypatch, failure):
-    import charrnn.api
+    import charrnn.infer.api
 
     def refuse(*args, **kwargs):
         raise failure
         yield
 
-    monkeypatch.setattr(charrnn.api, "generate", refuse)  # the decoder the API (and so the CLI) runs
+    monkeypatch.setattr(charrnn.infer.api, "generate", refuse)  # the decoder the API (and so the CLI) runs
     result = invoke("sample", "-m", trained_run, "--seed", 1)
     _one_line_error(result, 1)
     assert "not enough memory" in result.stderr and "--batch-size" in result.stderr

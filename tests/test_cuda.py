@@ -6,14 +6,14 @@ Run on a GPU machine with: bash scripts/gpu_check.sh
 import pytest
 import torch
 
-from charrnn import checkpoint
+from charrnn.store import checkpoint
 from charrnn.config import ModelConfig
-from charrnn.data import Vocab
+from charrnn.data.text import Vocab
 from charrnn.device import resolve_device, resolve_dtype
-from charrnn.evaluate import evaluate
-from charrnn.model import CharRNN
-from charrnn.sample import SampleSettings, generate
-from charrnn.run import trainer_for
+from charrnn.infer.evaluate import evaluate
+from charrnn.model.network import CharRNN
+from charrnn.infer.sample import SampleSettings, generate
+from charrnn.training.run import trainer_for
 
 from conftest import VERSE, corpus_of, tiny_configs
 
@@ -62,7 +62,7 @@ def test_cuda_graph_decoder_equals_reference(streams, cell):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "peephole", "layernorm"])
 def test_viz_trace_on_cuda_equals_cpu(cell):
-    from charrnn import analysis
+    from charrnn.viz import analysis
 
     torch.manual_seed(0)
     model = CharRNN(ModelConfig(cell=cell, hidden_size=32, num_layers=2, embedding_size=16, dropout=0.0), 30)
@@ -78,7 +78,7 @@ def test_the_start_mix_on_cuda_samples_as_on_cpu():
     """The k-gram lives on the CPU and its log-probabilities move to the logits' device:
     greedy samples with the mix agree between the CUDA-graph decoder, the reference path
     and the CPU, and differ from the network alone."""
-    from charrnn.startmix import POSITIONS, StartMix
+    from charrnn.model.startmix import POSITIONS, StartMix
 
     vocab = Vocab.from_text(VERSE)
     ids, _ = vocab.encode(VERSE * 5)
@@ -102,7 +102,7 @@ def test_the_start_mix_on_cuda_samples_as_on_cpu():
 
 def test_the_serving_engine_on_cuda_gives_each_request_the_same_text_alone_and_in_a_crowd(trained_run):
     import charrnn
-    from charrnn.engine import Engine, Request
+    from charrnn.serve.engine import Engine, Request
 
     model = charrnn.load(trained_run, device="cuda")
     ids, _ = model.vocab.encode("The ")
@@ -123,7 +123,7 @@ def test_the_serving_engine_on_cuda_gives_each_request_the_same_text_alone_and_i
 def test_an_onnx_export_of_a_cuda_model_matches_it(trained_run, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     import charrnn
-    from charrnn.export import build_onnx
+    from charrnn.export.onnx import build_onnx
 
     model = charrnn.load(trained_run, device="cuda")
     session = ort.InferenceSession(build_onnx(model), providers=["CPUExecutionProvider"])
@@ -138,7 +138,7 @@ def test_an_onnx_export_of_a_cuda_model_matches_it(trained_run, tmp_path):
 def test_a_corpus_too_large_for_the_gpu_trains_from_host_mapped_ids_as_from_device_ids(tmp_path, monkeypatch):
     """A corpus over run.DEVICE_IDS_MAX stays mapped on the host and each batch is copied to
     the GPU: the same losses and weights as the ids on the GPU (fp32, stateful and stateless)."""
-    from charrnn import run
+    from charrnn.training import run
 
     for stateless in (False, True):
         model_config, train_config = tiny_configs(train={"device": "cuda", "dtype": "fp32", "stateless": stateless})

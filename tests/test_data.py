@@ -3,7 +3,7 @@ import io
 import pytest
 import torch
 
-from charrnn.data import (RandomWindows, RestartingStreams, StatefulBatches, Vocab, embedded_corpus, iter_text, read_corpus,
+from charrnn.data.text import (RandomWindows, RestartingStreams, StatefulBatches, Vocab, embedded_corpus, iter_text, read_corpus,
                           split, to_utf8)
 from charrnn.errors import DataError
 
@@ -68,7 +68,7 @@ def test_invalid_utf8_reports_byte_offset():
 
 
 def test_invalid_utf8_offset_across_chunks(monkeypatch):
-    import charrnn.data as data
+    import charrnn.data.text as data
 
     monkeypatch.setattr(data, "CHUNK_BYTES", 4)
     raw = "aaé".encode() + b"bb\xc3(" + b"zz"  # bad continuation byte at offset 7
@@ -155,7 +155,7 @@ def test_random_windows_are_shifted_and_seeded():
 
 
 def test_files_are_streamed_not_loaded(tmp_path, monkeypatch):
-    import charrnn.data as data
+    import charrnn.data.text as data
 
     monkeypatch.setattr(data, "CHUNK_BYTES", 5)  # characters cut across chunk boundaries
     text = "é春🙂 line\n" * 40

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from charrnn.config import ModelConfig
-from charrnn.data import Vocab
-from charrnn.model import CharRNN
-from charrnn.sample import SampleSettings, generate
+from charrnn.data.text import Vocab
+from charrnn.model.network import CharRNN
+from charrnn.infer.sample import SampleSettings, generate
 
 from conftest import CELLS, VERSE, make_model, shaken
 
@@ -34,7 +34,7 @@ def test_fast_decoder_samples_the_same_text_as_the_reference_path(settings, laye
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_fast_decoder_logits_match_forward(cell):
-    from charrnn.decode import make_decoder
+    from charrnn.infer.decode import make_decoder
 
     model = shaken(make_model(cell, vocab_size=20))
     ids = torch.randint(0, 20, (4, 12))
@@ -49,7 +49,7 @@ def test_fast_decoder_logits_match_forward(cell):
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_bf16_decoder_for_many_streams_stays_close_to_fp32(cell):
-    from charrnn.decode import make_decoder, matmul_dtype
+    from charrnn.infer.decode import make_decoder, matmul_dtype
 
     assert matmul_dtype(torch.bfloat16, 1, torch.device("cpu")) == torch.float32  # GEMV: fp32 is faster
     assert matmul_dtype(torch.bfloat16, 64, torch.device("cpu")) == torch.bfloat16

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from charrnn import checkpoint
-from charrnn.data import split
-from charrnn.evaluate import evaluate
+from charrnn.store import checkpoint
+from charrnn.data.text import split
+from charrnn.infer.evaluate import evaluate
 
 from conftest import ROOT, VERSE
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import charrnn
-from charrnn.engine import Busy, Engine, Request, Runner
-from charrnn.evaluate import read
-from charrnn.sample import SampleSettings, next_ids, next_ids_rows
+from charrnn.serve.engine import Busy, Engine, Request, Runner
+from charrnn.infer.evaluate import read
+from charrnn.infer.sample import SampleSettings, next_ids, next_ids_rows
 
 from conftest import CELLS, make_model, shaken
 
@@ -173,11 +173,11 @@ def test_every_cells_rows_give_the_same_bits_at_every_width(cell):
     """fp32, the server's decoder (the row kernel): a stream's logits are the same bits at
     widths 1, 3, 4, 16 (its products split between two threads) and 32 (two lanes of 16
     on two threads; the 16 rows compared straddle them)."""
-    from charrnn import rows
-    from charrnn.decode import Lanes, make_decoder, widen
+    from charrnn.infer import rows
+    from charrnn.infer.decode import Lanes, make_decoder, widen
 
     if not rows.available():
-        pytest.skip("charrnn._rows is not built: the fallback's widths are tested below")
+        pytest.skip("charrnn.infer._rows is not built: the fallback's widths are tested below")
     network = shaken(make_model(cell, vocab_size=20, hidden_size=40))
     one = make_decoder(network, 1, invariant=True)
     assert one.invariant
@@ -199,9 +199,9 @@ def test_every_cells_rows_give_the_same_bits_at_every_width(cell):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_without_the_row_kernel_rows_give_the_same_bits_at_multiples_of_4(cell):
-    """fp32, torch's matmul (the decoder where charrnn._rows is not built): the same bits
+    """fp32, torch's matmul (the decoder where charrnn.infer._rows is not built): the same bits
     at every width that is a multiple of 4, the engine's minimum width then."""
-    from charrnn.decode import make_decoder
+    from charrnn.infer.decode import make_decoder
 
     network = shaken(make_model(cell, vocab_size=20))
     wide = make_decoder(network, 32)
@@ -219,7 +219,7 @@ def test_without_the_row_kernel_rows_give_the_same_bits_at_multiples_of_4(cell):
 def test_one_request_decodes_one_row_wide_and_many_share_the_products(model, monkeypatch):
     """With the row kernel a lone request is decoded one row wide (its products at the
     one-stream cost); without it, four rows wide, as before."""
-    from charrnn import rows
+    from charrnn.infer import rows
 
     engine = Engine(model)
     sequence = engine.submit(request(model, "a", 50, seed=1))
@@ -295,9 +295,9 @@ def test_a_prompt_is_read_once_and_its_kept_state_writes_the_same_text(model):
 
 
 def test_the_kept_prompts_are_bounded_and_the_least_recently_used_go_first(model, monkeypatch):
-    import charrnn.engine
+    import charrnn.serve.engine
 
-    monkeypatch.setattr(charrnn.engine, "PRIME_CACHE", 3)
+    monkeypatch.setattr(charrnn.serve.engine, "PRIME_CACHE", 3)
     engine = Engine(model)
     read = reads(engine)
     for prime in ("a", "b", "c", "a", "d", "b"):  # d pushes out b (a was used again after b)
@@ -309,7 +309,7 @@ def test_rows_with_every_control_draw_what_each_draws_alone():
     """top_k, min_p, logit_bias and the penalties, row by row over rows that use them and
     rows that do not: next_ids_rows == next_ids for each row alone, bit for bit, over 40
     draws with the counts growing as they are drawn."""
-    from charrnn.sample import bias_row, count_drawn
+    from charrnn.infer.sample import bias_row, count_drawn
 
     torch.manual_seed(2)
     size, rows = 24, 7
@@ -361,7 +361,7 @@ def test_a_long_prompt_is_read_a_slice_a_step_without_stalling_the_others(model,
     step, and the streams being decoded draw a character at every one of those steps; the
     request then writes the same text as when it arrives alone, and a short prompt that
     queued behind it is not held up."""
-    from charrnn import engine as engine_module
+    from charrnn.serve import engine as engine_module
 
     monkeypatch.setattr(engine_module, "PRIME_SLICE", 16)
     long_prompt = ("The quick brown fox jumps over the lazy dog. " * 5)[:200]  # 13 slices of 16

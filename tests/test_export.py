@@ -11,18 +11,18 @@ from typer.testing import CliRunner
 
 import charrnn
 from charrnn.cli import app
-from charrnn.data import Vocab
-from charrnn.export import OnnxModel, build_onnx
+from charrnn.data.text import Vocab
+from charrnn.export.onnx import OnnxModel, build_onnx
 
 from conftest import CELLS, make_model, shaken, tiny_configs, corpus_of, VERSE
-from charrnn.run import trainer_for
+from charrnn.training.run import trainer_for
 
 ort = pytest.importorskip("onnxruntime")
 ALPHABET = "\nabcdefghijklmnopqrs"
 
 
 class Stand:
-    """What build_onnx reads of a charrnn.api.Model."""
+    """What build_onnx reads of a charrnn.infer.api.Model."""
 
     def __init__(self, network):
         self.network, self.vocab, self.path = network, Vocab(ALPHABET), "x.pt"

@@ -6,11 +6,11 @@ import torch
 from typer.testing import CliRunner
 
 import charrnn
-from charrnn import checkpoint
+from charrnn.store import checkpoint
 from charrnn.config import TrainConfig
 from charrnn.cli import app
-from charrnn.evaluate import evaluate
-from charrnn.run import trainer_for
+from charrnn.infer.evaluate import evaluate
+from charrnn.training.run import trainer_for
 
 from conftest import VERSE, corpus_of, tiny_configs
 
@@ -80,9 +80,9 @@ def test_a_model_flag_that_differs_is_named_and_resume_with_init_from_is_refused
 
 def test_extending_the_vocabulary_is_pure_and_keeps_every_base_row():
     from charrnn.config import ModelConfig
-    from charrnn.data import Vocab
-    from charrnn.finetune import extended_vocab, extended_weights
-    from charrnn.model import CharRNN
+    from charrnn.data.text import Vocab
+    from charrnn.training.finetune import extended_vocab, extended_weights
+    from charrnn.model.network import CharRNN
 
     base_vocab = Vocab("abc")
     vocab, added = extended_vocab(base_vocab, Vocab("abdz"))

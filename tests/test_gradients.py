@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from charrnn.config import ModelConfig
-from charrnn.gradients import gradient_reach, table
-from charrnn.model import CharRNN
+from charrnn.viz.gradients import gradient_reach, table
+from charrnn.model.network import CharRNN
 
 from conftest import VERSE
 

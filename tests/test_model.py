@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from charrnn.config import ModelConfig
-from charrnn.model import CharRNN
+from charrnn.model.network import CharRNN
 
 from conftest import VERSE, make_model, shaken
 
@@ -35,7 +35,7 @@ def test_forget_gate_bias_starts_at_one():
 
 
 def test_dropout_keeps_the_expected_fraction_and_scales():
-    from charrnn.model import dropout
+    from charrnn.model.network import dropout
 
     torch.manual_seed(0)
     x = torch.ones(200, 500, requires_grad=True)
@@ -121,7 +121,7 @@ def test_a_sequence_starts_from_the_learned_start_state(cell):
 def test_forward_is_pure_with_a_start_mix_stored(trained_run):
     """A model loaded with a start mix gives the network's logits whether or not the start
     state is passed in: the mix is the scorer's and the decoder's, not forward's."""
-    from charrnn import checkpoint
+    from charrnn.store import checkpoint
 
     payload = checkpoint.load(trained_run / "best.pt")
     assert payload.start_mix is not None

@@ -1,4 +1,4 @@
-"""Prepared corpora (charrnn.prepared): encoded once, mapped by every run, rebuilt when the
+"""Prepared corpora (charrnn.data.prepared): encoded once, mapped by every run, rebuilt when the
 source changes, and every fault leaves nothing half-written. CPU, fp32 where a model runs."""
 
 import errno
@@ -11,12 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from charrnn import checkpoint, events, prepared, run
-from charrnn.data import RandomWindows, RestartingStreams, StatefulBatches, Vocab, read_corpus
+from charrnn.store import checkpoint
+from charrnn import events
+from charrnn.data import prepared
+from charrnn.training import run
+from charrnn.data.text import RandomWindows, RestartingStreams, StatefulBatches, Vocab, read_corpus
 from charrnn.errors import DataError, TrainingInterrupted
-from charrnn.evaluate import evaluate, evaluate_windows
-from charrnn.model import CharRNN
-from charrnn.startmix import StartMix
+from charrnn.infer.evaluate import evaluate, evaluate_windows
+from charrnn.model.network import CharRNN
+from charrnn.model.startmix import StartMix
 
 from conftest import VERSE, corpus_of, make_model, run_cli, tiny_configs
 
@@ -206,7 +209,7 @@ def test_evaluate_in_blocks_and_through_the_reader_equals_one_read(tmp_path, cac
     model = make_model(vocab_size=len(corpus.vocab))
     device = torch.device("cpu")
     whole = evaluate(model, corpus.ids, device, None, chunk=64, max_streams=4)
-    monkeypatch.setattr("charrnn.evaluate.BLOCK_CHUNKS", 3)
+    monkeypatch.setattr("charrnn.infer.evaluate.BLOCK_CHUNKS", 3)
     blocks = evaluate(model, corpus.ids, device, None, chunk=64, max_streams=4)
     reader, dropped = prepared.ids_in(corpus, corpus.vocab)
     through_file = evaluate(model, reader, device, None, chunk=64, max_streams=4)
@@ -257,8 +260,8 @@ def test_a_long_split_validates_on_windows_and_the_log_says_how_many(tmp_path, c
 def test_the_start_mix_counts_a_spread_sample_of_a_long_text_and_all_of_a_short_one(monkeypatch):
     ids = torch.randint(0, 6, (5000,))
     whole = StartMix.build(ids, 6)
-    monkeypatch.setattr("charrnn.startmix.SAMPLE_CHARS", 1000)
-    monkeypatch.setattr("charrnn.startmix.SAMPLE_BLOCKS", 4)
+    monkeypatch.setattr("charrnn.model.startmix.SAMPLE_CHARS", 1000)
+    monkeypatch.setattr("charrnn.model.startmix.SAMPLE_BLOCKS", 4)
     sampled = StartMix.build(ids, 6)
     assert int(sampled.counts[0].sum()) == 1000 and int(whole.counts[0].sum()) == 5000
     stride = (5000 - 250) // 3

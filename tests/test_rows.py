@@ -1,4 +1,4 @@
-"""The row kernel (charrnn/_rows.c via charrnn.rows): every output is init + x[k] * w[k]
+"""The row kernel (charrnn/infer/_rows.c via charrnn.infer.rows): every output is init + x[k] * w[k]
 summed in k order, each product rounded before its add, whatever the number of rows, the
 block a row falls in, or the split between threads -- so a served stream's bits do not
 depend on what else is being served. Checked bit for bit against that sequence written
@@ -11,9 +11,9 @@ import sysconfig
 import pytest
 import torch
 
-from charrnn import rows
+from charrnn.infer import rows
 
-needs_kernel = pytest.mark.skipif(not rows.available(), reason="charrnn._rows is not built (no C compiler at install)")
+needs_kernel = pytest.mark.skipif(not rows.available(), reason="charrnn.infer._rows is not built (no C compiler at install)")
 
 
 def in_order(x: torch.Tensor, w: torch.Tensor, init: torch.Tensor | None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Resolve, then run: every decision about a run is made in charrnn.run before the
+"""Resolve, then run: every decision about a run is made in charrnn.training.run before the
 trainer starts, and the trainer takes the plan as it is."""
 
 from dataclasses import replace
@@ -6,10 +6,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from charrnn import checkpoint, sizing
+from charrnn.store import checkpoint
+from charrnn.training import sizing
 from charrnn.errors import DataError
-from charrnn.run import resolve
-from charrnn.trainer import Trainer
+from charrnn.training.run import resolve
+from charrnn.training.trainer import Trainer
 
 from conftest import VERSE, corpus_of, tiny_configs
 

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from charrnn import checkpoint, events
+from charrnn.store import checkpoint
+from charrnn import events
 from charrnn.config import TrainConfig
-from charrnn.run import trainer_for
+from charrnn.training.run import trainer_for
 
 from conftest import VERSE, corpus_of, tiny_configs
 

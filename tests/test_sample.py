@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from charrnn.data import Vocab
-from charrnn.sample import SampleSettings, generate, next_ids
+from charrnn.data.text import Vocab
+from charrnn.infer.sample import SampleSettings, generate, next_ids
 
 from conftest import VERSE, make_model
 
@@ -81,8 +81,8 @@ def test_text_and_scores_do_not_depend_on_the_cpus_thread_count(dtype):
     matmuls, and the LSTM where oneDNN runs it in bf16)."""
     from charrnn.config import ModelConfig
     from charrnn.device import cpu_runs_bf16_lstm
-    from charrnn.evaluate import evaluate
-    from charrnn.model import CharRNN
+    from charrnn.infer.evaluate import evaluate
+    from charrnn.model.network import CharRNN
 
     vocab = Vocab("".join(chr(c) for c in range(32, 127)))
     torch.manual_seed(0)

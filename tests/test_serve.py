@@ -20,9 +20,9 @@ import uvicorn
 from typer.testing import CliRunner
 
 import charrnn
-from charrnn import rows
+from charrnn.infer import rows
 from charrnn.cli import app as cli_app
-from charrnn.server import Limits, create_app
+from charrnn.serve.app import Limits, create_app
 
 from browser import Browser, chromium
 from conftest import ROOT, VERSE
@@ -369,7 +369,7 @@ def test_charrnn_serve_bad_arguments_are_one_line_errors(trained_run, tmp_path):
 
 @pytest.mark.skipif(chromium() is None, reason="no Chromium here (apt-get install chromium; .ci/run installs it)")
 def test_the_playground_streams_shaded_text_in_headless_chromium(model, tmp_path):
-    page = (ROOT / "charrnn" / "playground.html").read_text()
+    page = (ROOT / "charrnn" / "serve" / "playground.html").read_text()
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page) and "import(" not in page  # no CDN
     with running({"poem": model}) as (url, _, lines), Browser(tmp_path / "profile") as browser:
         browser.open(f"{url}/")
@@ -452,7 +452,7 @@ def test_the_playground_chat_tab_streams_a_shaded_reply_in_headless_chromium(mod
     """The chat tab: the conversation's lines become messages, the reply streams in shaded
     after the conversation as the model read it, and is added to the conversation; it is
     what /v1/chat/completions answers for the same messages and seed."""
-    from charrnn.chat import template_from
+    from charrnn.serve.chat import template_from
 
     with running({"poem": model}, Limits(unknown="skip"), chat=template_from("irc")) as (url, _, lines), \
             Browser(tmp_path / "profile") as browser:

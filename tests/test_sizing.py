@@ -1,13 +1,14 @@
-"""Defaults that fit the corpus and the budget (charrnn.sizing) and how train uses them."""
+"""Defaults that fit the corpus and the budget (charrnn.training.sizing) and how train uses them."""
 
 import json
 
 import pytest
 import torch
 
-from charrnn import checkpoint, sizing
+from charrnn.store import checkpoint
+from charrnn.training import sizing
 from charrnn.config import ModelConfig, TrainConfig, parse_duration
-from charrnn.model import CharRNN, count_parameters
+from charrnn.model.network import CharRNN, count_parameters
 
 from conftest import VERSE, corpus_of, run_cli, tiny_configs
 
@@ -44,7 +45,7 @@ def test_a_given_width_gets_the_dropout_of_its_own_passes():
 
 
 def test_the_trainer_sizes_a_given_width_alone(tmp_path, monkeypatch):
-    from charrnn.run import trainer_for
+    from charrnn.training.run import trainer_for
 
     seen = []
     choose = sizing.choose
@@ -84,7 +85,7 @@ def test_weight_decay_grows_with_the_passes_over_the_text():
 
 
 def test_the_trainer_takes_the_chosen_weight_decay_and_a_given_one_wins(tmp_path, monkeypatch):
-    from charrnn.run import trainer_for
+    from charrnn.training.run import trainer_for
 
     monkeypatch.setattr(sizing, "choose", lambda *a, **k: sizing.Choice(24, 0.0, 1e6, 12.0, None, 0.0))
     model_config, train_config = tiny_configs(train={"weight_decay": 0.07})
@@ -320,7 +321,7 @@ def test_a_run_of_many_passes_does_not_overfit_at_its_end(tmp_path):
     its best, and better than the best of the same run without them, whose validation
     loss climbs over its last part as it memorises the text."""
     from charrnn import events
-    from charrnn.run import trainer_for
+    from charrnn.training.run import trainer_for
 
     def run(name, model=None, auto=(), **train):
         model_config, train_config = tiny_configs(

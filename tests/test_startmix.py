@@ -7,14 +7,14 @@ from collections import Counter
 import pytest
 import torch
 
-from charrnn import checkpoint
+from charrnn.store import checkpoint
 from charrnn.config import ModelConfig
-from charrnn.data import Vocab, split
+from charrnn.data.text import Vocab, split
 from charrnn.errors import CheckpointError
-from charrnn.evaluate import cold_start, evaluate, read
-from charrnn.model import CharRNN
-from charrnn.sample import SampleSettings, generate
-from charrnn.startmix import POSITIONS, StartMix, max_order
+from charrnn.infer.evaluate import cold_start, evaluate, read
+from charrnn.model.network import CharRNN
+from charrnn.infer.sample import SampleSettings, generate
+from charrnn.model.startmix import POSITIONS, StartMix, max_order
 
 from conftest import VERSE, corpus_of, run_cli, tiny_configs
 
@@ -179,7 +179,7 @@ def test_eval_json_says_whether_the_start_mix_read(trained_run, tmp_path):
 
 
 def test_no_start_mix_trains_the_network_alone(tmp_path):
-    from charrnn.run import trainer_for
+    from charrnn.training.run import trainer_for
 
     model_config, train_config = tiny_configs(train={"start_mix": False})
     run = tmp_path / "run"

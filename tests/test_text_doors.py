@@ -15,7 +15,7 @@ import pytest
 
 import charrnn
 from charrnn.errors import TextError, check_text
-from charrnn.server import Limits
+from charrnn.serve.app import Limits
 
 from conftest import ROOT, VERSE
 

@@ -8,14 +8,14 @@ import time
 import pytest
 import torch
 
-from charrnn import checkpoint
+from charrnn.store import checkpoint
 from charrnn.config import TrainConfig
-from charrnn.data import split
+from charrnn.data.text import split
 from charrnn.device import cpu_runs_bf16_lstm
-from charrnn.evaluate import evaluate
+from charrnn.infer.evaluate import evaluate
 from charrnn import events
-from charrnn.run import trainer_for
-from charrnn.schedule import lr_at
+from charrnn.training.run import trainer_for
+from charrnn.training.schedule import lr_at
 
 from conftest import ROOT, SHAKESPEARE, VERSE, corpus_of, tiny_configs
 
@@ -151,7 +151,7 @@ def test_shakespeare_defaults_learn_words(tmp_path):
     chooses on this device (on a CPU a batch of 16 and the width for the ~1.9M characters
     it reads, ~1.9 passes) gets below 2.0 nats/char (a bigram model of the text scores
     ~2.5; the 10-minute default run reaches ~1.41-1.47)."""
-    from charrnn.run import train
+    from charrnn.training.run import train
 
     torch.set_num_threads(2)
     summary = train(str(SHAKESPEARE), steps=1200, eval_every=1200, sample_length=0, out=tmp_path / "run")
@@ -234,7 +234,7 @@ def test_weight_averaging_is_what_validation_best_pt_and_sampling_use(tmp_path):
 
 
 def test_weight_average_follows_its_definition():
-    from charrnn.average import WeightAverage
+    from charrnn.training.average import WeightAverage
 
     layer = torch.nn.Linear(3, 2)
     average = WeightAverage(layer, decay=0.5)

@@ -1,4 +1,4 @@
-"""charrnn viz: the page (charrnn.report), its command, and the page in a real browser."""
+"""charrnn viz: the page (charrnn.viz.report), its command, and the page in a real browser."""
 
 import json
 import re
@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from charrnn import report
+from charrnn.viz import report
 from charrnn.cli import app
 
 from browser import chromium

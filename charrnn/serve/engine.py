@@ -1,0 +1,640 @@
+"""Continuous batching: one decoding loop per served model (all of them stepped by one
+thread, Runner), each request's streams rows of one packed decoder (charrnn.infer.decode).
+
+    submit(Request) -> Sequence            (any thread; waits in a queue when rows are full)
+    the loop, one step:
+      drop cancelled sequences             (a client that went away: its rows freed now)
+      admit waiting ones                   (their primes read together, one forward pass
+                                            per prompt length, each prompt once; one read
+                                            lately: its kept state; states into free rows;
+                                            a prompt over PRIME_SLICE characters is read a
+                                            slice a step first, so it stalls no one)
+      draw a character for every row       (each sequence's own temperature, top-p and
+                                            generator: sample.next_ids_rows)
+      hand each sequence its characters    (stop strings held back until they cannot match)
+      drop the finished, step the decoder  -> the next logits
+
+A sequence is one prompt with its n choices (rows side by side) and one torch.Generator
+seeded from the request: it draws (n, 1) uniforms a step as `charrnn sample -s n` does, so
+the same request with the same seed writes the same text. Choices that are done keep
+drawing until the whole sequence is (as `charrnn sample` does), so the generator's
+stream, and with it every other choice's text, does not depend on when one stopped.
+
+Width: the decoder is 1, 2, 4, 8, ... streams wide (at least the rows in use; it narrows
+when a quarter would do) and its rows are fp32, their products on charrnn.infer.rows' kernel:
+every output is the same sequence of operations at every width (and the elementwise
+maths keeps scratch rows below the streams', decode.Decoder.pad), so a row's logits are
+bit for bit the same whatever else is being decoded, and one stream is decoded one row
+wide, at `charrnn sample`'s cost. Where the kernel is not built (no C compiler at
+install) the products are torch's, whose kernels change with the row count (on the CPUs
+measured: a matrix-vector path for 1-3 rows, blocked sgemm from 4), and the decoder is
+4, 8, 16, ... rows wide instead. nn.LSTM's prime reads are padded to a multiple of 4 rows
+for the same reason. So a request's text is the same whatever else is being served.
+Against `charrnn sample` (one stream: nn.LSTM reads the prime one row wide, then torch's
+matrix-vector path, whose sums the kernel repeats bit for bit on the CPUs measured) the
+logits agree to ~1e-6, and the text is the same unless a draw lands that close to the
+boundary between two characters (tests/test_serve.py checks the texts on its models).
+
+Nothing here knows about HTTP: `notify(sequences)` (from the loop's thread) tells the
+server which sequences have new events; a Sequence's events are a deque of
+("text", choice, text, logprobs), ("finish", choice, reason) and ("end",) or ("error", message).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from charrnn.infer.decode import Decoder, Lanes, make_decoder, widen
+from charrnn.infer.sample import bias_row, count_drawn, mix_next, next_ids_rows, shapes
+from charrnn.model.startmix import POSITIONS
+
+MIN_WIDTH = 4  # without the row kernel, and for prime reads: multiples of 4 rows give the same bits
+BLOCK = 64  # uniforms drawn at once per sequence
+PRIME_CACHE = 256  # prompts whose state after reading them is kept (a 2x384 LSTM's: 6 KB each)
+PRIME_SLICE = 32  # a prompt longer than this is read this many characters a step, between decoding steps
+
+
+class Busy(Exception):
+    """Every row is in use and the queue is full: try again shortly."""
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: torch.Tensor  # (T,) int64, T >= 1
+    length: int  # new characters per choice
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # 1 = off
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (id, bias)
+    n: int = 1  # choices, each a row
+    stop: tuple[str, ...] = ()  # a choice ends once it writes one of these (left out of its text)
+    seed: int = 0
+    logprobs: int | None = None  # None: none; k: the drawn character's and the k likeliest
+
+
+@dataclass
+class Choice:
+    held: str = ""  # drawn but not yet handed on: it could still be the start of a stop string
+    held_logprobs: list = field(default_factory=list)
+    chars: int = 0  # characters handed on
+    finish: str | None = None
+
+
+class Sequence:
+    """One prompt being decoded: its rows, its generator, its choices and its events."""
+
+    def __init__(self, request: Request, waker: Any = None):
+        self.request = request
+        self.waker = waker  # the server's (an asyncio.Event); the engine only hands it back
+        self.generator = torch.Generator().manual_seed(request.seed)
+        self.choices = [Choice() for _ in range(request.n)]
+        self.events: deque = deque()
+        self.start = 0  # its first row
+        self.drawn = 0  # steps drawn
+        self.read_ids: torch.Tensor | None = None  # what the prior still needs, (n, m)
+        self.cancelled = False
+        self.finished = False
+        self.submitted = time.perf_counter()
+        self.first_char_s: float | None = None  # seconds from submit to the first character
+        self.cancel_step: int | None = None
+        self.freed_step: int | None = None  # the engine step at which its rows were freed
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.start + self.request.n)
+
+    def cancel(self) -> None:
+        """The client went away: the rows are freed at the start of the next step."""
+        self.cancelled = True
+
+    # -- the characters of one step, per choice -------------------------------------------
+
+    def take(self, chars: list[str], logprobs: list | None) -> int:
+        """Hand on one step's characters (one per choice); returns the characters handed on."""
+        self.drawn += 1
+        last = self.drawn >= self.request.length
+        if not self.request.stop and logprobs is None and not last:  # the common case, kept short
+            for j, char in enumerate(chars):
+                self.events.append(("text", j, char, None))
+                self.choices[j].chars += 1
+            if self.first_char_s is None:
+                self.first_char_s = time.perf_counter() - self.submitted
+            return len(chars)
+        handed = 0
+        for j, char in enumerate(chars):
+            choice = self.choices[j]
+            if choice.finish is not None:
+                continue
+            choice.held += char
+            if logprobs is not None:
+                choice.held_logprobs.append(logprobs[j])
+            stop = next((s for s in self.request.stop if choice.held.endswith(s)), None)
+            if stop is not None:
+                handed += self._hand_on(j, len(choice.held) - len(stop))
+                choice.held, choice.held_logprobs = "", []  # the stop string itself is not handed on
+                choice.finish = "stop"
+            elif last:
+                handed += self._hand_on(j, len(choice.held))
+                choice.finish = "length"
+            else:
+                handed += self._hand_on(j, self._safe(choice.held))
+            if choice.finish is not None:
+                self.events.append(("finish", j, choice.finish))
+        if all(c.finish is not None for c in self.choices):
+            self.finished = True
+            self.events.append(("end",))
+        return handed
+
+    def _safe(self, held: str) -> int:
+        """How much of held can be handed on: all but its longest end that begins a stop string."""
+        longest = max((len(s) for s in self.request.stop), default=1) - 1
+        for k in range(min(len(held), longest), 0, -1):
+            if any(s.startswith(held[-k:]) for s in self.request.stop):
+                return len(held) - k
+        return len(held)
+
+    def _hand_on(self, j: int, count: int) -> int:
+        """Hand on the first count held characters of choice j as a text event."""
+        choice = self.choices[j]
+        if count == 0:
+            return 0
+        text, choice.held = choice.held[:count], choice.held[count:]
+        logprobs = None
+        if self.request.logprobs is not None:
+            logprobs, choice.held_logprobs = choice.held_logprobs[:count], choice.held_logprobs[count:]
+        self.events.append(("text", j, text, logprobs))
+        if self.first_char_s is None:
+            self.first_char_s = time.perf_counter() - self.submitted
+        choice.chars += count
+        return count
+
+    def end(self, message: str) -> None:
+        """End it early (the server is stopping): an error event and the end."""
+        self.finished = True
+        self.events.append(("error", message))
+        self.events.append(("end",))
+
+
+class Meter:
+    """What the engine reports as it runs (the server's Prometheus metrics); no-ops here."""
+
+    def step(self, seconds: float, rows: int) -> None: ...
+
+    def first_char(self, seconds: float) -> None: ...
+
+    def chars(self, count: int) -> None: ...
+
+    def primes(self, read: int, cached: int) -> None: ...
+
+
+class Engine:
+    """The decoding loop of one model (charrnn.infer.api.Model), one step() at a time from one
+    thread (a Runner's, in the server)."""
+
+    def __init__(self, model, max_streams: int = 64, max_queued: int = 64,
+                 notify: Callable[[list[Sequence]], None] = lambda sequences: None, meter: Meter = Meter(),
+                 threads: int | None = None):
+        self.model = model
+        self.network, self.vocab, self.prior, self.device = model.network, model.vocab, model.prior, model.device
+        self.max_streams, self.max_queued = max_streams, max_queued
+        self.notify, self.meter = notify, meter
+        self._decoder: Decoder | Lanes = make_decoder(self.network, 1, self.device, cuda_graph=False, invariant=True)
+        # The row kernel's rows are the same bits at every width; without it (not built, or a
+        # GPU) torch's matmul is, at multiples of 4 rows.
+        self.min_width = 1 if self._decoder.invariant else MIN_WIDTH
+        if self.min_width > 1:
+            self._decoder = self._decoder.with_streams(self.min_width)
+        self._active: list[Sequence] = []
+        self._rows = 0
+        # Per row, in row order: logits (rows, V) the next draw draws from; temperature and
+        # top_p (rows, 1); uniforms (rows, BLOCK), each sequence's coming draws; column (rows,),
+        # where in them each row is.
+        self._table: dict[str, torch.Tensor] = {}
+        self._prime_cache: OrderedDict[tuple, tuple] = OrderedDict()  # prompt -> (logits, state), last used last
+        self._reading: OrderedDict[tuple, list] = OrderedDict()  # long prompt -> [ids, characters read, state]
+        self._waiting: deque[Sequence] = deque()
+        self._queued = 0  # streams waiting, sum of their n
+        self._lock = threading.Lock()
+        self._closing: str | None = None
+        self.poke: Callable[[], None] = lambda: None  # there is work: set by the Runner that steps it
+        self.steps = 0
+        self.threads = threads or torch.get_num_threads()  # intra-op threads from 16 rows up
+        self._read_threads = 1  # for nn.LSTM's prompt reads (_read), set by _threads_for
+
+    # -- from any thread ---------------------------------------------------------------------
+
+    def submit(self, request: Request, waker: Any = None) -> Sequence:
+        sequence = Sequence(request, waker)
+        if request.length == 0:  # nothing to draw (max_tokens 0, e.g. to echo a prompt): done now
+            sequence.events.extend([("finish", j, "length") for j in range(request.n)] + [("end",)])
+            sequence.finished = True
+            return sequence
+        with self._lock:
+            if self._closing is not None:
+                raise Busy(self._closing)
+            if request.n > self.max_streams or \
+                    self._rows + self._queued + request.n > self.max_streams + self.max_queued:
+                raise Busy("every stream is in use and the queue is full")
+            self._waiting.append(sequence)
+            self._queued += request.n
+        self.poke()
+        return sequence
+
+    def cancel(self, sequence: Sequence) -> None:
+        if not sequence.cancelled and not sequence.finished:
+            sequence.cancel_step = self.steps
+            sequence.cancel()
+            self.poke()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._active or self._reading)
+
+    @property
+    def row_kernel(self) -> bool:
+        """Whether the decoder's products run on charrnn.infer.rows' kernel (one row wide for one
+        stream); False: torch's matmul at multiples of 4 rows."""
+        return self._decoder.invariant
+
+    @property
+    def active_streams(self) -> int:
+        return self._rows
+
+    @property
+    def queued_streams(self) -> int:
+        return self._queued  # a count kept under the lock: other threads read it (/health, /metrics)
+
+    def refuse(self, message: str) -> None:
+        """Take no more requests: submit raises Busy(message) from now on."""
+        with self._lock:
+            self._closing = message
+
+    def close(self, message: str = "the server is shutting down") -> None:
+        """End every open sequence with an error event (once nothing steps this engine)."""
+        self.refuse(message)
+        ended = [*self._active, *self._waiting]
+        for sequence in ended:
+            if not sequence.finished:
+                sequence.end(message)
+        self._active, self._waiting, self._rows, self._queued = [], deque(), 0, 0
+        if ended:
+            self.notify(ended)
+
+    def failed(self, message: str) -> None:
+        ended = [s for s in self._active if not s.finished]
+        for sequence in ended:
+            sequence.end(message)
+        self._active, self._rows, self._table = [], 0, {}
+        self.notify(ended)
+
+    # -- the loop's thread ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One decoding step for every active sequence (see the module docstring)."""
+        started = time.perf_counter()
+        self._threads_for(self._rows + self.queued_streams)
+        touched = self._drop([s for s in self._active if s.cancelled], logits=True)
+        self._admit()
+        if not self._active:
+            self.notify(touched)
+            return
+        ids = self._draw()
+        touched += self._hand_on(ids)
+        finished = [s for s in self._active if s.finished]
+        if finished:
+            ids = ids[_rows_of([s for s in self._active if not s.finished])]
+            self._drop(finished, logits=False)
+        if self._active:
+            self._advance(ids)
+        self.steps += 1
+        self.meter.step(time.perf_counter() - started, self._rows)
+        self.notify(touched)
+
+    def _threads_for(self, rows: int) -> None:
+        """One intra-op thread below 16 rows: there a second thread gains little (8 rows at
+        2x384: 807 vs 669 us a step) and its spinning takes the core the event loop and the
+        clients need. The thread count does not change a single bit of the results."""
+        wanted = 1 if rows < 16 else self.threads
+        self._read_threads = wanted
+        if self._decoder.invariant:  # two lanes of the decoder (or the kernel's products) take them
+            self._decoder.threads, wanted = wanted, 1
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+
+    def _admit(self) -> None:
+        """Take in the waiting sequences that fit, reading their primes in batches; a long
+        prompt not read before waits, in its place, while _read_slice reads it."""
+        self._read_slice()
+        joining, unread = [], []
+        with self._lock:
+            rows = self._rows
+            while self._waiting and rows + self._waiting[0].request.n <= self.max_streams:
+                sequence = self._waiting.popleft()
+                if sequence.cancelled:
+                    self._queued -= sequence.request.n
+                    sequence.freed_step = self.steps
+                    continue
+                if len(sequence.request.prompt_ids) > PRIME_SLICE and _key(sequence.request.prompt_ids) \
+                        not in self._prime_cache:
+                    unread.append(sequence)
+                    continue
+                self._queued -= sequence.request.n
+                joining.append(sequence)
+                rows += sequence.request.n
+            self._waiting.extendleft(reversed(unread))
+        for sequence in unread:
+            key = _key(sequence.request.prompt_ids)
+            if key not in self._reading:
+                self._reading[key] = [sequence.request.prompt_ids.long().to(self.device), 0, None]
+        if not joining:
+            return
+        self._resize(rows)
+        primes = self._primes_of(joining)
+        for sequence in joining:
+            request, n = sequence.request, sequence.request.n
+            logits, state = primes[_key(request.prompt_ids)]
+            read = request.prompt_ids.long()[None].expand(n, -1).to(self.device)
+            sequence.read_ids = read if self.prior is not None and read.shape[1] < POSITIONS else None
+            sequence.start = self._rows
+            self._decoder.load_state(tuple(x.expand(-1, n, -1) for x in state), sequence.rows)
+            self._append({"logits": logits.expand(n, -1).clone(), "temperature": torch.full((n, 1), request.temperature),
+                          "top_p": torch.full((n, 1), request.top_p), "uniforms": self._block(sequence),
+                          "column": torch.zeros(n, dtype=torch.long), **self._controls(request)})
+            self._rows += n
+            self._active.append(sequence)
+
+    def _primes_of(self, joining: list[Sequence]) -> dict[tuple, tuple]:
+        """Each joining prompt's first logits (1, V) and state (each (L, 1, H)): from the
+        cache of the last PRIME_CACHE prompts read, the others read now, each once however
+        many sequences (and choices) share it, in one forward pass per prompt length."""
+        found, missing = {}, {}
+        for sequence in joining:
+            key = _key(sequence.request.prompt_ids)
+            if key in self._prime_cache:
+                self._prime_cache.move_to_end(key)
+                found[key] = self._prime_cache[key]
+            else:
+                missing.setdefault(key, sequence.request.prompt_ids)
+        by_length: dict[int, list[tuple]] = {}
+        for key, ids in missing.items():
+            by_length.setdefault(len(ids), []).append(key)
+        for keys in by_length.values():
+            logits, state = self._read_primes(torch.stack([missing[key] for key in keys]))
+            for row, key in enumerate(keys):
+                found[key] = self._prime_cache[key] = (  # copies: a view would keep the whole batch alive
+                    logits[row : row + 1].clone(), tuple(x[:, row : row + 1].clone() for x in state))
+        while len(self._prime_cache) > PRIME_CACHE:
+            self._prime_cache.popitem(last=False)
+        self.meter.primes(read=len(missing), cached=len(joining) - len(missing))
+        return found
+
+    def _read_slice(self) -> None:
+        """PRIME_SLICE more characters of the oldest long prompt being read, so that reading
+        a long prompt (a 4,000-character one took ~0.4 s in one pass at 2x384) never stalls
+        the streams being decoded by more than one slice a step. One row, always cut at the
+        same places: a prompt reads the same bits however its reading is interleaved."""
+        if not self._reading:
+            return
+        key, job = next(iter(self._reading.items()))
+        ids, done, state = job
+        stop = min(done + PRIME_SLICE, len(ids))
+        logits, job[2] = self._read(ids[None, done:stop], state)
+        job[1] = stop
+        if stop < len(ids):
+            return
+        del self._reading[key]
+        logits = logits[:, -1].float()
+        if self.prior is not None:
+            logits = self.prior.mix_at(logits, ids[None])
+        self._prime_cache[key] = (logits.clone(), tuple(x.clone() for x in job[2]))
+        while len(self._prime_cache) > PRIME_CACHE:
+            self._prime_cache.popitem(last=False)
+        self.meter.primes(read=1, cached=0)
+
+    def _read(self, ids: torch.Tensor, state: tuple | None = None) -> tuple[torch.Tensor, tuple]:
+        """nn.LSTM over prompts on the step's threads (two from 16 rows: a 32-character slice
+        of a long prompt 5.7 -> 3.3 ms at 2x384), also while the decoder's elementwise maths
+        keeps to one; the reads' bits do not depend on the thread count (tests/test_engine.py)."""
+        threads = torch.get_num_threads()
+        if threads == self._read_threads:
+            return self.network(ids, state)
+        torch.set_num_threads(self._read_threads)
+        try:
+            return self.network(ids, state)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _read_primes(self, ids: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """One forward pass over prompts of one length, (P, T): the first logits (P, V) and
+        the state (each (L, P, H)). The batch is padded to a multiple of 4 rows: there, as in
+        the decoder, a row's bits do not depend on its neighbours, so a prime reads the same
+        whatever it is read with (and a cached one as if read again)."""
+        ids = ids.long().to(self.device)
+        rows = len(ids)
+        padded = torch.cat([ids, ids[:1].expand(-rows % MIN_WIDTH, -1)])
+        logits, state = self._read(padded)
+        logits = logits[:rows, -1].float()
+        if self.prior is not None:
+            logits = self.prior.mix_at(logits, ids)
+        return logits, state
+
+    def _controls(self, request: Request) -> dict[str, torch.Tensor]:
+        """The request's top-k, min-p, bias and penalties as per-row columns, and its rows'
+        counts of what they drew (for the penalties), all zeros to start."""
+        n, size = request.n, len(self.vocab)
+        return {"top_k": torch.full((n, 1), request.top_k, dtype=torch.long), "min_p": torch.full((n, 1), request.min_p),
+                "bias": bias_row(request.logit_bias, size).expand(n, -1).clone(), "frequency": torch.full((n, 1), request.frequency_penalty),
+                "presence": torch.full((n, 1), request.presence_penalty), "counts": torch.zeros(n, size)}
+
+    def _block(self, sequence: Sequence) -> torch.Tensor:
+        """The sequence's next BLOCK draws, (n, BLOCK): one torch.rand call gives the same
+        numbers as BLOCK calls of (n, 1), so its text is as if it drew step by step."""
+        n = sequence.request.n
+        if sequence.request.temperature == 0:  # greedy draws nothing
+            return torch.zeros(n, BLOCK)
+        return torch.rand((BLOCK, n), generator=sequence.generator).T
+
+    def _draw(self) -> torch.Tensor:
+        """One id per row, each sequence with its own settings and generator -> (rows,)."""
+        table = self._table
+        for s in self._active:
+            if s.drawn and s.drawn % BLOCK == 0:
+                table["uniforms"][s.rows] = self._block(s)
+        uniforms = table["uniforms"].gather(1, table["column"][:, None])
+        table["column"].add_(1).remainder_(BLOCK)
+        requests = [s.request for s in self._active]
+        greedy = any(r.temperature == 0 for r in requests)
+        nucleus = any(r.top_p < 1 for r in requests)
+        on = self.device
+        shaping = (table["bias"].to(on), table["counts"].to(on), table["frequency"].to(on), table["presence"].to(on)) \
+            if any(shapes(r) for r in requests) else None
+        ids = next_ids_rows(table["logits"], table["temperature"].to(on), table["top_p"].to(on), uniforms.to(on), greedy,
+                            nucleus, top_k=table["top_k"].to(on) if any(r.top_k for r in requests) else None,
+                            min_p=table["min_p"].to(on) if any(r.min_p > 0 for r in requests) else None, shaping=shaping)
+        if shaping is not None:  # while no row is shaped the counts can lag: they multiply zeros
+            count_drawn(table["counts"], ids.cpu())
+        return ids
+
+    def _hand_on(self, ids: torch.Tensor) -> list[Sequence]:
+        alphabet = self.vocab.chars
+        chars = [alphabet[i] for i in ids.tolist()]
+        log_probs = None
+        if any(s.request.logprobs is not None for s in self._active):
+            log_probs = self._table["logits"].float().log_softmax(-1)
+        touched, handed = [], 0
+        for s in self._active:
+            start, n = s.start, s.request.n
+            entries = None if s.request.logprobs is None else _logprob_entries(
+                log_probs[start : start + n], ids[start : start + n], s.request.logprobs, alphabet)
+            first = s.first_char_s is None
+            handed += s.take(chars[start : start + n], entries)
+            if first and s.first_char_s is not None:
+                self.meter.first_char(s.first_char_s)
+            if s.events:
+                touched.append(s)
+        self.meter.chars(handed)
+        return touched
+
+    def _advance(self, ids: torch.Tensor) -> None:
+        padded = torch.zeros(self._decoder.num_streams, dtype=torch.long, device=self.device)
+        padded[: self._rows] = ids
+        logits = self._decoder.step(padded)[: self._rows].clone()
+        # The prior, for sequences still in their first POSITIONS characters: one call per
+        # history length (those that joined at the same step), not one per sequence.
+        groups: dict[int, list[Sequence]] = {}
+        for s in self._active:
+            if s.read_ids is not None:
+                groups.setdefault(s.read_ids.shape[1], []).append(s)
+        for group in groups.values():
+            rows = _rows_of(group)
+            mixed, history = mix_next(self.prior, logits[rows], torch.cat([s.read_ids for s in group]), ids[rows])
+            logits[rows] = mixed
+            for s, part in zip(group, history.split([s.request.n for s in group])):
+                s.read_ids = part if part.shape[1] < POSITIONS else None
+        self._table["logits"] = logits
+
+    # -- rows ------------------------------------------------------------------------------------
+
+    def _drop(self, gone: list[Sequence], logits: bool) -> list[Sequence]:
+        """Free the rows of sequences that are done or cancelled, moving the rest up."""
+        if not gone:
+            return []
+        keep = [s for s in self._active if s not in gone]
+        index = _rows_of(keep)
+        self._table = {name: (column if name == "logits" and not logits else column[index])
+                       for name, column in self._table.items()} if keep else {}
+        row = 0
+        for s in keep:
+            if s.start != row:
+                self._decoder.move(s.rows, slice(row, row + s.request.n))
+                s.start = row
+            row += s.request.n
+        self._active, self._rows = keep, row
+        for s in gone:
+            s.freed_step = self.steps
+        self._resize(self._rows)
+        return [s for s in gone if s.events]
+
+    def _append(self, rows: dict[str, torch.Tensor]) -> None:
+        """Add a sequence's rows to the per-row tables (logits, settings, draws)."""
+        table = self._table
+        self._table = {name: torch.cat([table[name], value]) if table else value for name, value in rows.items()}
+
+    def _resize(self, rows: int) -> None:
+        """Widen the decoder to hold rows, or narrow it when a quarter of it would do."""
+        width = self._decoder.num_streams
+        if rows <= width and (width == self.min_width or rows > width // 4):
+            return
+        new_width = self.min_width
+        while new_width < rows:
+            new_width *= 2
+        decoder = widen(self._decoder, new_width)
+        kept = min(self._rows, rows)
+        if kept:
+            decoder.load_state(self._decoder.state(slice(0, kept)), slice(0, kept))
+        self._decoder = decoder
+
+
+class Runner:
+    """The one thread that steps every engine of a process, in turn (each model served is an
+    engine). One, not one per model, because of how torch's intra-op threads wait on a CPU:
+    they are OpenMP's, and libgomp lets an idle worker spin for its next task (a few ms) only
+    while it manages no more threads than there are CPUs. A second thread that runs
+    multi-threaded work (another model's loop, the event loop, a scoring request) brings
+    its own workers, and from then on every parallel region waits for its workers to wake:
+    serving 64 streams (2x384, two cores), the server's threads used 0.9 of the two cores
+    and a step took 9-15 ms; with this thread alone multi-threaded, 1.9 and 6-8 ms
+    (docs/benchmarks.md, "Serve"). So `charrnn serve` keeps every other thread at one
+    intra-op thread, and only this one uses more (Engine.threads, from 16 rows up)."""
+
+    def __init__(self, engines: list[Engine]):
+        self.engines = engines
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        for engine in engines:
+            engine.poke = self._poke
+
+    def _poke(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="charrnn-decode", daemon=True)
+        self._thread.start()
+
+    def close(self, message: str = "the server is shutting down") -> None:
+        """Refuse new requests, stop stepping, end every open sequence with an error event."""
+        for engine in self.engines:
+            engine.refuse(message)
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+        for engine in self.engines:
+            engine.close(message)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not any(e.has_work for e in self.engines):
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            for engine in self.engines:
+                if engine.has_work:
+                    try:
+                        engine.step()
+                    except Exception as err:  # a bug: end what is open with an error, keep serving
+                        engine.failed(f"internal error in the decoding loop: {type(err).__name__}: {err}")
+
+
+def _key(prompt_ids: torch.Tensor) -> tuple[int, ...]:
+    return tuple(prompt_ids.tolist())
+
+
+def _rows_of(sequences: list[Sequence]) -> torch.Tensor:
+    """The row indices of sequences, in order (int64, maybe empty)."""
+    return torch.tensor([row for s in sequences for row in range(s.rows.start, s.rows.stop)], dtype=torch.long)
+
+
+def _logprob_entries(log_probs: torch.Tensor, ids: torch.Tensor, k: int, alphabet: str) -> list:
+    """Per row: (the drawn character, its log-probability, {character: log-probability} of the k likeliest)."""
+    chars = [alphabet[i] for i in ids.tolist()]
+    drawn = log_probs.gather(1, ids[:, None])[:, 0].tolist()
+    if k == 0:
+        return [(char, lp, {}) for char, lp in zip(chars, drawn)]
+    values, indices = log_probs.topk(min(k, log_probs.shape[1]), dim=1)
+    return [(char, lp, {alphabet[i]: v for i, v in zip(row_i, row_v)})
+            for char, lp, row_i, row_v in zip(chars, drawn, indices.tolist(), values.tolist())]
