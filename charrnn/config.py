@@ -129,7 +129,7 @@ class TrainConfig:
                                show="0.998 from 8 passes over the text, else 0 (0 in the library)")
     # Stateful mode: the chance per step that a stream jumps to a random place in the text
     # and starts again from the learned start state (0 = fixed streams, reset each epoch,
-    # as char-rnn). See charrnn.data.text.RestartingStreams.
+    # as char-rnn). See charrnn.data.batches.RestartingStreams.
     stream_restart: float = setting(0.0, "Stateful: chance per step that a stream restarts from the start state at a random place.")
     # Stop after this many optimizer steps (0 = no step limit).
     steps: int = setting(0, "Stop after this many steps (0 = no step limit; with no --epochs or --time either, 10 epochs).")

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 import charrnn  # noqa: E402
 from browser import Browser  # noqa: E402
-from charrnn.export.onnx import export_page  # noqa: E402
+from charrnn.export.page import export_page  # noqa: E402
 from charrnn.infer.sample import SampleSettings  # noqa: E402
 
 SPEED = """(() => {{ const t0 = performance.now();

@@ -4,12 +4,11 @@ its surprisal against eval's."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CELLS, VERSE
 
-from charrnn.viz import analysis
 from charrnn.config import ModelConfig
 from charrnn.model.network import LSTM_CELLS, CharRNN
-
-from conftest import CELLS, VERSE
+from charrnn.viz import analysis
 
 
 def _model(cell, seed=0):

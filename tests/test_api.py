@@ -6,12 +6,11 @@ import json
 import re
 
 import pytest
+from conftest import ROOT, VERSE
 from typer.testing import CliRunner
 
 import charrnn
 from charrnn.cli import app
-
-from conftest import ROOT, VERSE
 
 
 def test_the_readme_python_blocks_run(tmp_path, monkeypatch):

@@ -9,9 +9,9 @@ import os
 import subprocess
 import sys
 
-from charrnn.device import cpu_has_fast_bf16
-
 from conftest import ROOT
+
+from charrnn.device import cpu_has_fast_bf16
 
 FILES = ["tests/test_serve.py", "tests/test_sample.py", "tests/test_evaluate.py", "tests/test_export.py",
          "tests/test_api.py", "tests/test_text_doors.py", "tests/test_chat.py"]

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from charrnn.model.cells import HandLSTM
 from charrnn.config import ModelConfig
+from charrnn.model.cells import HandLSTM
 from charrnn.model.network import CharRNN
 
 

@@ -5,13 +5,14 @@ the completion of the rendered conversation, cut where the model ends the turn. 
 import pytest
 
 import charrnn
-from charrnn.serve.chat import PRESETS, ChatTemplate, Message, template_from
 from charrnn.errors import UsageError
+from charrnn.serve.chat import PRESETS, ChatTemplate, Message, template_from
 
 pytest.importorskip("fastapi", reason="the server is an extra: pip install -e '.[serve]'")
 openai = pytest.importorskip("openai")
-from charrnn.serve.app import Limits  # noqa: E402
 from test_serve import complete, running  # noqa: E402
+
+from charrnn.serve.schemas import Limits  # noqa: E402
 
 CONVERSATION = [Message("system", "A night in Verona."), Message("user", "But soft!"),
                 Message("assistant", "Who is there?"), Message("user", "It is I.", name="ROMEO")]
@@ -110,8 +111,9 @@ def test_the_speakers_name_the_turns_and_the_sampling_controls_apply(model):
     ({"messages": [{"role": "user", "content": "fox\ud800"}]}, "messages", "is not valid Unicode"),
 ])
 def test_bad_chat_requests_are_400s_naming_the_field(model, body, param, message):
-    import httpx
     import json
+
+    import httpx
 
     with running({"tiny": model}) as (url, _, _):
         reply = httpx.post(f"{url}/v1/chat/completions", content=json.dumps(body),

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from charrnn.store import checkpoint
-from charrnn.errors import CheckpointError
-
 from conftest import ROOT, VERSE
+
+from charrnn.errors import CheckpointError
+from charrnn.store import checkpoint
 
 
 def test_checkpoint_loads_with_weights_only(trained_run):

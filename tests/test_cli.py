@@ -5,12 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, VERSE, run_cli
 from typer.testing import CliRunner
 
 from charrnn.cli import app
 from charrnn.config import ModelConfig, TrainConfig
-
-from conftest import ROOT, VERSE, run_cli
 
 
 def invoke(*args, input=None):

@@ -3,11 +3,10 @@ import math
 
 import pytest
 import torch
+from conftest import ROOT
 
 from charrnn.config import ModelConfig, TrainConfig, build, load_toml, parse_duration, to_toml
 from charrnn.errors import UsageError
-
-from conftest import ROOT
 
 PRESETS = sorted((ROOT / "configs").glob("*.toml"))
 

@@ -5,17 +5,16 @@ Run on a GPU machine with: bash scripts/gpu_check.sh
 
 import pytest
 import torch
+from conftest import VERSE, corpus_of, tiny_configs
 
-from charrnn.store import checkpoint
 from charrnn.config import ModelConfig
 from charrnn.data.text import Vocab
 from charrnn.device import resolve_device, resolve_dtype
 from charrnn.infer.evaluate import evaluate
-from charrnn.model.network import CharRNN
 from charrnn.infer.sample import SampleSettings, generate
+from charrnn.model.network import CharRNN
+from charrnn.store import checkpoint
 from charrnn.training.run import trainer_for
-
-from conftest import VERSE, corpus_of, tiny_configs
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA")]
@@ -102,7 +101,8 @@ def test_the_start_mix_on_cuda_samples_as_on_cpu():
 
 def test_the_serving_engine_on_cuda_gives_each_request_the_same_text_alone_and_in_a_crowd(trained_run):
     import charrnn
-    from charrnn.serve.engine import Engine, Request
+    from charrnn.serve.engine import Engine
+    from charrnn.serve.sequence import Request
 
     model = charrnn.load(trained_run, device="cuda")
     ids, _ = model.vocab.encode("The ")

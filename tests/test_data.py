@@ -2,12 +2,11 @@ import io
 
 import pytest
 import torch
-
-from charrnn.data.text import (RandomWindows, RestartingStreams, StatefulBatches, Vocab, embedded_corpus, iter_text, read_corpus,
-                          split, to_utf8)
-from charrnn.errors import DataError
-
 from conftest import VERSE
+
+from charrnn.data.batches import RandomWindows, RestartingStreams, StatefulBatches
+from charrnn.data.text import Vocab, embedded_corpus, iter_text, read_corpus, split, to_utf8
+from charrnn.errors import DataError
 
 
 def test_vocab_round_trip_non_ascii():

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from conftest import CELLS, VERSE, make_model, shaken
 
 from charrnn.config import ModelConfig
 from charrnn.data.text import Vocab
-from charrnn.model.network import CharRNN
 from charrnn.infer.sample import SampleSettings, generate
-
-from conftest import CELLS, VERSE, make_model, shaken
+from charrnn.model.network import CharRNN
 
 
 @pytest.mark.parametrize("settings", [

@@ -7,12 +7,11 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, VERSE
 
-from charrnn.store import checkpoint
 from charrnn.data.text import split
 from charrnn.infer.evaluate import evaluate
-
-from conftest import ROOT, VERSE
+from charrnn.store import checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")

@@ -5,13 +5,14 @@ import threading
 
 import pytest
 import torch
+from conftest import CELLS, make_model, shaken
 
 import charrnn
-from charrnn.serve.engine import Busy, Engine, Request, Runner
 from charrnn.infer.evaluate import read
 from charrnn.infer.sample import SampleSettings, next_ids, next_ids_rows
-
-from conftest import CELLS, make_model, shaken
+from charrnn.serve.engine import Engine
+from charrnn.serve.runner import Runner
+from charrnn.serve.sequence import Busy, Request
 
 
 def drain(engine: Engine, sequences, limit=10_000):

@@ -7,12 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import VERSE, make_model, run_cli
 
 from charrnn.config import DynamicSettings, ModelConfig
 from charrnn.infer.evaluate import cold_start, dynamic_evaluate, evaluate, stream_count
 from charrnn.model.network import CharRNN
-
-from conftest import VERSE, make_model, run_cli
 
 CPU = torch.device("cpu")
 
@@ -107,9 +106,9 @@ def _play(lines: int = 400) -> str:
 def test_training_from_the_start_state_closes_most_of_the_cold_start_gap(tmp_path):
     """The first characters read from the start state (a prime, an eval) lose much less
     to the same characters read in context once training starts sequences from it."""
-    from charrnn.training.run import trainer_for
-
     from conftest import corpus_of, tiny_configs
+
+    from charrnn.training.run import trainer_for
 
     gaps, mixed = {}, None
     for stateless in (False, True):

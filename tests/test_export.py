@@ -7,14 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import CELLS, VERSE, corpus_of, make_model, shaken, tiny_configs
 from typer.testing import CliRunner
 
 import charrnn
 from charrnn.cli import app
 from charrnn.data.text import Vocab
 from charrnn.export.onnx import OnnxModel, build_onnx
-
-from conftest import CELLS, make_model, shaken, tiny_configs, corpus_of, VERSE
 from charrnn.training.run import trainer_for
 
 ort = pytest.importorskip("onnxruntime")

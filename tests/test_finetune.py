@@ -3,16 +3,15 @@
 import hashlib
 
 import torch
+from conftest import VERSE, corpus_of, tiny_configs
 from typer.testing import CliRunner
 
 import charrnn
-from charrnn.store import checkpoint
-from charrnn.config import TrainConfig
 from charrnn.cli import app
+from charrnn.config import TrainConfig
 from charrnn.infer.evaluate import evaluate
+from charrnn.store import checkpoint
 from charrnn.training.run import trainer_for
-
-from conftest import VERSE, corpus_of, tiny_configs
 
 SPANISH = "El niño soñó con la montaña; ¿qué año es? ¡Mañana será otoño!\n" * 40
 
@@ -81,8 +80,8 @@ def test_a_model_flag_that_differs_is_named_and_resume_with_init_from_is_refused
 def test_extending_the_vocabulary_is_pure_and_keeps_every_base_row():
     from charrnn.config import ModelConfig
     from charrnn.data.text import Vocab
-    from charrnn.training.finetune import extended_vocab, extended_weights
     from charrnn.model.network import CharRNN
+    from charrnn.training.finetune import extended_vocab, extended_weights
 
     base_vocab = Vocab("abc")
     vocab, added = extended_vocab(base_vocab, Vocab("abdz"))

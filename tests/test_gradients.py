@@ -2,12 +2,11 @@ import json
 
 import pytest
 import torch
+from conftest import VERSE
 
 from charrnn.config import ModelConfig
-from charrnn.viz.gradients import gradient_reach, table
 from charrnn.model.network import CharRNN
-
-from conftest import VERSE
+from charrnn.viz.gradients import gradient_reach, table
 
 
 def _model(cell, scale=1.0):

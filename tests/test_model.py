@@ -4,11 +4,10 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import VERSE, make_model, shaken
 
 from charrnn.config import ModelConfig
 from charrnn.model.network import CharRNN
-
-from conftest import VERSE, make_model, shaken
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])

@@ -10,18 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import VERSE, corpus_of, make_model, run_cli, tiny_configs
 
-from charrnn.store import checkpoint
 from charrnn import events
-from charrnn.data import prepared
-from charrnn.training import run
-from charrnn.data.text import RandomWindows, RestartingStreams, StatefulBatches, Vocab, read_corpus
+from charrnn.data import encode, prepared
+from charrnn.data.batches import RandomWindows, RestartingStreams, StatefulBatches
+from charrnn.data.text import Vocab, read_corpus
 from charrnn.errors import DataError, TrainingInterrupted
 from charrnn.infer.evaluate import evaluate, evaluate_windows
 from charrnn.model.network import CharRNN
 from charrnn.model.startmix import StartMix
-
-from conftest import VERSE, corpus_of, make_model, run_cli, tiny_configs
+from charrnn.store import checkpoint
+from charrnn.training import run
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_prepared_ids_equal_the_in_memory_encoding(tmp_path, cache, monkeypatch,
     (tmp_path / "a.txt").write_text(VERSE * 30, encoding="utf-8")
     (tmp_path / "b.txt").write_text("ascii only\n" * 50, encoding="utf-8")
     paths = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
-    corpus = prepared.prepare(paths)
+    corpus = encode.prepare(paths)
     reference = read_corpus(paths)
     vocab = Vocab.from_data(reference)
     assert corpus.vocab.chars == vocab.chars and corpus.sha256 == reference.sha256
@@ -56,21 +56,21 @@ def test_prepared_ids_equal_the_in_memory_encoding(tmp_path, cache, monkeypatch,
 def test_a_vocabulary_over_256_characters_takes_int16(tmp_path, cache):
     text = "".join(chr(0x4E00 + i) for i in range(300)) * 3 + "\n"
     (tmp_path / "cjk.txt").write_text(text, encoding="utf-8")
-    corpus = prepared.prepare([str(tmp_path / "cjk.txt")])
+    corpus = encode.prepare([str(tmp_path / "cjk.txt")])
     assert corpus.ids.dtype == torch.int16 and corpus.vocab.decode(corpus.ids) == text
 
 
 def test_an_unchanged_source_is_reused_and_a_changed_byte_rebuilds_it(tmp_path, cache):
     path = tmp_path / "text.txt"
     path.write_text(VERSE * 10, encoding="utf-8")
-    first = prepared.prepare([str(path)])
-    again = prepared.prepare([str(path)])
+    first = encode.prepare([str(path)])
+    again = encode.prepare([str(path)])
     assert not first.reused and again.reused and again.path == first.path
     data = bytearray(path.read_bytes())
     data[5] = ord("X")  # one byte, same size
     path.write_bytes(bytes(data))
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))  # a write a moment later
-    changed = prepared.prepare([str(path)])
+    changed = encode.prepare([str(path)])
     assert not changed.reused and changed.sha256 != first.sha256
     assert changed.vocab.decode(changed.ids) == bytes(data).decode("utf-8")
 
@@ -82,15 +82,15 @@ def test_a_directory_skips_files_that_are_not_text_and_hashes_the_rest(tmp_path,
     (root / "sub" / "b.txt").write_text(VERSE, encoding="utf-8")
     (root / "bin.dat").write_bytes(b"\x00\x01\x02binary")
     (root / "latin.txt").write_bytes("caf\xe9\n".encode("latin-1"))
-    corpus = prepared.prepare([str(root)])
+    corpus = encode.prepare([str(root)])
     reference = read_corpus([str(root)])
     assert sorted(corpus.skipped) == sorted(reference.skipped) and len(corpus.skipped) == 2
     assert corpus.sha256 == reference.sha256 and corpus.vocab.decode(corpus.ids) == reference.data.decode("utf-8")
-    assert prepared.prepare([str(root)]).skipped == corpus.skipped  # said again when reused
+    assert encode.prepare([str(root)]).skipped == corpus.skipped  # said again when reused
 
 
 def test_stdin_is_spooled_prepared_and_leaves_nothing_behind(cache):
-    corpus = prepared.prepare(["-"], stdin=io.BytesIO((VERSE * 5).encode("utf-8")))
+    corpus = encode.prepare(["-"], stdin=io.BytesIO((VERSE * 5).encode("utf-8")))
     assert corpus.vocab.decode(corpus.ids) == VERSE * 5 and corpus.sources == ["-"]
     assert list(cache.iterdir()) == []  # the spool and the id file are gone; the map keeps the data
 
@@ -101,7 +101,7 @@ def test_bad_files_are_refused_and_nothing_is_written(tmp_path, cache, content, 
     path = tmp_path / "bad.txt"
     path.write_bytes(content)
     with pytest.raises(DataError, match=message):
-        prepared.prepare([str(path)])
+        encode.prepare([str(path)])
     assert not any(cache.iterdir())
 
 
@@ -112,9 +112,9 @@ def test_a_full_disk_gives_one_line_and_leaves_no_file(tmp_path, cache, monkeypa
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(prepared, "_encode", full)
+    monkeypatch.setattr(encode, "_encode", full)
     with pytest.raises(DataError, match="no space left on the disk of .* set CHARRNN_CACHE"):
-        prepared.prepare([str(path)])
+        encode.prepare([str(path)])
     assert list(cache.iterdir()) == []
 
 
@@ -127,9 +127,9 @@ def test_ctrl_c_while_preparing_leaves_nothing_half_written(tmp_path, cache):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        prepared.prepare([str(path)], on_progress=interrupt)
+        encode.prepare([str(path)], on_progress=interrupt)
     assert list(cache.iterdir()) == []
-    assert not prepared.prepare([str(path)]).reused  # and the next run prepares it whole
+    assert not encode.prepare([str(path)]).reused  # and the next run prepares it whole
 
 
 def test_a_source_that_changes_while_it_is_prepared_is_refused(tmp_path, cache):
@@ -142,7 +142,7 @@ def test_a_source_that_changes_while_it_is_prepared_is_refused(tmp_path, cache):
                 handle.write("more")
 
     with pytest.raises(DataError, match="changed while it was being prepared"):
-        prepared.prepare([str(path)], on_progress=grow)
+        encode.prepare([str(path)], on_progress=grow)
     assert list(cache.iterdir()) == []
 
 
@@ -150,12 +150,12 @@ def test_an_unwritable_cache_falls_back_to_a_temporary_one_with_a_note(tmp_path,
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache would be")
     monkeypatch.setenv("CHARRNN_CACHE", str(blocker))
-    monkeypatch.setattr(prepared.tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(encode.tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     path = tmp_path / "text.txt"
     path.write_text(VERSE * 10, encoding="utf-8")
     notes = []
-    corpus = prepared.prepare([str(path)], on_notice=notes.append)
+    corpus = encode.prepare([str(path)], on_notice=notes.append)
     assert corpus.path.is_relative_to(tmp_path / "tmp") and len(notes) == 1
     assert "is not writable" in notes[0] and "CHARRNN_CACHE" in notes[0]
 
@@ -167,33 +167,33 @@ def test_an_unwritable_cache_falls_back_to_a_temporary_one_with_a_note(tmp_path,
 def test_a_damaged_cached_file_is_rebuilt_and_a_named_one_refused(tmp_path, cache, damage, message):
     path = tmp_path / "text.txt"
     path.write_text(VERSE * 10, encoding="utf-8")
-    first = prepared.prepare([str(path)])
+    first = encode.prepare([str(path)])
     damage(first.path)
     notes = []
-    again = prepared.prepare([str(path)], on_notice=notes.append)
+    again = encode.prepare([str(path)], on_notice=notes.append)
     assert not again.reused and message in notes[0] and again.vocab.decode(again.ids) == VERSE * 10
     named = tmp_path / "named.ids"
-    prepared.prepare([str(path)], out=named)
+    encode.prepare([str(path)], out=named)
     damage(named)
     with pytest.raises(DataError, match=message):
-        prepared.prepare([str(named)])
+        encode.prepare([str(named)])
 
 
 def test_an_id_file_from_a_newer_format_is_refused(tmp_path, cache):
     path = tmp_path / "text.txt"
     path.write_text(VERSE, encoding="utf-8")
     named = tmp_path / "named.ids"
-    prepared.prepare([str(path)], out=named)
+    encode.prepare([str(path)], out=named)
     data = named.read_bytes()
     named.write_bytes(data.replace(b'"format": 1', b'"format": 9', 1))
     with pytest.raises(DataError, match="newer charrnn .*format 9"):
-        prepared.prepare([str(named)])
+        encode.prepare([str(named)])
 
 
 def test_remapped_ids_for_an_extended_vocabulary(tmp_path, cache):
     path = tmp_path / "text.txt"
     path.write_text("abcabc\n", encoding="utf-8")
-    corpus = prepared.prepare([str(path)])
+    corpus = encode.prepare([str(path)])
     wider = Vocab("\n" + "ab" + "bc"[1] + "xyz")
     assert wider.decode(corpus.ids_for(wider)) == "abcabc\n"
     with pytest.raises(DataError, match="lacks"):
@@ -205,7 +205,7 @@ def test_evaluate_in_blocks_and_through_the_reader_equals_one_read(tmp_path, cac
     reading each stream whole, bit for bit (fp32)."""
     path = tmp_path / "text.txt"
     path.write_text(VERSE * 200, encoding="utf-8")
-    corpus = prepared.prepare([str(path)])
+    corpus = encode.prepare([str(path)])
     model = make_model(vocab_size=len(corpus.vocab))
     device = torch.device("cpu")
     whole = evaluate(model, corpus.ids, device, None, chunk=64, max_streams=4)
@@ -220,7 +220,7 @@ def test_evaluate_in_blocks_and_through_the_reader_equals_one_read(tmp_path, cac
 def test_scoring_with_a_model_vocabulary_skips_or_names_unknown_characters(tmp_path, cache):
     path = tmp_path / "held.txt"
     path.write_text("abc é abc ééé\n", encoding="utf-8")
-    corpus = prepared.prepare([str(path)])
+    corpus = encode.prepare([str(path)])
     vocab = Vocab("\n abc")
     with pytest.raises(DataError, match=r"4 character\(s\) unknown to the model: 'é' x4; use --unknown skip"):
         prepared.ids_in(corpus, vocab)
@@ -331,7 +331,7 @@ def test_batches_read_by_pread_equal_the_map_and_read_ahead_asks_for_the_next_ba
     next one (drawn on a copy of the generator, which is left as it was)."""
     source = tmp_path / "text.txt"
     source.write_text(VERSE * 40)
-    corpus = prepared.prepare([str(source)])
+    corpus = encode.prepare([str(source)])
     kinds = {"windows": lambda ids, reader: RandomWindows(ids, 4, 16, reader=reader),
              "restarting": lambda ids, reader: RestartingStreams(ids, 4, 16, 0.3, reader=reader),
              "stateful": lambda ids, reader: StatefulBatches(ids, 4, 16, reader=reader)}

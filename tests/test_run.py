@@ -5,14 +5,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import VERSE, corpus_of, tiny_configs
 
+from charrnn.errors import DataError
 from charrnn.store import checkpoint
 from charrnn.training import sizing
-from charrnn.errors import DataError
 from charrnn.training.run import resolve
 from charrnn.training.trainer import Trainer
-
-from conftest import VERSE, corpus_of, tiny_configs
 
 
 def test_the_plan_holds_every_choice_and_the_trainer_never_replaces_it(tmp_path):

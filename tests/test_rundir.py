@@ -3,13 +3,12 @@
 import json
 
 import pytest
+from conftest import VERSE, corpus_of, tiny_configs
 
-from charrnn.store import checkpoint
 from charrnn import events
 from charrnn.config import TrainConfig
+from charrnn.store import checkpoint
 from charrnn.training.run import trainer_for
-
-from conftest import VERSE, corpus_of, tiny_configs
 
 
 def _metrics(run_dir):

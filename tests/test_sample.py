@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from conftest import VERSE, make_model
 
 from charrnn.data.text import Vocab
 from charrnn.infer.sample import SampleSettings, generate, next_ids
-
-from conftest import VERSE, make_model
 
 
 def _sample(model, vocab, seed, **kw):

@@ -17,15 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import uvicorn
+from browser import Browser, chromium
+from conftest import ROOT, VERSE
 from typer.testing import CliRunner
 
 import charrnn
-from charrnn.infer import rows
 from charrnn.cli import app as cli_app
-from charrnn.serve.app import Limits, create_app
-
-from browser import Browser, chromium
-from conftest import ROOT, VERSE
+from charrnn.infer import rows
+from charrnn.serve.app import create_app
+from charrnn.serve.schemas import Limits
 
 openai = pytest.importorskip("openai")
 

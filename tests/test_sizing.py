@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import VERSE, corpus_of, run_cli, tiny_configs
 
-from charrnn.store import checkpoint
-from charrnn.training import sizing
 from charrnn.config import ModelConfig, TrainConfig, parse_duration
 from charrnn.model.network import CharRNN, count_parameters
-
-from conftest import VERSE, corpus_of, run_cli, tiny_configs
+from charrnn.store import checkpoint
+from charrnn.training import sizing
 
 CPU = torch.device("cpu")
 

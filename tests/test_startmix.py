@@ -6,17 +6,16 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import VERSE, corpus_of, run_cli, tiny_configs
 
-from charrnn.store import checkpoint
 from charrnn.config import ModelConfig
 from charrnn.data.text import Vocab, split
 from charrnn.errors import CheckpointError
 from charrnn.infer.evaluate import cold_start, evaluate, read
-from charrnn.model.network import CharRNN
 from charrnn.infer.sample import SampleSettings, generate
+from charrnn.model.network import CharRNN
 from charrnn.model.startmix import POSITIONS, StartMix, max_order
-
-from conftest import VERSE, corpus_of, run_cli, tiny_configs
+from charrnn.store import checkpoint
 
 TEXT = ("ROMEO:\nBut soft, what light through yonder window breaks?\n\n"
         "JULIET:\nO Romeo, Romeo, wherefore art thou Romeo?\n\n") * 30

@@ -12,12 +12,11 @@ import sys
 
 import httpx
 import pytest
+from conftest import ROOT, VERSE
 
 import charrnn
 from charrnn.errors import TextError, check_text
-from charrnn.serve.app import Limits
-
-from conftest import ROOT, VERSE
+from charrnn.serve.schemas import Limits
 
 pytest.importorskip("fastapi", reason="the server is an extra: pip install -e '.[serve]'")
 from test_serve import running  # noqa: E402

@@ -7,17 +7,16 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, SHAKESPEARE, VERSE, corpus_of, tiny_configs
 
-from charrnn.store import checkpoint
+from charrnn import events
 from charrnn.config import TrainConfig
 from charrnn.data.text import split
 from charrnn.device import cpu_runs_bf16_lstm
 from charrnn.infer.evaluate import evaluate
-from charrnn import events
+from charrnn.store import checkpoint
 from charrnn.training.run import trainer_for
 from charrnn.training.schedule import lr_at
-
-from conftest import ROOT, SHAKESPEARE, VERSE, corpus_of, tiny_configs
 
 
 def _metrics(run_dir):

@@ -7,13 +7,12 @@ import subprocess
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from charrnn.viz import report
-from charrnn.cli import app
-
 from browser import chromium
 from conftest import VERSE
+from typer.testing import CliRunner
+
+from charrnn.cli import app
+from charrnn.viz import report
 
 TEXT = 'He said "yes (or no)" to ROMEO.\nShe: \'never\' # no\n' * 3
 

@@ -1,1 +1,7 @@
-"""The data room: its modules moved here as they were; what it holds and may import is said in the next commit."""
+"""The text, before any model: reading a corpus (files, directories, stdin; UTF-8 checked,
+or another encoding decoded), its character vocabulary, the prepared id file every run maps
+(its format and reader in `prepared`, its writing in `encode`), and the batch layouts of
+training (`batches`: stateful streams, random windows, restarting streams).
+
+May import: the shared top-level modules (errors, config, ...). Nothing about models.
+"""

@@ -25,15 +25,16 @@ from typing import Any, Iterator
 
 import torch
 
-from charrnn.store import checkpoint
 from charrnn.config import EVAL_STREAMS, DynamicSettings, check_seed, check_streams
+from charrnn.data.encode import prepare
+from charrnn.data.prepared import Progress, ids_in
 from charrnn.data.text import rereadable, split
 from charrnn.device import autocast, resolve_device, resolve_dtype
 from charrnn.errors import DataError, UsageError
 from charrnn.infer.evaluate import EvalResult, dynamic_evaluate, evaluate, read
-from charrnn.data.prepared import Progress, ids_in, prepare
-from charrnn.store.rundir import is_run
 from charrnn.infer.sample import SampleSettings, generate, parse_logit_bias
+from charrnn.store import checkpoint
+from charrnn.store.rundir import is_run
 
 __all__ = ["Model", "load", "EvalResult"]
 

@@ -28,9 +28,9 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from charrnn.celltypes import CELL_TYPES
 from charrnn.infer import rows as row_kernel
 from charrnn.model.cells import lstm_pointwise
-from charrnn.celltypes import CELL_TYPES
 from charrnn.model.network import CharRNN
 
 

@@ -27,8 +27,8 @@ from typing import Iterator
 import torch
 
 from charrnn.data.text import Vocab
-from charrnn.infer.decode import make_decoder
 from charrnn.errors import UsageError, check_text
+from charrnn.infer.decode import make_decoder
 from charrnn.model.network import CharRNN, evaluating
 from charrnn.model.startmix import POSITIONS, StartMix
 

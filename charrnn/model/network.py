@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charrnn.model.cells import HandLSTM
 from charrnn.celltypes import CELL_TYPES
 from charrnn.config import ModelConfig
+from charrnn.model.cells import HandLSTM
 
 State = tuple[torch.Tensor, ...]
 

@@ -40,12 +40,12 @@ server which sequences have new events; a Sequence's events are a deque of
 ("text", choice, text, logprobs), ("finish", choice, reason) and ("end",) or ("error", message).
 """
 
+
 from __future__ import annotations
 
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -53,147 +53,12 @@ import torch
 from charrnn.infer.decode import Decoder, Lanes, make_decoder, widen
 from charrnn.infer.sample import bias_row, count_drawn, mix_next, next_ids_rows, shapes
 from charrnn.model.startmix import POSITIONS
+from charrnn.serve.sequence import Busy, Meter, Request, Sequence, _logprob_entries
 
 MIN_WIDTH = 4  # without the row kernel, and for prime reads: multiples of 4 rows give the same bits
 BLOCK = 64  # uniforms drawn at once per sequence
 PRIME_CACHE = 256  # prompts whose state after reading them is kept (a 2x384 LSTM's: 6 KB each)
 PRIME_SLICE = 32  # a prompt longer than this is read this many characters a step, between decoding steps
-
-
-class Busy(Exception):
-    """Every row is in use and the queue is full: try again shortly."""
-
-
-@dataclass(frozen=True)
-class Request:
-    prompt_ids: torch.Tensor  # (T,) int64, T >= 1
-    length: int  # new characters per choice
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0  # 1 = off
-    top_k: int = 0  # 0 = off
-    min_p: float = 0.0  # 0 = off
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (id, bias)
-    n: int = 1  # choices, each a row
-    stop: tuple[str, ...] = ()  # a choice ends once it writes one of these (left out of its text)
-    seed: int = 0
-    logprobs: int | None = None  # None: none; k: the drawn character's and the k likeliest
-
-
-@dataclass
-class Choice:
-    held: str = ""  # drawn but not yet handed on: it could still be the start of a stop string
-    held_logprobs: list = field(default_factory=list)
-    chars: int = 0  # characters handed on
-    finish: str | None = None
-
-
-class Sequence:
-    """One prompt being decoded: its rows, its generator, its choices and its events."""
-
-    def __init__(self, request: Request, waker: Any = None):
-        self.request = request
-        self.waker = waker  # the server's (an asyncio.Event); the engine only hands it back
-        self.generator = torch.Generator().manual_seed(request.seed)
-        self.choices = [Choice() for _ in range(request.n)]
-        self.events: deque = deque()
-        self.start = 0  # its first row
-        self.drawn = 0  # steps drawn
-        self.read_ids: torch.Tensor | None = None  # what the prior still needs, (n, m)
-        self.cancelled = False
-        self.finished = False
-        self.submitted = time.perf_counter()
-        self.first_char_s: float | None = None  # seconds from submit to the first character
-        self.cancel_step: int | None = None
-        self.freed_step: int | None = None  # the engine step at which its rows were freed
-
-    @property
-    def rows(self) -> slice:
-        return slice(self.start, self.start + self.request.n)
-
-    def cancel(self) -> None:
-        """The client went away: the rows are freed at the start of the next step."""
-        self.cancelled = True
-
-    # -- the characters of one step, per choice -------------------------------------------
-
-    def take(self, chars: list[str], logprobs: list | None) -> int:
-        """Hand on one step's characters (one per choice); returns the characters handed on."""
-        self.drawn += 1
-        last = self.drawn >= self.request.length
-        if not self.request.stop and logprobs is None and not last:  # the common case, kept short
-            for j, char in enumerate(chars):
-                self.events.append(("text", j, char, None))
-                self.choices[j].chars += 1
-            if self.first_char_s is None:
-                self.first_char_s = time.perf_counter() - self.submitted
-            return len(chars)
-        handed = 0
-        for j, char in enumerate(chars):
-            choice = self.choices[j]
-            if choice.finish is not None:
-                continue
-            choice.held += char
-            if logprobs is not None:
-                choice.held_logprobs.append(logprobs[j])
-            stop = next((s for s in self.request.stop if choice.held.endswith(s)), None)
-            if stop is not None:
-                handed += self._hand_on(j, len(choice.held) - len(stop))
-                choice.held, choice.held_logprobs = "", []  # the stop string itself is not handed on
-                choice.finish = "stop"
-            elif last:
-                handed += self._hand_on(j, len(choice.held))
-                choice.finish = "length"
-            else:
-                handed += self._hand_on(j, self._safe(choice.held))
-            if choice.finish is not None:
-                self.events.append(("finish", j, choice.finish))
-        if all(c.finish is not None for c in self.choices):
-            self.finished = True
-            self.events.append(("end",))
-        return handed
-
-    def _safe(self, held: str) -> int:
-        """How much of held can be handed on: all but its longest end that begins a stop string."""
-        longest = max((len(s) for s in self.request.stop), default=1) - 1
-        for k in range(min(len(held), longest), 0, -1):
-            if any(s.startswith(held[-k:]) for s in self.request.stop):
-                return len(held) - k
-        return len(held)
-
-    def _hand_on(self, j: int, count: int) -> int:
-        """Hand on the first count held characters of choice j as a text event."""
-        choice = self.choices[j]
-        if count == 0:
-            return 0
-        text, choice.held = choice.held[:count], choice.held[count:]
-        logprobs = None
-        if self.request.logprobs is not None:
-            logprobs, choice.held_logprobs = choice.held_logprobs[:count], choice.held_logprobs[count:]
-        self.events.append(("text", j, text, logprobs))
-        if self.first_char_s is None:
-            self.first_char_s = time.perf_counter() - self.submitted
-        choice.chars += count
-        return count
-
-    def end(self, message: str) -> None:
-        """End it early (the server is stopping): an error event and the end."""
-        self.finished = True
-        self.events.append(("error", message))
-        self.events.append(("end",))
-
-
-class Meter:
-    """What the engine reports as it runs (the server's Prometheus metrics); no-ops here."""
-
-    def step(self, seconds: float, rows: int) -> None: ...
-
-    def first_char(self, seconds: float) -> None: ...
-
-    def chars(self, count: int) -> None: ...
-
-    def primes(self, read: int, cached: int) -> None: ...
 
 
 class Engine:
@@ -565,61 +430,6 @@ class Engine:
         self._decoder = decoder
 
 
-class Runner:
-    """The one thread that steps every engine of a process, in turn (each model served is an
-    engine). One, not one per model, because of how torch's intra-op threads wait on a CPU:
-    they are OpenMP's, and libgomp lets an idle worker spin for its next task (a few ms) only
-    while it manages no more threads than there are CPUs. A second thread that runs
-    multi-threaded work (another model's loop, the event loop, a scoring request) brings
-    its own workers, and from then on every parallel region waits for its workers to wake:
-    serving 64 streams (2x384, two cores), the server's threads used 0.9 of the two cores
-    and a step took 9-15 ms; with this thread alone multi-threaded, 1.9 and 6-8 ms
-    (docs/benchmarks.md, "Serve"). So `charrnn serve` keeps every other thread at one
-    intra-op thread, and only this one uses more (Engine.threads, from 16 rows up)."""
-
-    def __init__(self, engines: list[Engine]):
-        self.engines = engines
-        self._wake = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        for engine in engines:
-            engine.poke = self._poke
-
-    def _poke(self) -> None:
-        with self._wake:
-            self._wake.notify()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="charrnn-decode", daemon=True)
-        self._thread.start()
-
-    def close(self, message: str = "the server is shutting down") -> None:
-        """Refuse new requests, stop stepping, end every open sequence with an error event."""
-        for engine in self.engines:
-            engine.refuse(message)
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
-        for engine in self.engines:
-            engine.close(message)
-
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._stopping and not any(e.has_work for e in self.engines):
-                    self._wake.wait()
-                if self._stopping:
-                    return
-            for engine in self.engines:
-                if engine.has_work:
-                    try:
-                        engine.step()
-                    except Exception as err:  # a bug: end what is open with an error, keep serving
-                        engine.failed(f"internal error in the decoding loop: {type(err).__name__}: {err}")
-
-
 def _key(prompt_ids: torch.Tensor) -> tuple[int, ...]:
     return tuple(prompt_ids.tolist())
 
@@ -627,14 +437,3 @@ def _key(prompt_ids: torch.Tensor) -> tuple[int, ...]:
 def _rows_of(sequences: list[Sequence]) -> torch.Tensor:
     """The row indices of sequences, in order (int64, maybe empty)."""
     return torch.tensor([row for s in sequences for row in range(s.rows.start, s.rows.stop)], dtype=torch.long)
-
-
-def _logprob_entries(log_probs: torch.Tensor, ids: torch.Tensor, k: int, alphabet: str) -> list:
-    """Per row: (the drawn character, its log-probability, {character: log-probability} of the k likeliest)."""
-    chars = [alphabet[i] for i in ids.tolist()]
-    drawn = log_probs.gather(1, ids[:, None])[:, 0].tolist()
-    if k == 0:
-        return [(char, lp, {}) for char, lp in zip(chars, drawn)]
-    values, indices = log_probs.topk(min(k, log_probs.shape[1]), dim=1)
-    return [(char, lp, {alphabet[i]: v for i, v in zip(row_i, row_v)})
-            for char, lp, row_i, row_v in zip(chars, drawn, indices.tolist(), values.tolist())]

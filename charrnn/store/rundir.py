@@ -18,9 +18,9 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from charrnn.store import checkpoint
 from charrnn.atomic import append_line, write_problem, write_text
 from charrnn.errors import CheckpointError, DataError, UsageError
+from charrnn.store import checkpoint
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")  # a directory holding one of these holds a run
 JOURNALS = ("metrics.jsonl", "samples.jsonl")

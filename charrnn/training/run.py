@@ -14,23 +14,26 @@ group's life.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from charrnn.store import checkpoint, rundir
 from charrnn import distributed
-from charrnn.training import sizing
-from charrnn.store.checkpoint import Checkpoint
 from charrnn.config import ModelConfig, TrainConfig, build, field_names, load_toml
-from charrnn.data.text import Corpus, RandomWindows, RestartingStreams, StatefulBatches, Vocab, rereadable, split
-from charrnn.device import dtype_name, resolve_device, resolve_dtype
+from charrnn.data.batches import RandomWindows, RestartingStreams, StatefulBatches
+from charrnn.data.encode import prepare
+from charrnn.data.prepared import IdReader, Prepared, in_memory, reader_for
+from charrnn.data.text import Corpus, Vocab, rereadable, split
+from charrnn.device import resolve_device, resolve_dtype
 from charrnn.errors import DataError, TrainingInterrupted, UsageError
 from charrnn.events import Notice, OnEvent, Preparing
+from charrnn.store import checkpoint, rundir
+from charrnn.store.checkpoint import Checkpoint
+from charrnn.training import sizing
 from charrnn.training.finetune import extended_vocab
-from charrnn.data.prepared import IdReader, Prepared, in_memory, prepare, reader_for
+from charrnn.training.plan import Plan
 from charrnn.training.trainer import Trainer
 
 MODEL_FIELDS = tuple(field_names(ModelConfig))
@@ -39,42 +42,6 @@ MODEL_FIELDS = tuple(field_names(ModelConfig))
 VAL_WINDOWS, VAL_WINDOW = 64, 16384
 DEVICE_IDS_MAX = 4 << 30  # bytes of ids copied whole to a GPU; a larger corpus stays mapped on the host
 TRAIN_FIELDS = tuple(field_names(TrainConfig))
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A run with every decision made: what the Trainer receives."""
-
-    corpus: Prepared
-    model_config: ModelConfig
-    config: TrainConfig  # with its stop condition, batch, validation interval and decay resolved
-    vocab: Vocab
-    train_ids: torch.Tensor  # (N,) on the device
-    val_ids: torch.Tensor
-    val_windows: torch.Tensor | None  # (W, L + 1): what each validation reads of a long split; None: all of it
-    val_reader: IdReader | None  # val_ids read with file reads (the start mix's fit reads it), None in memory
-    batches: StatefulBatches | RandomWindows | RestartingStreams  # this rank's rows of the layout
-    device: torch.device
-    device_reason: str
-    dtype: torch.dtype | None  # autocast; None = fp32
-    dtype_reason: str
-    run_dir: Path
-    resume: Checkpoint | None = None  # the checkpoint to continue exactly
-    base: Checkpoint | None = None  # fine-tuning: the model whose weights start the run
-    parent: dict[str, Any] | None = None  # {"path", "added_chars"} of the base model
-    sizing: dict[str, Any] | None = None  # {"fields", "reason"} when charrnn.training.sizing chose them
-    probe_s: float = 0.0  # seconds the sizing probe took: they count against a time budget
-
-    def summary(self) -> dict[str, Any]:
-        """What a dry run returns: the decisions, no figures."""
-        return {"run_dir": str(self.run_dir), "dry_run": True, "model": asdict(self.model_config),
-                "train": asdict(self.config), "sizing": self.sizing, "device": str(self.device),
-                "dtype": dtype_name(self.dtype), "train_chars": len(self.train_ids)}
-
-    def corpus_record(self) -> dict[str, Any]:
-        corpus = self.corpus
-        return {"name": corpus.name, "sources": [str(s) for s in corpus.sources], "sha256": corpus.sha256,
-                "chars": len(self.train_ids) + len(self.val_ids)}
 
 
 def split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The training loop over a resolved run (charrnn.training.run.Plan): truncated BPTT with AdamW,
+"""The training loop over a resolved run (charrnn.training.plan.Plan): truncated BPTT with AdamW,
 clipping, warmup + cosine decay, validation, checkpoints.
 
 (The module is `trainer`, not `train`, so that `charrnn.train` stays the API's function:
@@ -19,29 +19,28 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from charrnn import distributed
-from charrnn.training.average import WeightAverage
 from charrnn.config import parse_duration, to_toml
-from charrnn.data.text import RestartingStreams, StatefulBatches, Vocab
+from charrnn.data.batches import RestartingStreams, StatefulBatches
+from charrnn.data.text import Vocab
 from charrnn.device import autocast, dtype_name
 from charrnn.errors import CharRNNError, TrainingInterrupted
 from charrnn.events import Notice, OnEvent, Sample, Setup, Step, Validation
 from charrnn.infer.evaluate import evaluate, evaluate_windows
-from charrnn.training.finetune import extended_weights
-from charrnn.model.network import CharRNN, count_parameters, detach
-from charrnn.store.rundir import RunDir
 from charrnn.infer.sample import SampleSettings, sample_text
-from charrnn.training.schedule import fraction_done, lr_at
+from charrnn.model.network import CharRNN, count_parameters, detach
 from charrnn.model.startmix import StartMix
+from charrnn.store.rundir import RunDir
+from charrnn.training.average import WeightAverage
+from charrnn.training.finetune import extended_weights
+from charrnn.training.plan import Plan
+from charrnn.training.schedule import fraction_done, lr_at
 from charrnn.training.trainstate import Progress, TrainState
-
-if TYPE_CHECKING:
-    from charrnn.training.run import Plan
 
 LOG_EVERY = 10
 

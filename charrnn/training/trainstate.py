@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from charrnn import distributed
-from charrnn.training.average import WeightAverage
-from charrnn.store.checkpoint import Checkpoint
-from charrnn.data.text import RandomWindows, RestartingStreams, StatefulBatches
+from charrnn.data.batches import RandomWindows, RestartingStreams, StatefulBatches
 from charrnn.errors import UsageError
 from charrnn.model.network import CharRNN, State
 from charrnn.model.startmix import StartMix
+from charrnn.store.checkpoint import Checkpoint
+from charrnn.training.average import WeightAverage
 
 Batches = StatefulBatches | RandomWindows | RestartingStreams
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from charrnn.model.cells import lstm_pointwise
 from charrnn.celltypes import CELL_TYPES
+from charrnn.model.cells import lstm_pointwise
 from charrnn.model.network import LSTM_CELLS, CharRNN, evaluating
 from charrnn.model.startmix import StartMix
 

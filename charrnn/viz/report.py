@@ -20,14 +20,14 @@ from typing import Any, Callable
 
 import torch
 
-from charrnn.viz import analysis
-from charrnn.store import rundir
 from charrnn.celltypes import CELL_TYPES
 from charrnn.data.text import Vocab
 from charrnn.errors import DataError
-from charrnn.model.network import CharRNN, count_parameters
 from charrnn.infer.sample import SampleSettings, sample_text
+from charrnn.model.network import CharRNN, count_parameters
 from charrnn.model.startmix import StartMix
+from charrnn.store import rundir
+from charrnn.viz import analysis
 
 
 @dataclass(frozen=True)
