@@ -175,7 +175,8 @@ def test_every_cells_rows_give_the_same_bits_at_every_width(cell):
     widths 1, 3, 4, 16 (its products split between two threads) and 32 (two lanes of 16
     on two threads; the 16 rows compared straddle them)."""
     from charrnn.infer import rows
-    from charrnn.infer.decode import Lanes, make_decoder, widen
+    from charrnn.infer.decode import make_decoder
+    from charrnn.infer.lanes import Lanes, widen
 
     if not rows.available():
         pytest.skip("charrnn.infer._rows is not built: the fallback's widths are tested below")

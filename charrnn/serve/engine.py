@@ -50,7 +50,8 @@ from typing import Any, Callable
 
 import torch
 
-from charrnn.infer.decode import Decoder, Lanes, make_decoder, widen
+from charrnn.infer.decode import Decoder, make_decoder
+from charrnn.infer.lanes import Lanes, widen
 from charrnn.infer.sample import bias_row, count_drawn, mix_next, next_ids_rows, shapes
 from charrnn.model.startmix import POSITIONS
 from charrnn.serve.sequence import Busy, Meter, Request, Sequence, _logprob_entries

@@ -179,7 +179,7 @@ class EventStream(Response):
     """A text/event-stream response that notices at once when its client goes away (it
     watches for http.disconnect while it waits) and then frees the request's rows."""
 
-    def __init__(self, reply: Reply):  # noqa: the body is written as it is drawn, not given here
+    def __init__(self, reply: Reply):  # the body is written as it is drawn, not given here
         self.reply, self.status_code, self.background = reply, 200, None
 
     async def __call__(self, scope, receive, send) -> None:
