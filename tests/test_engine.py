@@ -297,9 +297,9 @@ def test_a_prompt_is_read_once_and_its_kept_state_writes_the_same_text(model):
 
 
 def test_the_kept_prompts_are_bounded_and_the_least_recently_used_go_first(model, monkeypatch):
-    import charrnn.serve.engine
+    from charrnn.serve import prompts
 
-    monkeypatch.setattr(charrnn.serve.engine, "PRIME_CACHE", 3)
+    monkeypatch.setattr(prompts, "PRIME_CACHE", 3)
     engine = Engine(model)
     read = reads(engine)
     for prime in ("a", "b", "c", "a", "d", "b"):  # d pushes out b (a was used again after b)
@@ -363,9 +363,9 @@ def test_a_long_prompt_is_read_a_slice_a_step_without_stalling_the_others(model,
     step, and the streams being decoded draw a character at every one of those steps; the
     request then writes the same text as when it arrives alone, and a short prompt that
     queued behind it is not held up."""
-    from charrnn.serve import engine as engine_module
+    from charrnn.serve import prompts
 
-    monkeypatch.setattr(engine_module, "PRIME_SLICE", 16)
+    monkeypatch.setattr(prompts, "PRIME_SLICE", 16)
     long_prompt = ("The quick brown fox jumps over the lazy dog. " * 5)[:200]  # 13 slices of 16
 
     alone_engine = Engine(model)
