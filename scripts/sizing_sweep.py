@@ -37,12 +37,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from charrnn.training import sizing  # noqa: E402
 from charrnn.config import ModelConfig, TrainConfig, parse_duration  # noqa: E402
@@ -75,9 +77,11 @@ def run_one(corpus: Path, name: str, budget: str, hidden: int, steps: int, work:
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     size_line = next((line for line in done.stderr.splitlines() if line.startswith("size:")), "")
     model_line = next((line for line in done.stderr.splitlines() if line.startswith("model:")), "")
+    data_line = next((line for line in done.stderr.splitlines() if line.startswith("data:")), "data: 0 train")
     return {"corpus": name, "budget": budget, "hidden": hidden, "steps": steps,
             "parameters": int(model_line.split(" parameters")[0].split(", ")[-1].replace(",", "")),
-            "chars": steps * 16 * 100, "best_val_loss": summary["best_val_loss"],
+            "chars": steps * 16 * 100, "train_chars": int(data_line.split()[1].replace(",", "")),
+            "best_val_loss": summary["best_val_loss"],
             "last_val_loss": summary["val_loss"], "seconds": round(time.perf_counter() - started),
             "size": size_line.removeprefix("size: ")}
 
@@ -144,9 +148,10 @@ def groups(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
 def bounds(records: list[dict]) -> list[tuple[str, float, float, bool]]:
     """What each pair of neighbouring widths says of K: where the wider one won, K at the
     characters it read is at most its characters per parameter (the rule should have taken
-    it); where it lost, K there is above that (the rule should have stopped below it)."""
+    it); where it lost, K there is above that (the rule should have stopped below it).
+    Runs marked "unpaired" (the defaults' own yardstick runs) belong to no pair."""
     out = []
-    for (name, budget), rows in sorted(groups(records).items()):
+    for (name, budget), rows in sorted(groups([r for r in records if not r.get("unpaired")]).items()):
         rows = sorted(rows, key=lambda r: r["hidden"])
         for narrow, wide in zip(rows, rows[1:]):
             won = wide["best_val_loss"] < narrow["best_val_loss"]
@@ -180,6 +185,87 @@ def fit(records: list[dict]) -> None:
           f"with charrnn's K0 = {k0} at {sizing.ANCHOR_CHARS / 1e6:g}M characters: "
           + (f"{pinned[0]:.2f} to {pinned[-1]:.2f}" if pinned else "none")
           + f"; at charrnn's G = {sizing.GROWTH}, K0 may lie in ({low:.2f}, {high:.2f}]")
+
+
+REPEATS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0, math.inf)  # R: passes after which repeats are worth ~nothing
+
+
+def effective_chars(chars: float, unique: float, repeats: float) -> float:
+    """Characters read, with repeats discounted as in Muennighoff et al. 2023 ("Scaling
+    Data-Constrained Language Models"): the first pass counts in full, the k-th repeat
+    exp(-k / R) of it, so the worth of reading a text over and over levels off at R + 1
+    passes. R = inf: every character read counts (no discount)."""
+    if chars <= unique or math.isinf(repeats):
+        return chars
+    return unique * (1 + repeats * (1 - math.exp(-(chars / unique - 1) / repeats)))
+
+
+class LossFit(NamedTuple):
+    rmse: float
+    alpha: float
+    beta: float
+    repeats: float
+    coef: list[float]  # E per text (sorted names), then A, then B
+    worst: float  # the largest |residual|
+    ordered: int  # measured pairs of widths whose order the fit gets right
+
+
+def fit_losses(records: list[dict]) -> tuple[list[LossFit], list[str], int]:
+    """Least squares over every run that says what it read: L = E_text + A (N/1M)^-alpha +
+    B (D_eff/1M)^-beta (Chinchilla's parametric loss, an irreducible E per text, D_eff the
+    characters read with repeats discounted), for each alpha, beta (0.05 to 1.5) and R on a
+    grid, E, A and B solved for. The fits best first, the texts, and the number of pairs."""
+    runs = [r for r in records if r.get("chars") and r.get("train_chars")]
+    texts = sorted({r["corpus"] for r in runs})
+    loss = torch.tensor([r["best_val_loss"] for r in runs], dtype=torch.float64)
+    pairs = []
+    for rows in groups([r for r in runs if not r.get("unpaired")]).values():
+        rows = sorted(rows, key=lambda r: r["hidden"])
+        pairs += [(runs.index(a), runs.index(b)) for a, b in zip(rows, rows[1:])]
+    won = [bool(loss[a] < loss[b]) for a, b in pairs]
+    fits = []
+    grid = [step / 20 for step in range(1, 31)]
+    text = F.one_hot(torch.tensor([texts.index(r["corpus"]) for r in runs]), len(texts)).double()
+    n = torch.tensor([r["parameters"] / 1e6 for r in runs], dtype=torch.float64)
+    for repeats in REPEATS:
+        d = torch.tensor([effective_chars(r["chars"], r["train_chars"], repeats) / 1e6 for r in runs], dtype=torch.float64)
+        for alpha in grid:
+            for beta in grid:
+                x = torch.cat([text, n.pow(-alpha).unsqueeze(1), d.pow(-beta).unsqueeze(1)], dim=1)
+                coef = torch.linalg.lstsq(x, loss.unsqueeze(1)).solution.squeeze(1)
+                if coef[-1] < 0 or coef[-2] < 0:
+                    continue
+                predicted = x @ coef
+                residual = predicted - loss
+                ordered = sum(bool(predicted[a] < predicted[b]) == w for (a, b), w in zip(pairs, won))
+                fits.append(LossFit(float(residual.square().mean().sqrt()), alpha, beta, repeats, coef.tolist(),
+                                    float(residual.abs().max()), ordered))
+    fits.sort(key=lambda f: f.rmse)
+    return fits, texts, len(pairs)
+
+
+def loss_fit(records: list[dict]) -> None:
+    """Prints the best fit, every fit within 10 % of its error (how loosely the runs pin
+    the exponents), and how many measured pairs they order right."""
+    fits, texts, pairs = fit_losses(records)
+    best = fits[0]
+    runs = sum(1 for r in records if r.get("chars") and r.get("train_chars"))
+    print(f"{runs} runs on {len(texts)} texts, {pairs} pairs; the least-squares fit:")
+    print(f"  L = E + {best.coef[-2]:.3f} (N/1M)^-{best.alpha:.2f} + {best.coef[-1]:.3f} (D_eff/1M)^-{best.beta:.2f}, "
+          f"R = {best.repeats:g}; E: " + ", ".join(f"{t} {e:.3f}" for t, e in zip(texts, best.coef)))
+    print(f"  fit error: RMSE {best.rmse:.4f} nats, largest residual {best.worst:.4f}; pairs ordered right: "
+          f"{best.ordered}/{pairs}")
+    near = [f for f in fits if f.rmse <= 1.1 * best.rmse]
+    ratios = sorted(f.beta / f.alpha for f in near)
+    print(f"  {len(near)} of {len(fits)} fits lie within 10 % of that error: alpha {min(f.alpha for f in near):.2f}-"
+          f"{max(f.alpha for f in near):.2f}, beta {min(f.beta for f in near):.2f}-{max(f.beta for f in near):.2f}, "
+          f"R {', '.join(f'{r:g}' for r in sorted({f.repeats for f in near}))}; beta/alpha {ratios[0]:.2f}-{ratios[-1]:.2f}")
+    print(f"  compute-optimal width: N_best grows as D_eff^(beta/alpha), so K = D/N as D^(1 - beta/alpha); "
+          f"the best fit's beta/alpha = {best.beta / best.alpha:.2f}")
+    right = [f for f in near if f.ordered == pairs]
+    print(f"  of those, {len(right)} order every pair right"
+          + (f" (the best: alpha {right[0].alpha:.2f}, beta {right[0].beta:.2f}, R {right[0].repeats:g}, "
+             f"RMSE {right[0].rmse:.4f})" if right else ""))
 
 
 def choices(args) -> None:
@@ -217,14 +303,17 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each on cores/jobs threads)")
     parser.add_argument("--work", default="/tmp/charrnn-sizing", help="run directories and results.jsonl")
     parser.add_argument("--fit", type=Path, help="the bounds this results file puts on the rule (and its table)")
+    parser.add_argument("--loss-fit", type=Path, help="fit Chinchilla's parametric loss to every run in this results file")
     parser.add_argument("--choices", action="store_true", help="print what --dry-run picks for each corpus and budget")
     args = parser.parse_args()
     if args.choices:
         choices(args)
     elif args.fit:
         records = read(args.fit)
-        table(records)
+        table([r for r in records if not r.get("unpaired")])
         fit(records)
+    elif args.loss_fit:
+        loss_fit(read(args.loss_fit))
     elif args.corpora:
         sweep(args)
     else:

@@ -343,3 +343,46 @@ def test_a_run_of_many_passes_does_not_overfit_at_its_end(tmp_path):
     assert without[-1] - min(without) > 0.01  # it overfits at the end: the test can tell
     assert with_them[-1] - min(with_them) < 0.002
     assert min(with_them) < min(without) - 0.01
+
+
+def _sizing_sweep():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    scripts = str(Path(__file__).resolve().parent.parent / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    return importlib.import_module("sizing_sweep")
+
+
+def test_repeats_are_discounted_as_muennighoff_and_without_r_not_at_all():
+    sweep = _sizing_sweep()
+    assert sweep.effective_chars(5e5, 1e6, 8.0) == 5e5  # within the first pass nothing repeats
+    assert sweep.effective_chars(3e6, 1e6, float("inf")) == 3e6
+    two = sweep.effective_chars(2e6, 1e6, 8.0)
+    assert two == pytest.approx(1e6 * (1 + 8 * (1 - 2.718281828 ** (-1 / 8))))
+    assert 1e6 < two < 2e6
+    assert sweep.effective_chars(1e9, 1e6, 8.0) == pytest.approx(9e6, rel=1e-6)  # levels off at R + 1 passes
+
+
+def test_the_loss_fit_recovers_the_law_that_made_the_runs():
+    """Runs made from a known L = E + A N^-0.3 + B D_eff^-0.45 (R = 4) on two texts: the
+    grid's best fit is that law, error ~0, and it orders every pair of widths right."""
+    sweep = _sizing_sweep()
+    law = {"shakespeare": 0.9, "prose": 0.7}
+    unique = {"shakespeare": 1e6, "prose": 3e6}
+    records = []
+    for corpus, e in law.items():
+        for budget, chars in (("5m", 8e6), ("20m", 30e6)):
+            for hidden, n in ((256, 1.1e6), (384, 2.2e6), (512, 3.8e6)):
+                d = chars * 1.1e6 / n  # a wider model reads fewer characters in the same time
+                loss = e + 0.4 * (n / 1e6) ** -0.3 + 0.8 * (sweep.effective_chars(d, unique[corpus], 4.0) / 1e6) ** -0.45
+                records.append({"corpus": corpus, "budget": budget, "hidden": hidden, "parameters": n, "chars": d,
+                                "train_chars": unique[corpus], "best_val_loss": loss})
+    fits, texts, pairs = sweep.fit_losses(records)
+    best = fits[0]
+    assert (best.alpha, best.beta, best.repeats) == (0.3, 0.45, 4.0)
+    assert best.rmse < 1e-9 and best.ordered == pairs == 8
+    assert dict(zip(texts, best.coef)) == pytest.approx(law)
+    assert best.coef[-2:] == pytest.approx([0.4, 0.8])
