@@ -5,6 +5,7 @@ budget, and how the best grows with the characters the budget can read.
     python scripts/sizing_sweep.py prose shakespeare --budgets 5m,20m --widths 256,384,512 --jobs 2
     python scripts/sizing_sweep.py --fit /tmp/charrnn-sizing/results.jsonl
     python scripts/sizing_sweep.py --fit docs/sizing-pairs.jsonl     # the pairs charrnn's rule rests on
+    python scripts/sizing_sweep.py --loss-fit docs/sizing-pairs.jsonl  # Chinchilla's L(N, D) by least squares
     python scripts/sizing_sweep.py --choices 1MB.txt 10MB.txt 100MB.txt --budgets 1m,5m,20m,1h
 
 A time budget is turned into steps before any run: each width's training speed is timed
@@ -23,6 +24,10 @@ growths G for which some K0 (D / ANCHOR_CHARS) ** G satisfies them all (G = 0: a
 K, as Chinchilla's rule for transformers), and where K0 may lie at charrnn's own G. A
 sweep whose pairs disagree says so: the runs' noise is then larger than the rule's
 resolution.
+
+--loss-fit fits L = E_text + A N^-alpha + B D_eff^-beta to every run of the file by least
+squares (D_eff: the characters read, repeats discounted) and prints its error and how
+loosely the runs pin alpha and beta.
 """
 
 from __future__ import annotations
