@@ -144,8 +144,12 @@ def table(records: list[dict]) -> None:
 
 
 def groups(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """The runs by (corpus, budget), the widths compared in the same time. Runs marked
+    "unpaired" (the defaults' own yardstick runs) belong to no group."""
     out: dict[tuple[str, str], list[dict]] = {}
     for r in records:
+        if r.get("unpaired"):
+            continue
         out.setdefault((r["corpus"], r["budget"]), []).append(r)
     return out
 
@@ -153,10 +157,9 @@ def groups(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
 def bounds(records: list[dict]) -> list[tuple[str, float, float, bool]]:
     """What each pair of neighbouring widths says of K: where the wider one won, K at the
     characters it read is at most its characters per parameter (the rule should have taken
-    it); where it lost, K there is above that (the rule should have stopped below it).
-    Runs marked "unpaired" (the defaults' own yardstick runs) belong to no pair."""
+    it); where it lost, K there is above that (the rule should have stopped below it)."""
     out = []
-    for (name, budget), rows in sorted(groups([r for r in records if not r.get("unpaired")]).items()):
+    for (name, budget), rows in sorted(groups(records).items()):
         rows = sorted(rows, key=lambda r: r["hidden"])
         for narrow, wide in zip(rows, rows[1:]):
             won = wide["best_val_loss"] < narrow["best_val_loss"]
@@ -205,6 +208,11 @@ def effective_chars(chars: float, unique: float, repeats: float) -> float:
     return unique * (1 + repeats * (1 - math.exp(-(chars / unique - 1) / repeats)))
 
 
+def measured(records: list[dict]) -> list[dict]:
+    """The runs that say what they read: the characters, and the text's size."""
+    return [r for r in records if r.get("chars") and r.get("train_chars")]
+
+
 class LossFit(NamedTuple):
     rmse: float
     alpha: float
@@ -220,11 +228,11 @@ def fit_losses(records: list[dict]) -> tuple[list[LossFit], list[str], int]:
     B (D_eff/1M)^-beta (Chinchilla's parametric loss, an irreducible E per text, D_eff the
     characters read with repeats discounted), for each alpha, beta (0.05 to 1.5) and R on a
     grid, E, A and B solved for. The fits best first, the texts, and the number of pairs."""
-    runs = [r for r in records if r.get("chars") and r.get("train_chars")]
+    runs = measured(records)
     texts = sorted({r["corpus"] for r in runs})
     loss = torch.tensor([r["best_val_loss"] for r in runs], dtype=torch.float64)
     pairs = []
-    for rows in groups([r for r in runs if not r.get("unpaired")]).values():
+    for rows in groups(runs).values():
         rows = sorted(rows, key=lambda r: r["hidden"])
         pairs += [(runs.index(a), runs.index(b)) for a, b in zip(rows, rows[1:])]
     won = [bool(loss[a] < loss[b]) for a, b in pairs]
@@ -254,8 +262,7 @@ def loss_fit(records: list[dict]) -> None:
     the exponents), and how many measured pairs they order right."""
     fits, texts, pairs = fit_losses(records)
     best = fits[0]
-    runs = sum(1 for r in records if r.get("chars") and r.get("train_chars"))
-    print(f"{runs} runs on {len(texts)} texts, {pairs} pairs; the least-squares fit:")
+    print(f"{len(measured(records))} runs on {len(texts)} texts, {pairs} pairs; the least-squares fit:")
     print(f"  L = E + {best.coef[-2]:.3f} (N/1M)^-{best.alpha:.2f} + {best.coef[-1]:.3f} (D_eff/1M)^-{best.beta:.2f}, "
           f"R = {best.repeats:g}; E: " + ", ".join(f"{t} {e:.3f}" for t, e in zip(texts, best.coef)))
     print(f"  fit error: RMSE {best.rmse:.4f} nats, largest residual {best.worst:.4f}; pairs ordered right: "
@@ -315,7 +322,7 @@ def main() -> None:
         choices(args)
     elif args.fit:
         records = read(args.fit)
-        table([r for r in records if not r.get("unpaired")])
+        table(records)
         fit(records)
     elif args.loss_fit:
         loss_fit(read(args.loss_fit))
