@@ -23,7 +23,8 @@ characters per parameter where it won, above where it lost. It prints the bounds
 growths G for which some K0 (D / ANCHOR_CHARS) ** G satisfies them all (G = 0: a constant
 K, as Chinchilla's rule for transformers), and where K0 may lie at charrnn's own G. A
 sweep whose pairs disagree says so: the runs' noise is then larger than the rule's
-resolution.
+resolution. It then reads each D as D_eff, repeats of a small text discounted (below), for
+each R: whether the pairs' disagreement is that of a text read many times.
 
 --loss-fit fits L = E_text + A N^-alpha + B D_eff^-beta to every run of the file by least
 squares (D_eff: the characters read, repeats discounted) and prints its error and how
@@ -154,45 +155,59 @@ def groups(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
-def bounds(records: list[dict]) -> list[tuple[str, float, float, bool]]:
+def bounds(records: list[dict], repeats: float = math.inf) -> list[tuple[str, float, float, bool]]:
     """What each pair of neighbouring widths says of K: where the wider one won, K at the
     characters it read is at most its characters per parameter (the rule should have taken
-    it); where it lost, K there is above that (the rule should have stopped below it)."""
+    it); where it lost, K there is above that (the rule should have stopped below it).
+    repeats: read the characters as D_eff, repeats of the text discounted (`effective_chars`;
+    inf: as read)."""
     out = []
     for (name, budget), rows in sorted(groups(records).items()):
         rows = sorted(rows, key=lambda r: r["hidden"])
         for narrow, wide in zip(rows, rows[1:]):
             won = wide["best_val_loss"] < narrow["best_val_loss"]
+            chars = effective_chars(wide["chars"], wide.get("train_chars") or math.inf, repeats)
             out.append((f"{name} {budget} 2x{wide['hidden']} {'won' if won else 'lost'}",
-                        float(wide["chars"]), wide["chars"] / wide["parameters"], won))
+                        float(chars), chars / wide["parameters"], won))
     return out
+
+
+def k0_range(pairs: list[tuple[str, float, float, bool]], growth: float) -> tuple[float, float]:
+    """The K0 for which K(D) = K0 (D / ANCHOR_CHARS) ** growth meets every bound: (above, at most]."""
+    scale = [(d / sizing.ANCHOR_CHARS) ** growth for _, d, _, _ in pairs]
+    low = max([k / f for (_, _, k, won), f in zip(pairs, scale) if not won], default=0.0)
+    high = min([k / f for (_, _, k, won), f in zip(pairs, scale) if won], default=math.inf)
+    return low, high
+
+
+def feasible_growths(pairs: list[tuple[str, float, float, bool]]) -> list[float]:
+    """The growths G (0 to 1.5, by 0.01) for which some K0 meets every bound."""
+    growths = [step / 100 for step in range(151)]
+    return [g for g in growths if k0_range(pairs, g)[0] < k0_range(pairs, g)[1]]
 
 
 def fit(records: list[dict]) -> None:
     """The growths G for which some K0 makes K(D) = K0 (D / ANCHOR_CHARS) ** G agree with
-    every pair, and the K0 range at charrnn's own GROWTH."""
+    every pair, and the K0 range at charrnn's own GROWTH; then the same with the characters
+    read as D_eff, repeats discounted, for each R."""
     pairs = bounds(records)
     for label, d, k, won in pairs:
         print(f"  {label}: {d / 1e6:.2f}M characters, {k:.2f} per parameter -> K {'<=' if won else '>'} {k:.2f} there")
-
-    def k0_range(growth: float) -> tuple[float, float]:
-        scale = [(d / sizing.ANCHOR_CHARS) ** growth for _, d, _, _ in pairs]
-        low = max([k / f for (_, _, k, won), f in zip(pairs, scale) if not won], default=0.0)
-        high = min([k / f for (_, _, k, won), f in zip(pairs, scale) if won], default=math.inf)
-        return low, high
-
-    growths = [step / 100 for step in range(151)]
-    feasible = [g for g in growths if k0_range(g)[0] < k0_range(g)[1]]
+    feasible = feasible_growths(pairs)
     if not feasible:
         print("no K0 * D^G agrees with every pair: the measurements contradict each other (noise?)")
         return
     k0 = sizing.CHARS_PER_PARAMETER
-    pinned = [g for g in feasible if round(k0_range(g)[0], 2) < k0 <= round(k0_range(g)[1], 2)]  # as printed
-    low, high = k0_range(sizing.GROWTH)
+    pinned = [g for g in feasible if round(k0_range(pairs, g)[0], 2) < k0 <= round(k0_range(pairs, g)[1], 2)]  # as printed
+    low, high = k0_range(pairs, sizing.GROWTH)
     print(f"growths that agree with all {len(pairs)} pairs: {feasible[0]:.2f} to {feasible[-1]:.2f} (up to 1.5 tried); "
           f"with charrnn's K0 = {k0} at {sizing.ANCHOR_CHARS / 1e6:g}M characters: "
           + (f"{pinned[0]:.2f} to {pinned[-1]:.2f}" if pinned else "none")
           + f"; at charrnn's G = {sizing.GROWTH}, K0 may lie in ({low:.2f}, {high:.2f}]")
+    for repeats in REPEATS[:-1]:
+        growths = feasible_growths(bounds(records, repeats))
+        print(f"  D as D_eff, repeats discounted with R = {repeats:g}: "
+              + (f"growths {growths[0]:.2f} to {growths[-1]:.2f}" if growths else "no growth agrees"))
 
 
 REPEATS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0, math.inf)  # R: passes after which repeats are worth ~nothing

@@ -386,3 +386,27 @@ def test_the_loss_fit_recovers_the_law_that_made_the_runs():
     assert best.rmse < 1e-9 and best.ordered == pairs == 8
     assert dict(zip(texts, best.coef)) == pytest.approx(law)
     assert best.coef[-2:] == pytest.approx([0.4, 0.8])
+
+
+def test_the_pairs_bounds_find_the_growth_of_the_rule_that_decided_them():
+    """Pairs decided by a known K(D) = 2 (D / 2.65M)^0.5 (the wider won where it read 1.3x
+    more than K per parameter, lost at 1/1.3): the growths that meet every bound include 0.5
+    and not 0 (a constant K), K0 = 2 lies in the range at 0.5, and D_eff reads the repeats
+    of a small text as fewer characters."""
+    sweep = _sizing_sweep()
+    records = []
+    for i, (chars, won) in enumerate([(2e6, True), (5e6, False), (12e6, True), (30e6, False), (60e6, True)]):
+        k = 2.0 * (chars / 2.65e6) ** 0.5 * (1.3 if won else 1 / 1.3)
+        wide = {"corpus": "t", "budget": str(i), "hidden": 384, "parameters": chars / k, "chars": chars,
+                "train_chars": 1e6, "best_val_loss": 1.0 if won else 1.2}
+        records += [wide, {**wide, "hidden": 256, "chars": None, "best_val_loss": 1.1}]
+    pairs = sweep.bounds(records)
+    assert [won for *_, won in pairs] == [True, False, True, False, True]
+    growths = sweep.feasible_growths(pairs)
+    assert 0.5 in growths and 0.0 not in growths
+    low, high = sweep.k0_range(pairs, 0.5)
+    assert low < 2.0 <= high
+    discounted = sweep.bounds(records, repeats=4.0)
+    assert all(d < raw for (_, d, _, _), (_, raw, _, _) in zip(discounted, pairs))  # every run read its text 2-60 times
+    assert [k for _, _, k, _ in discounted] == pytest.approx([d / r["parameters"] for (_, d, _, _), r in
+                                                              zip(discounted, records[::2])])
