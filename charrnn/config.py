@@ -108,11 +108,12 @@ class TrainConfig:
     warmup_steps: int = setting(50, "Linear warmup steps.")
     # AdamW decoupled weight decay on weight matrices (not biases, norms or the start
     # state). Unless given, charrnn train chooses it from the passes the run makes over
-    # the text, as it does the dropout (charrnn.training.sizing.weight_decay_for: 0.01 up to
-    # 4.5 passes, 0.2 from 7); the library's 0.01 is what fine-tuning keeps, so a short run on
+    # the text, as it does the dropout, and from its steps (charrnn.training.sizing.weight_decay_for:
+    # 0.01 up to 4.5 passes and 5,500 steps, 0.2 from 7 passes or 9,000 steps); the
+    # library's 0.01 is what fine-tuning keeps, so a short run on
     # new text does not pull the parent's weights toward zero.
     weight_decay: float = setting(0.01, "AdamW weight decay on weight matrices.",
-                                  show="0.01-0.2, chosen from the passes over the text (0.01 in the library)")
+                                  show="0.01-0.2, chosen from the passes and steps (0.01 in the library)")
     # Clip the global gradient norm to this (0 = off): the cure for exploding gradients.
     grad_clip: float = setting(1.0, "Clip the global gradient norm (0 = off).")
     # "norm" clips the global gradient norm; "value" clips each element to

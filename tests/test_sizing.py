@@ -80,7 +80,24 @@ def test_weight_decay_grows_with_the_passes_over_the_text():
     # ~8 passes (Tiny Shakespeare in 10 CPU minutes): 0.2 measured best of 0.01 / 0.1 / 0.2 / 0.4
     assert sizing.weight_decay_for(7.0) == sizing.weight_decay_for(30.0) == sizing.MAX_WEIGHT_DECAY == 0.2
     long, short = _choose(1_000_000, time="1h"), _choose(30_000_000, time="2m")
-    assert long.weight_decay == sizing.weight_decay_for(long.epochs) > short.weight_decay == sizing.MIN_WEIGHT_DECAY
+    assert long.weight_decay == sizing.weight_decay_for(long.epochs, long.steps) > short.weight_decay == sizing.MIN_WEIGHT_DECAY
+
+
+def test_a_long_run_gets_the_weight_decay_however_few_its_passes():
+    # Python source, 20 CPU minutes, 2x384: ~9,800 steps over 3.5 passes; decay 0.2 read
+    # 0.9622 against 0.01's 0.9882. Short runs keep 0.01 (2,800 and ~3,700 steps measured).
+    assert sizing.weight_decay_for(3.5, 9_800) == sizing.MAX_WEIGHT_DECAY
+    assert sizing.weight_decay_for(2.0, 3_700) == sizing.weight_decay_for(4.5, 2_800) == sizing.MIN_WEIGHT_DECAY
+    assert sizing.weight_decay_for(0.5, 5_500) == sizing.MIN_WEIGHT_DECAY < sizing.weight_decay_for(0.5, 7_000)
+    for epochs in (1, 5, 6, 8):  # whichever ramp is higher
+        for steps in (0, 6_000, 20_000):
+            assert sizing.weight_decay_for(epochs, steps) == max(sizing.weight_decay_for(epochs),
+                                                                  sizing.weight_decay_for(0, steps))
+    # the choice counts the steps its budget buys at the batch: a big text, an hour, 16 x 100
+    choice = _choose(100_000_000, time="1h", batch_size=16)
+    assert choice.epochs < 1 and choice.steps == pytest.approx(choice.chars / 1600)
+    assert choice.steps > 9_000 and choice.weight_decay == sizing.MAX_WEIGHT_DECAY
+    assert _choose(100_000_000, time="5m", batch_size=16).weight_decay == sizing.MIN_WEIGHT_DECAY
 
 
 def test_the_trainer_takes_the_chosen_weight_decay_and_a_given_one_wins(tmp_path, monkeypatch):
