@@ -182,8 +182,11 @@ def k0_range(pairs: list[tuple[str, float, float, bool]], growth: float) -> tupl
 
 def feasible_growths(pairs: list[tuple[str, float, float, bool]]) -> list[float]:
     """The growths G (0 to 1.5, by 0.01) for which some K0 meets every bound."""
-    growths = [step / 100 for step in range(151)]
-    return [g for g in growths if k0_range(pairs, g)[0] < k0_range(pairs, g)[1]]
+    def agrees(growth: float) -> bool:
+        low, high = k0_range(pairs, growth)
+        return low < high
+
+    return [g for g in (step / 100 for step in range(151)) if agrees(g)]
 
 
 def fit(records: list[dict]) -> None:
@@ -204,7 +207,7 @@ def fit(records: list[dict]) -> None:
           f"with charrnn's K0 = {k0} at {sizing.ANCHOR_CHARS / 1e6:g}M characters: "
           + (f"{pinned[0]:.2f} to {pinned[-1]:.2f}" if pinned else "none")
           + f"; at charrnn's G = {sizing.GROWTH}, K0 may lie in ({low:.2f}, {high:.2f}]")
-    for repeats in REPEATS[:-1]:
+    for repeats in (r for r in REPEATS if not math.isinf(r)):  # inf: the lines above
         growths = feasible_growths(bounds(records, repeats))
         print(f"  D as D_eff, repeats discounted with R = {repeats:g}: "
               + (f"growths {growths[0]:.2f} to {growths[-1]:.2f}" if growths else "no growth agrees"))
