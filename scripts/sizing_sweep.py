@@ -318,7 +318,8 @@ def choices(args) -> None:
             read = reason.split("characters read")[0].rsplit("~", 1)[-1].strip()
             cells.append(f"2x{model['hidden_size']}, {read} read, {passes} passes, dropout {model['dropout']:g}"
                          + (f", weight drop {model['weight_drop']:g}" if model["weight_drop"] else "")
-                         + (f", average {train['ema_decay']:g}" if train["ema_decay"] else ""))
+                         + (f", average {train['ema_decay']:g}" if train["ema_decay"] else "")
+                         + f", decay {train['weight_decay']:g}, peak rate {train['learning_rate']:g}")
             print(f"  {name} {budget}: " + next(line for line in done.stderr.splitlines() if line.startswith("size:")),
                   file=sys.stderr, flush=True)
         print(f"| {Path(name).name} | " + " | ".join(cells) + " |", flush=True)

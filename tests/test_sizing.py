@@ -100,6 +100,30 @@ def test_a_long_run_gets_the_weight_decay_however_few_its_passes():
     assert _choose(100_000_000, time="5m", batch_size=16).weight_decay == sizing.MIN_WEIGHT_DECAY
 
 
+def test_the_peak_learning_rate_grows_with_the_passes_over_the_text():
+    library = TrainConfig().learning_rate
+    # Python source in 5 CPU minutes (2 passes): 3e-3 read 1.0505, 7e-3 1.0759
+    assert sizing.learning_rate_for(0.1) == sizing.learning_rate_for(3.0) == library == 3e-3
+    # Tiny Shakespeare in 5 (9 passes): 3e-3 1.4535, 7e-3 1.4432; pydocs in 2 (7.8): 1.1124, 1.0799
+    assert sizing.learning_rate_for(8.0) == sizing.learning_rate_for(100.0) == 2 * library
+    rates = [sizing.learning_rate_for(epochs) for epochs in (0, 2, 3, 4, 5.5, 7, 8, 9, 30)]
+    assert rates == sorted(rates) and library < sizing.learning_rate_for(5.5) < 2 * library
+    # a small text in an hour gets the higher rate, a big one in two minutes the library's
+    long, short = _choose(1_000_000, time="1h"), _choose(30_000_000, time="2m")
+    assert long.learning_rate == 2 * library and short.learning_rate == library
+
+
+def test_the_trainer_takes_the_chosen_learning_rate_and_a_given_one_wins(tmp_path, monkeypatch):
+    from charrnn.training.run import trainer_for
+
+    monkeypatch.setattr(sizing, "choose", lambda *a, **k: sizing.Choice(24, 0.0, 1e6, 12.0, None, 0.0))
+    model_config, train_config = tiny_configs(train={"learning_rate": 1e-3, "warmup_steps": 0})
+    chosen = trainer_for(corpus_of(VERSE * 50), model_config, train_config, tmp_path / "chosen", auto=("learning_rate",))
+    given = trainer_for(corpus_of(VERSE * 50), model_config, train_config, tmp_path / "given", auto=("dropout",))
+    assert chosen.config.learning_rate == 6e-3 and given.config.learning_rate == 1e-3
+    assert chosen.state.optimizer.param_groups[0]["lr"] == 6e-3 and given.state.optimizer.param_groups[0]["lr"] == 1e-3
+
+
 def test_the_trainer_takes_the_chosen_weight_decay_and_a_given_one_wins(tmp_path, monkeypatch):
     from charrnn.training.run import trainer_for
 
@@ -131,16 +155,19 @@ def test_train_chooses_what_no_flag_set_says_why_and_resume_keeps_it(tmp_path):
     size_lines = [line for line in done.stderr.splitlines() if line.startswith("size: ")]
     assert len(size_lines) == 1 and "auto" in size_lines[0] and "--hidden-size" in size_lines[0]
     assert "--weight-decay" in size_lines[0] and "--dropout" not in size_lines[0]  # given, so not chosen
+    assert "--learning-rate" in size_lines[0] and "peak rate" in size_lines[0]
     payload = checkpoint.load(out / "last.pt")
     saved, decay = payload.model_config, payload.train_config["weight_decay"]
     expected = _choose(len(VERSE * 200) * 9 // 10, steps=3, batch_size=4, seq_len=16)
     assert saved["hidden_size"] == expected.hidden_size and saved["dropout"] == 0.05
     assert decay == expected.weight_decay == payload.optimizer["param_groups"][0]["weight_decay"]
+    assert payload.train_config["learning_rate"] == expected.learning_rate
     resumed = run_cli("train", "--resume", out, "--steps", "5")
     assert resumed.returncode == 0, resumed.stderr
     assert "size: " not in resumed.stderr
     payload = checkpoint.load(out / "last.pt")
     assert payload.model_config == saved and payload.train_config["weight_decay"] == decay
+    assert payload.train_config["learning_rate"] == expected.learning_rate
 
 
 def test_an_explicit_width_is_not_chosen(tmp_path):
@@ -252,7 +279,7 @@ def test_more_text_never_makes_more_passes_or_a_smaller_model(speed_of):
         assert passes == sorted(passes, reverse=True), (budget, passes)
         widths = [c.hidden_size for c in choices]
         assert widths == sorted(widths), (budget, widths)
-        regularisation = [(c.dropout, c.weight_decay) for c in choices]
+        regularisation = [(c.dropout, c.weight_decay, c.learning_rate) for c in choices]
         assert regularisation == sorted(regularisation, reverse=True), (budget, regularisation)
 
 

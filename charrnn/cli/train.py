@@ -209,6 +209,7 @@ class _TrainView:
                       "weight_decay": f"weight decay {config['weight_decay']:g}",
                       "ema_decay": (f"weight average {config['ema_decay']:g}" if config["ema_decay"]
                                     else "no weight average"),
+                      "learning_rate": f"peak rate {config['learning_rate']:g}",
                       "batch_size": f"batch {config['batch_size']}"}  # eval_every follows the batch
             fields = [k for k in info["sizing"]["fields"] if k in chosen]
             flags = " / ".join("--" + k.replace("_", "-") for k in fields)

@@ -103,7 +103,7 @@ def train(corpus: str | Path | Sequence[str | Path] | None = None, *, config: st
         model_config = build(ModelConfig, file_model, model_set)
         train_config = build(TrainConfig, file_train, train_set)
         auto = (tuple(k for k in sizing.SIZED if k not in model_given)
-                + tuple(k for k in sizing.SIZED_DECAY if k not in train_given) + auto_train)  # for the corpus and budget
+                + tuple(k for k in sizing.SIZED_FROM_PASSES if k not in train_given) + auto_train)  # for the corpus and budget
     group = distributed.init_from_env(train_config.device)  # a group of one without torchrun
     corpus_data = _prepared(sources, encoding, emit)
     if run_dir is None:  # rank 0 picks the directory and tells the others
@@ -156,7 +156,7 @@ def resolve(corpus: Corpus | Prepared, model_config: ModelConfig, train_config: 
             resume: Checkpoint | None = None, base: Checkpoint | None = None, auto: tuple[str, ...] = ()) -> Plan:
     """Every decision about a run, made before it starts.
 
-    auto: the model fields (sizing.SIZED) and the weight decay (sizing.SIZED_DECAY) to
+    auto: the model fields (sizing.SIZED) and the optimiser's (sizing.SIZED_FROM_PASSES) to
     choose for this corpus and budget rather than take from the configs, and the training
     fields (sizing.SIZED_TRAIN) to choose for the device; a resumed run keeps its own.
     base: a loaded checkpoint whose weights start this run (fine-tuning; model_config
@@ -200,10 +200,10 @@ def resolve(corpus: Corpus | Prepared, model_config: ModelConfig, train_config: 
     val_windows = validation_windows(val_ids if val_reader is None else val_reader, config.seed)
 
     choice = None
-    if any(k in sizing.SIZED + sizing.SIZED_DECAY for k in auto):
+    if any(k in sizing.SIZED + sizing.SIZED_FROM_PASSES for k in auto):
         choice = _choose_size(model_config, config, auto, len(train_ids), len(vocab), device, dtype)
         model_config = replace(model_config, **{k: getattr(choice, k) for k in auto if k in sizing.SIZED})
-        config = replace(config, **{k: getattr(choice, k) for k in auto if k in sizing.SIZED_DECAY})
+        config = replace(config, **{k: getattr(choice, k) for k in auto if k in sizing.SIZED_FROM_PASSES})
         reasons.insert(0, choice.reason(len(train_ids), config.stop_text))
     return Plan(corpus, model_config, config, vocab, train_ids, val_ids, val_windows, val_reader, batches, device, device_reason, dtype,
                 dtype_reason, Path(run_dir), resume, base, parent,

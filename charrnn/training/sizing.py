@@ -23,12 +23,16 @@ So when neither a flag nor a config file sets them, `charrnn train` chooses:
 4. **The weight decay**, from the same passes or the run's length in steps: AdamW's 0.01
    up to 4.5 passes and 5,500 steps, rising to 0.2 at 7 passes or 9,000 steps, whichever
    comes first (`weight_decay_for`).
-5. **Many passes**: a moving average of the weights read by validation, best.pt and
+5. **The peak learning rate**, from the same passes: the library's 3e-3 up to 3 passes,
+   twice that from 8 on (`learning_rate_for`): where a run reads its text many times a
+   higher rate, annealed by the schedule's decay, ends lower; where it reads it once or
+   twice it only learns worse.
+6. **Many passes**: a moving average of the weights read by validation, best.pt and
    samples from 8 passes on (`ema_decay_for`), and a weight drop on the recurrent
    weights from 25 (`weight_drop_for`): without them a run that reads its text 50 times
    memorises it over its last part and picks its best.pt from noisy readings.
 
-Items 3-5 are for new runs; fine-tuning keeps the library's values. The measurements
+Items 3-6 are for new runs; fine-tuning keeps the library's values. The measurements
 behind each number are in docs/benchmarks.md ("Why each default is what it is").
 """
 
@@ -59,10 +63,11 @@ GROWTH = 0.27
 MAX_DROPOUT = 0.35
 SIZED = ("hidden_size", "dropout", "weight_drop")  # the model fields chosen here unless given
 SIZED_TRAIN = ("batch_size", "eval_every")  # and the training fields (fine-tuning too)
-SIZED_DECAY = ("weight_decay", "ema_decay")  # chosen from the passes, as the dropout, for new runs only
+SIZED_FROM_PASSES = ("weight_decay", "ema_decay", "learning_rate")  # chosen from the passes, as the dropout, for new runs only
 MIN_WEIGHT_DECAY, MAX_WEIGHT_DECAY = 0.01, 0.2
 WEIGHT_DECAY_STEPS = (5_500.0, 9_000.0)  # a long run gets the decay however few its passes
 EMA_FROM_PASSES, EMA_DECAY = 8.0, 0.998
+LEARNING_RATE_PASSES, LEARNING_RATE_GAIN = (3.0, 8.0), 2.0  # the library's rate up to 3 passes, twice it from 8
 MAX_WEIGHT_DROP = 0.3
 MIN_PROBED_BUDGET_S = 60.0  # shorter time budgets are not worth a probe of a few seconds
 
@@ -89,6 +94,10 @@ class Choice:
     @property
     def ema_decay(self) -> float:
         return ema_decay_for(self.epochs)
+
+    @property
+    def learning_rate(self) -> float:
+        return learning_rate_for(self.epochs)
 
     def reason(self, train_chars: int, budget: str) -> str:
         speed = f" at ~{self.chars_per_s / 1000:,.0f}k chars/s (probed)" if self.chars_per_s else ""
@@ -173,6 +182,20 @@ def ema_decay_for(epochs: float) -> float:
     the next and start to memorise late in the run; the average reads what the run has
     learned, not the luck of the step it was read at (docs/benchmarks.md, "Many passes")."""
     return EMA_DECAY if epochs >= EMA_FROM_PASSES else 0.0
+
+
+def learning_rate_for(epochs: float) -> float:
+    """The peak learning rate: the library's (3e-3) up to 3 passes over the text,
+    LEARNING_RATE_GAIN times it from 8 on, linear between. A run that reads its text many
+    times is limited by what it memorises, and a higher rate, annealed by the schedule's
+    decay, settles where the model generalises better (the rate's noise regularises, as
+    the dropout and the weight decay do); a run that reads its text once or twice is
+    limited by what it learns, and a higher rate learns worse. Measured at 5 minutes on
+    a 2x256 (docs/benchmarks.md, "The peak learning rate"): Tiny Shakespeare (9 passes)
+    1.4706 at 2e-3, 1.4535 at 3e-3, 1.4432 at 7e-3; pydocs in 2 minutes (7.8 passes)
+    1.1124 at 3e-3, 1.0799 at 7e-3; Python source (2 passes) 1.0505 at 3e-3, 1.0759 at 7e-3."""
+    base = TrainConfig().learning_rate
+    return round(base * (1 + (LEARNING_RATE_GAIN - 1) * _ramp(epochs, *LEARNING_RATE_PASSES)), 6)
 
 
 def _ramp(epochs: float, start: float, end: float) -> float:
