@@ -205,7 +205,7 @@ def test_the_batch_is_chosen_for_the_device_unless_given_and_resume_keeps_it(tmp
     corpus = tmp_path / "verse.txt"
     corpus.write_text(VERSE * 50, encoding="utf-8")
     common = ("--steps", "2", "--seq-len", "16", "--hidden-size", "24", "--dropout", "0", "--weight-decay", "0.01",
-              "--weight-drop", "0", "--ema-decay", "0", "--sample-length", "0")
+              "--weight-drop", "0", "--ema-decay", "0", "--learning-rate", "3e-3", "--sample-length", "0")
     settings = {}
     for name, extra in {"auto": (), "given": ("--batch-size", "4"), "interval": ("--eval-every", "5")}.items():
         done = run_cli("train", corpus, "--out", tmp_path / name, *common, *extra)
