@@ -67,7 +67,8 @@ SIZED_FROM_PASSES = ("weight_decay", "ema_decay", "learning_rate")  # chosen fro
 MIN_WEIGHT_DECAY, MAX_WEIGHT_DECAY = 0.01, 0.2
 WEIGHT_DECAY_STEPS = (5_500.0, 9_000.0)  # a long run gets the decay however few its passes
 EMA_FROM_PASSES, EMA_DECAY = 8.0, 0.998
-LEARNING_RATE_PASSES, LEARNING_RATE_GAIN = (3.0, 8.0), 2.0  # the library's rate up to 3 passes, twice it from 8
+MIN_LEARNING_RATE = TrainConfig().learning_rate  # the library's peak up to 3 passes, twice it from 8
+MAX_LEARNING_RATE, LEARNING_RATE_PASSES = 2 * MIN_LEARNING_RATE, (3.0, 8.0)
 MAX_WEIGHT_DROP = 0.3
 MIN_PROBED_BUDGET_S = 60.0  # shorter time budgets are not worth a probe of a few seconds
 
@@ -185,8 +186,8 @@ def ema_decay_for(epochs: float) -> float:
 
 
 def learning_rate_for(epochs: float) -> float:
-    """The peak learning rate: the library's (3e-3) up to 3 passes over the text,
-    LEARNING_RATE_GAIN times it from 8 on, linear between. A run that reads its text many
+    """The peak learning rate: the library's (MIN_LEARNING_RATE, 3e-3) up to 3 passes over
+    the text, MAX_LEARNING_RATE (twice it) from 8 on, linear between. A run that reads its text many
     times is limited by what it memorises, and a higher rate, annealed by the schedule's
     decay, settles where the model generalises better (the rate's noise regularises, as
     the dropout and the weight decay do); a run that reads its text once or twice is
@@ -194,8 +195,8 @@ def learning_rate_for(epochs: float) -> float:
     a 2x256 (docs/benchmarks.md, "The peak learning rate"): Tiny Shakespeare (9 passes)
     1.4706 at 2e-3, 1.4535 at 3e-3, 1.4432 at 7e-3; pydocs in 2 minutes (7.8 passes)
     1.1124 at 3e-3, 1.0799 at 7e-3; Python source (2 passes) 1.0505 at 3e-3, 1.0759 at 7e-3."""
-    base = TrainConfig().learning_rate
-    return round(base * (1 + (LEARNING_RATE_GAIN - 1) * _ramp(epochs, *LEARNING_RATE_PASSES)), 6)
+    ramp = _ramp(epochs, *LEARNING_RATE_PASSES)
+    return round(MIN_LEARNING_RATE + (MAX_LEARNING_RATE - MIN_LEARNING_RATE) * ramp, 6)
 
 
 def _ramp(epochs: float, start: float, end: float) -> float:
