@@ -129,7 +129,7 @@ def table(records: list[dict]) -> None:
     widths = sorted({r["hidden"] for r in records})
     print("| corpus | budget | " + " | ".join(f"2x{h}" for h in widths) + " | best |")
     print("| --- | --- | " + " | ".join("---:" for _ in widths) + " | --- |")
-    for (name, budget), rows in sorted(groups(records).items(), key=lambda kv: (kv[0][0], parse_duration(kv[0][1]))):
+    for (name, budget, pair), rows in sorted(groups(records).items(), key=lambda kv: (kv[0][0], parse_duration(kv[0][1]), kv[0][2])):
         by_width = {r["hidden"]: r for r in rows}
         best = min(rows, key=lambda r: r["best_val_loss"])
         cells = []
@@ -141,17 +141,18 @@ def table(records: list[dict]) -> None:
             per = f" ({r['chars'] / r['parameters']:.1f} c/p)" if r.get("chars") else ""
             text = f"{r['best_val_loss']:.4f}{per}"
             cells.append(f"**{text}**" if r is best else text)
-        print(f"| {name} | {budget} | " + " | ".join(cells) + f" | 2x{best['hidden']} |")
+        print(f"| {name} | {budget}{f' ({pair})' if pair else ''} | " + " | ".join(cells) + f" | 2x{best['hidden']} |")
 
 
-def groups(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    """The runs by (corpus, budget), the widths compared in the same time. Runs marked
-    "unpaired" (the defaults' own yardstick runs) belong to no group."""
-    out: dict[tuple[str, str], list[dict]] = {}
+def groups(records: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
+    """The runs by (corpus, budget, pair), the widths compared in the same time; "pair"
+    names a second pair of the same text and budget (another day, another rule). Runs
+    marked "unpaired" (the defaults' own yardstick runs) belong to no group."""
+    out: dict[tuple[str, str, str], list[dict]] = {}
     for r in records:
         if r.get("unpaired"):
             continue
-        out.setdefault((r["corpus"], r["budget"]), []).append(r)
+        out.setdefault((r["corpus"], r["budget"], r.get("pair", "")), []).append(r)
     return out
 
 
@@ -162,8 +163,9 @@ def bounds(records: list[dict], repeats: float = math.inf) -> list[tuple[str, fl
     repeats: read the characters as D_eff, repeats of the text discounted (`effective_chars`;
     inf: as read)."""
     out = []
-    for (name, budget), rows in sorted(groups(records).items()):
+    for (name, budget, pair), rows in sorted(groups(records).items()):
         rows = sorted(rows, key=lambda r: r["hidden"])
+        budget += f" ({pair})" if pair else ""
         for narrow, wide in zip(rows, rows[1:]):
             won = wide["best_val_loss"] < narrow["best_val_loss"]
             chars = effective_chars(wide["chars"], wide.get("train_chars") or math.inf, repeats)

@@ -454,3 +454,18 @@ def test_the_pairs_bounds_find_the_growth_of_the_rule_that_decided_them():
     assert all(d < raw for (_, d, _, _), (_, raw, _, _) in zip(discounted, pairs))  # every run read its text 2-60 times
     assert [k for _, _, k, _ in discounted] == pytest.approx([d / r["parameters"] for (_, d, _, _), r in
                                                               zip(discounted, records[::2])])
+
+
+def test_a_second_pair_of_the_same_text_and_budget_is_its_own_pair():
+    """Two pairs of one text and budget, told apart by "pair" (another day, another rule),
+    give one bound each, and an "unpaired" run joins neither."""
+    sweep = _sizing_sweep()
+    run = {"corpus": "t", "budget": "20m", "train_chars": 1e6, "chars": 8e6}
+    records = [{**run, "hidden": 256, "parameters": 1.1e6, "best_val_loss": 1.10},
+               {**run, "hidden": 384, "parameters": 2.2e6, "best_val_loss": 1.00},
+               {**run, "hidden": 256, "parameters": 1.1e6, "best_val_loss": 0.90, "pair": "b"},
+               {**run, "hidden": 384, "parameters": 2.2e6, "best_val_loss": 1.05, "pair": "b"},
+               {**run, "hidden": 512, "parameters": 3.8e6, "best_val_loss": 0.50, "unpaired": True}]
+    pairs = sweep.bounds(records)
+    assert [(label, won) for label, *_, won in pairs] == [("t 20m 2x384 won", True), ("t 20m (b) 2x384 lost", False)]
+    assert [k for _, _, k, _ in pairs] == pytest.approx([8e6 / 2.2e6] * 2)
