@@ -141,7 +141,7 @@ def table(records: list[dict]) -> None:
             per = f" ({r['chars'] / r['parameters']:.1f} c/p)" if r.get("chars") else ""
             text = f"{r['best_val_loss']:.4f}{per}"
             cells.append(f"**{text}**" if r is best else text)
-        print(f"| {name} | {budget}{f' ({pair})' if pair else ''} | " + " | ".join(cells) + f" | 2x{best['hidden']} |")
+        print(f"| {name} | {shown(budget, pair)} | " + " | ".join(cells) + f" | 2x{best['hidden']} |")
 
 
 def groups(records: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
@@ -156,6 +156,11 @@ def groups(records: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
     return out
 
 
+def shown(budget: str, pair: str) -> str:
+    """A group's budget as tables and bounds name it: with its pair, where it has one."""
+    return f"{budget} ({pair})" if pair else budget
+
+
 def bounds(records: list[dict], repeats: float = math.inf) -> list[tuple[str, float, float, bool]]:
     """What each pair of neighbouring widths says of K: where the wider one won, K at the
     characters it read is at most its characters per parameter (the rule should have taken
@@ -165,11 +170,10 @@ def bounds(records: list[dict], repeats: float = math.inf) -> list[tuple[str, fl
     out = []
     for (name, budget, pair), rows in sorted(groups(records).items()):
         rows = sorted(rows, key=lambda r: r["hidden"])
-        budget += f" ({pair})" if pair else ""
         for narrow, wide in zip(rows, rows[1:]):
             won = wide["best_val_loss"] < narrow["best_val_loss"]
             chars = effective_chars(wide["chars"], wide.get("train_chars") or math.inf, repeats)
-            out.append((f"{name} {budget} 2x{wide['hidden']} {'won' if won else 'lost'}",
+            out.append((f"{name} {shown(budget, pair)} 2x{wide['hidden']} {'won' if won else 'lost'}",
                         float(chars), chars / wide["parameters"], won))
     return out
 
