@@ -189,6 +189,36 @@ def bench_options(corpus, device, seconds, rounds=3):
     return {name: {"chars_per_s": rate, "ratio_to_plain": rate / rates["plain"]} for name, rate in rates.items()}
 
 
+def bench_optimizer(corpus, device, seconds, rounds=3):
+    """Training chars/s of the trainer's step with AdamW's kernels as the trainer picks them
+    (fused where built: CUDA, CPUs from torch 2.4) against foreach, at a CPU run's default
+    shape (2x256, batch 16 x 100), where the optimizer is a larger share of the step; the
+    two take turns, `rounds` times."""
+    from charrnn.device import optimizer_kernels
+
+    trainers = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("picked", "foreach"):
+            trainer = trainer_for(corpus, ModelConfig(hidden_size=256, dropout=0.1),
+                                  TrainConfig(device=str(device), steps=1, sample_length=0, batch_size=16, seq_len=100,
+                                              ema_decay=0.998), Path(tmp) / name)
+            if name == "foreach":
+                old = trainer.state.optimizer
+                trainer.state.optimizer = torch.optim.AdamW(
+                    [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in old.param_groups],
+                    lr=old.defaults["lr"], betas=old.defaults["betas"], foreach=True)
+            trainers[name] = trainer
+        totals = {name: [0, 0.0] for name in trainers}
+        for _ in range(rounds):
+            for name, trainer in trainers.items():
+                calls, elapsed = timed(trainer.step, seconds / rounds, device, warmup=1)
+                totals[name][0] += calls
+                totals[name][1] += elapsed
+    rates = {name: calls * 16 * 100 / elapsed for name, (calls, elapsed) in totals.items()}
+    return {"picked_kernels": next(iter(optimizer_kernels(device.type))), **{f"{name}_chars_per_s": rate for name, rate in rates.items()},
+            "ratio": rates["picked"] / rates["foreach"]}
+
+
 def sampling_rate(model, vocab, device, seconds, streams, fast=True, dtype=None):
     """chars/s of charrnn's sampler, all streams together, over about `seconds`."""
     gen = torch.Generator(device).manual_seed(0)
@@ -314,7 +344,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="short runs (about a minute)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--sample-streams", default="1,64", help="comma-separated stream counts to sample")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: train,cells,options,quality,sample,eval,encode")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: train,cells,options,optimizer,quality,sample,eval,encode")
     args = parser.parse_args()
     device, reason = resolve_device(args.device)
     dtype, dtype_reason = resolve_dtype("auto", device)
@@ -345,6 +375,8 @@ def main():
         results["cells"] = bench_cells(corpus, device, seconds / 2)
     if "options" not in skip:
         results["options"] = bench_options(corpus, device, seconds)
+    if "optimizer" not in skip:
+        results["optimizer"] = bench_optimizer(corpus, device, seconds)
     if "quality" not in skip:
         if args.quick:
             results["quality"] = bench_quality(corpus, 128, 2, 32, 64, 100, device)
@@ -393,6 +425,10 @@ def print_table(results):
         if name != "plain":
             rows.append((f"train chars/s 2x512 with {name}", f"{options['plain']['chars_per_s']:,.0f} (off)",
                          f"{r['chars_per_s']:,.0f}", f"{r['ratio_to_plain']:.2f}x"))
+    if "optimizer" in results:
+        o = results["optimizer"]
+        rows.append((f"train chars/s 2x256 b16, AdamW {o['picked_kernels']}", f"{o['foreach_chars_per_s']:,.0f} (foreach)",
+                     f"{o['picked_chars_per_s']:,.0f}", f"{o['ratio']:.2f}x"))
     if "quality" in results:
         q = results["quality"]
         names = list(q["results"])

@@ -113,6 +113,13 @@ def test_the_peak_learning_rate_grows_with_the_passes_over_the_text():
     assert long.learning_rate == 2 * library and short.learning_rate == library
 
 
+def test_the_rule_s_rate_is_the_rate_the_size_line_prints():
+    # two significant figures, so `peak rate 0.0055` on the size line is the rate the run uses
+    for epochs in [3 + k / 7 for k in range(40)]:
+        rate = sizing.learning_rate_for(epochs)
+        assert float(f"{rate:g}") == rate and len(f"{rate:g}") <= len("0.0055")
+
+
 def test_the_trainer_takes_the_chosen_learning_rate_and_a_given_one_wins(tmp_path, monkeypatch):
     from charrnn.training.run import trainer_for
 

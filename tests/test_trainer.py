@@ -12,7 +12,7 @@ from conftest import ROOT, SHAKESPEARE, VERSE, corpus_of, tiny_configs
 from charrnn import events
 from charrnn.config import TrainConfig
 from charrnn.data.text import split
-from charrnn.device import cpu_runs_bf16_lstm
+from charrnn.device import cpu_runs_bf16_lstm, optimizer_kernels
 from charrnn.infer.evaluate import evaluate
 from charrnn.store import checkpoint
 from charrnn.training.run import trainer_for
@@ -65,6 +65,49 @@ def test_weight_decay_shrinks_the_weight_matrices_only(tmp_path):
         else:
             assert torch.equal(p.detach(), before[name]), name
     assert matrices == 2 + 2 * model_config.num_layers  # embedding, head, weight_ih and weight_hh per layer
+
+
+def test_the_trainer_s_optimizer_kernels_step_as_foreach_adamw_does(tmp_path):
+    """The trainer's AdamW runs fused kernels where torch builds them (a CPU from torch 2.4:
+    ~2.3 ms of a ~48 ms step against ~4.6 for foreach); fp32, five steps of the same
+    gradients leave the weights where a foreach AdamW of the same groups leaves them."""
+    model_config, train_config = tiny_configs(train={"weight_decay": 0.2, "dtype": "fp32"})
+    trainer = trainer_for(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "run")
+    fused = trainer.state.optimizer
+    assert bool(fused.defaults.get("fused")) == (optimizer_kernels("cpu") == {"fused": True})
+    named = dict(trainer.state.model.named_parameters())
+    before = {name: p.detach().clone() for name, p in named.items()}
+    twin = {name: p.detach().clone().requires_grad_() for name, p in named.items()}
+    name_of = {id(p): name for name, p in named.items()}
+    foreach = torch.optim.AdamW([{"params": [twin[name_of[id(p)]] for p in g["params"]], "weight_decay": g["weight_decay"]}
+                                 for g in fused.param_groups], lr=fused.defaults["lr"], betas=fused.defaults["betas"],
+                                foreach=True)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for name, p in named.items():
+            p.grad = torch.randn(p.shape, generator=generator)
+            twin[name].grad = p.grad.clone()
+        fused.step()
+        foreach.step()
+    for name, p in named.items():
+        assert not torch.equal(p.detach(), before[name]), name
+        torch.testing.assert_close(p.detach(), twin[name].detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_optimizer_kernels_fall_back_to_foreach_where_fused_is_not_built(monkeypatch):
+    real = torch.optim.AdamW
+
+    def unbuilt(params, **kwargs):
+        if kwargs.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **kwargs)
+
+    optimizer_kernels.cache_clear()
+    monkeypatch.setattr(torch.optim, "AdamW", unbuilt)
+    try:
+        assert optimizer_kernels("cpu") == {"foreach": True}
+    finally:
+        optimizer_kernels.cache_clear()
 
 
 @pytest.mark.parametrize("stateless", [False, True])

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from charrnn.celltypes import CELL_TYPES
 from charrnn.config import ModelConfig, TrainConfig
-from charrnn.device import autocast
+from charrnn.device import autocast, optimizer_kernels
 
 # 192 keeps the step small where a short budget sits at the 256 bar, which the
 # machine's own speed (+-20 % minute to minute) moves a run across.
@@ -196,7 +196,7 @@ def learning_rate_for(epochs: float) -> float:
     1.4706 at 2e-3, 1.4535 at 3e-3, 1.4432 at 7e-3; pydocs in 2 minutes (7.8 passes)
     1.1124 at 3e-3, 1.0799 at 7e-3; Python source (2 passes) 1.0505 at 3e-3, 1.0759 at 7e-3."""
     ramp = _ramp(epochs, *LEARNING_RATE_PASSES)
-    return round(MIN_LEARNING_RATE + (MAX_LEARNING_RATE - MIN_LEARNING_RATE) * ramp, 6)
+    return float(f"{MIN_LEARNING_RATE + (MAX_LEARNING_RATE - MIN_LEARNING_RATE) * ramp:.2g}")  # 5.5e-3, as the size line reads
 
 
 def _ramp(epochs: float, start: float, end: float) -> float:
@@ -276,7 +276,7 @@ def probe_speed(model: ModelConfig, train: TrainConfig, vocab_size: int, device:
     torch_state = torch.get_rng_state()  # the run's own random streams are left as they were
     try:
         net = CharRNN(model, vocab_size).to(device).train()
-        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, **optimizer_kernels(device.type))  # as the trainer's
         x = torch.randint(0, vocab_size, (train.batch_size, train.seq_len + 1), device=device)
 
         def step():

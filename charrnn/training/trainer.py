@@ -28,7 +28,7 @@ from charrnn import distributed
 from charrnn.config import parse_duration, to_toml
 from charrnn.data.batches import RestartingStreams, StatefulBatches
 from charrnn.data.text import Vocab
-from charrnn.device import autocast, dtype_name
+from charrnn.device import autocast, dtype_name, optimizer_kernels
 from charrnn.errors import CharRNNError, TrainingInterrupted
 from charrnn.events import Notice, OnEvent, Sample, Setup, Step, Validation
 from charrnn.infer.evaluate import evaluate, evaluate_windows
@@ -98,14 +98,14 @@ class Trainer:
                           windows_rng, plan.batches, prior, window_loss=torch.zeros((), device=self.device))
 
     def _setup_optimizer(self, model: CharRNN) -> torch.optim.Optimizer:
-        """AdamW with weight decay on matrices only; fused kernels on CUDA, foreach elsewhere."""
+        """AdamW with weight decay on matrices only, in the fastest kernels the device has."""
         named = list(model.named_parameters())
         decay = [p for name, p in named if p.dim() >= 2 and name != "start_state"]
         no_decay = [p for name, p in named if p.dim() < 2 or name == "start_state"]
         groups = [{"params": decay, "weight_decay": self.config.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        fast = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
-        return torch.optim.AdamW(groups, lr=self.config.learning_rate, betas=(0.9, 0.99), **fast)
+        return torch.optim.AdamW(groups, lr=self.config.learning_rate, betas=(0.9, 0.99),
+                                 **optimizer_kernels(self.device.type))
 
     def _setup_ddp(self, model: CharRNN):
         """What the step calls: the model, or it wrapped for DDP when there are several ranks.
