@@ -35,7 +35,7 @@ from torch import nn  # noqa: E402
 import charrnn  # noqa: E402
 from charrnn.config import ModelConfig, TrainConfig  # noqa: E402
 from charrnn.data.text import Vocab, embedded_corpus, read_corpus, split  # noqa: E402
-from charrnn.device import dtype_name, resolve_device, resolve_dtype  # noqa: E402
+from charrnn.device import dtype_name, optimizer_kernels, resolve_device, resolve_dtype  # noqa: E402
 from charrnn.infer.evaluate import evaluate  # noqa: E402
 from charrnn.model.network import CharRNN  # noqa: E402
 from charrnn.infer.sample import SampleSettings, generate  # noqa: E402
@@ -164,6 +164,19 @@ def bench_cells(corpus, device, seconds, cells=("lstm", "gru", "rnn", "peephole"
     return rates
 
 
+def in_turns(trainers, device, seconds, rounds):
+    """Training chars/s of each trainer's step, the trainers taking turns `rounds` times
+    (so a machine that speeds up or slows down meanwhile affects them alike)."""
+    totals = {name: [0, 0.0] for name in trainers}
+    for _ in range(rounds):
+        for name, trainer in trainers.items():
+            calls, elapsed = timed(trainer.step, seconds / rounds, device, warmup=1)
+            totals[name][0] += calls
+            totals[name][1] += elapsed
+    return {name: calls * trainers[name].config.batch_size * trainers[name].config.seq_len / elapsed
+            for name, (calls, elapsed) in totals.items()}
+
+
 def bench_options(corpus, device, seconds, rounds=3):
     """Training chars/s of the LSTM at 2x512 with each newer option on, as a ratio to the
     same step with it off; the variants take turns, `rounds` times, so a machine that
@@ -174,18 +187,12 @@ def bench_options(corpus, device, seconds, rounds=3):
         "ema": ({}, {"ema_decay": 0.998}),
         "stream_restart": ({}, {"stream_restart": 0.1}),
     }
-    totals = {name: [0, 0.0] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {name: trainer_for(corpus, ModelConfig(dropout=0.0, **model),
                                       TrainConfig(device=str(device), steps=1, sample_length=0, batch_size=64, seq_len=100,
                                                   **train), Path(tmp) / name)
                     for name, (model, train) in variants.items()}
-        for _ in range(rounds):
-            for name, trainer in trainers.items():
-                calls, elapsed = timed(trainer.step, seconds / rounds, device, warmup=1)
-                totals[name][0] += calls
-                totals[name][1] += elapsed
-    rates = {name: calls * 64 * 100 / elapsed for name, (calls, elapsed) in totals.items()}
+        rates = in_turns(trainers, device, seconds, rounds)
     return {name: {"chars_per_s": rate, "ratio_to_plain": rate / rates["plain"]} for name, rate in rates.items()}
 
 
@@ -194,8 +201,6 @@ def bench_optimizer(corpus, device, seconds, rounds=3):
     (fused where built: CUDA, CPUs from torch 2.4) against foreach, at a CPU run's default
     shape (2x256, batch 16 x 100), where the optimizer is a larger share of the step; the
     two take turns, `rounds` times."""
-    from charrnn.device import optimizer_kernels
-
     trainers = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("picked", "foreach"):
@@ -208,15 +213,9 @@ def bench_optimizer(corpus, device, seconds, rounds=3):
                     [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in old.param_groups],
                     lr=old.defaults["lr"], betas=old.defaults["betas"], foreach=True)
             trainers[name] = trainer
-        totals = {name: [0, 0.0] for name in trainers}
-        for _ in range(rounds):
-            for name, trainer in trainers.items():
-                calls, elapsed = timed(trainer.step, seconds / rounds, device, warmup=1)
-                totals[name][0] += calls
-                totals[name][1] += elapsed
-    rates = {name: calls * 16 * 100 / elapsed for name, (calls, elapsed) in totals.items()}
-    return {"picked_kernels": next(iter(optimizer_kernels(device.type))), **{f"{name}_chars_per_s": rate for name, rate in rates.items()},
-            "ratio": rates["picked"] / rates["foreach"]}
+        rates = in_turns(trainers, device, seconds, rounds)
+    return {"picked_kernels": next(iter(optimizer_kernels(device.type))),
+            **{f"{name}_chars_per_s": rate for name, rate in rates.items()}, "ratio": rates["picked"] / rates["foreach"]}
 
 
 def sampling_rate(model, vocab, device, seconds, streams, fast=True, dtype=None):
