@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the test corpora every machine has, reproducibly, without downloading anything.
 
-    python scripts/corpora.py [DIR]        # default DIR: /tmp/charrnn-corpora
+    python scripts/corpora.py [DIR [NAME ...]]   # default DIR: /tmp/charrnn-corpora
 
 Writes (and prints the path, size and sha256 of) three texts, each a different kind:
 
@@ -12,7 +12,15 @@ Writes (and prints the path, size and sha256 of) three texts, each a different k
   prose.txt     English technical prose: the docstrings and comments of those same files,
                 in file order, paragraphs separated by a blank line (several MB)
 
-The same Python version gives the same bytes (the sha256 printed makes that checkable).
+and, only when asked by name (rendering takes ~10 s) and where the machine has them, one
+non-English text:
+
+  german.txt    German technical prose: the German manual pages installed under
+                /usr/share/man/de (Debian's dpkg, apt, man-db, procps...), rendered by
+                man-db at 80 columns without justification or hyphenation, sorted by path
+
+The same Python version gives the same bytes, and german.txt the same installed pages (the
+sha256 printed makes that checkable).
 Tiny Shakespeare comes from ../shared/data/ and is not built here.
 """
 
@@ -21,6 +29,9 @@ from __future__ import annotations
 import ast
 import hashlib
 import io
+import os
+import shutil
+import subprocess
 import sys
 import sysconfig
 import tokenize
@@ -33,6 +44,9 @@ from charrnn.data.text import embedded_corpus  # noqa: E402
 
 SKIP_DIRS = {"test", "tests", "idle_test", "idlelib", "lib2to3", "turtledemo", "site-packages", "__pycache__"}
 SOURCE_BYTES = 5_000_000
+MAN_PAGES = Path("/usr/share/man/de")
+BUILT = ("pydocs", "pysource", "prose")  # what build() writes unless given names
+TEXTS = (*BUILT, "german")
 
 
 def stdlib_files() -> list[Path]:
@@ -75,6 +89,24 @@ def prose_text(files: list[Path]) -> str:
     return "\n\n".join(paragraphs) + "\n"
 
 
+def manual_text(root: Path = MAN_PAGES) -> str:
+    """The manual pages under root, rendered as a terminal shows them (col -bx strips the
+    overstrikes), one after another; "" where there are none or no man-db to render them."""
+    if not root.is_dir() or not shutil.which("man") or not shutil.which("col"):
+        return ""
+    env = {**os.environ, "MANWIDTH": "80", "LC_ALL": "C.UTF-8", "MAN_KEEP_FORMATTING": ""}
+    pages = []
+    for page in sorted(root.glob("man*/*")):
+        man = subprocess.Popen(["man", "--no-justification", "--no-hyphenation", "--encoding=UTF-8", "-l", str(page)],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        shown = subprocess.run(["col", "-bx"], stdin=man.stdout, capture_output=True, env=env)
+        man.stdout.close()
+        text = shown.stdout.decode("utf-8", errors="replace").strip()
+        if man.wait() == 0 and text:
+            pages.append(text + "\n")
+    return "\n\n".join(pages)
+
+
 def _comment_blocks(text: str) -> list[str]:
     blocks, current, last_line = [], [], -2
     try:
@@ -102,17 +134,23 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def build(directory: str | Path) -> dict[str, Path]:
+def build(directory: str | Path, names: tuple[str, ...] = BUILT) -> dict[str, Path]:
+    """Write the named texts into directory and return their paths; a text this machine
+    cannot build (german.txt without German manual pages) is left out."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     files = stdlib_files()
-    texts = {
-        "pydocs": embedded_corpus().data.decode("utf-8"),
-        "pysource": source_text(files),
-        "prose": prose_text(files),
+    makers = {
+        "pydocs": lambda: embedded_corpus().data.decode("utf-8"),
+        "pysource": lambda: source_text(files),
+        "prose": lambda: prose_text(files),
+        "german": lambda: manual_text(MAN_PAGES),
     }
     paths = {}
-    for name, text in texts.items():
+    for name in names:
+        text = makers[name]()
+        if not text:
+            continue
         path = out / f"{name}.txt"
         data = text.encode("utf-8")
         if not path.exists() or path.read_bytes() != data:
@@ -123,7 +161,17 @@ def build(directory: str | Path) -> dict[str, Path]:
 
 def main() -> None:
     directory = sys.argv[1] if len(sys.argv) > 1 else "/tmp/charrnn-corpora"
-    for name, path in build(directory).items():
+    names = tuple(sys.argv[2:]) or BUILT
+    unknown = [name for name in names if name not in TEXTS]
+    if unknown:
+        print(f"usage: corpora.py [DIR [NAME ...]]: no text named {unknown[0]!r}; the texts are {', '.join(TEXTS)}",
+              file=sys.stderr)
+        sys.exit(2)
+    built = build(directory, names)
+    for name in names:
+        if name not in built:
+            print(f"{name:9s} not built: this machine has no {MAN_PAGES} or no man-db to render it", file=sys.stderr)
+    for name, path in built.items():
         data = path.read_bytes()
         print(f"{name:9s} {path}  {len(data):>10,} bytes  sha256 {hashlib.sha256(data).hexdigest()[:16]}")
 

@@ -333,7 +333,7 @@ def choices(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("corpora", nargs="*", help="paths or names: shakespeare, pydocs, pysource, prose")
+    parser.add_argument("corpora", nargs="*", help="paths or names: shakespeare, pydocs, pysource, prose, german")
     parser.add_argument("--budgets", default="5m,20m", help="comma-separated time budgets")
     parser.add_argument("--widths", default="256,384,512", help="comma-separated widths (2 layers each)")
     parser.add_argument("--speeds", help="WIDTH=chars/s,... instead of timing them now")

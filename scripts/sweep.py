@@ -83,7 +83,7 @@ def run(corpus, settings: dict, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("corpus", help="a path, or shakespeare, pydocs, pysource, prose")
+    parser.add_argument("corpus", help="a path, or shakespeare, pydocs, pysource, prose, german")
     parser.add_argument("variants", nargs="+", help="LABEL:key=value ...")
     parser.add_argument("--base", default="", help="key=value ... applied to every variant")
     parser.add_argument("--steps", type=int, default=500)

@@ -6,7 +6,8 @@
     python scripts/yardstick.py pydocs --time 2m --only loop      # the loop alone
 
 Corpora: a path, or one of the named texts: shakespeare (../shared/data/tinyshakespeare.txt),
-pydocs, pysource, prose (built by scripts/corpora.py into /tmp/charrnn-corpora).
+pydocs, pysource, prose and german (built by scripts/corpora.py into /tmp/charrnn-corpora;
+german only where the machine has German manual pages).
 
 The plain loop is what a tutorial writes: embedding 256 -> 2x256 nn.LSTM -> linear, Adam
 at a constant 2e-3, no dropout, random 100-character windows, batch 64, gradient norm
@@ -44,7 +45,7 @@ from charrnn.config import parse_duration  # noqa: E402
 from charrnn.data.text import Vocab, read_corpus, split  # noqa: E402
 
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-NAMED = ("shakespeare", "pydocs", "pysource", "prose")
+NAMED = ("shakespeare", "pydocs", "pysource", "prose", "german")
 
 
 def corpus_path(name: str) -> Path:
@@ -53,7 +54,10 @@ def corpus_path(name: str) -> Path:
     if name in NAMED:
         import corpora
 
-        return corpora.build("/tmp/charrnn-corpora")[name]
+        built = corpora.build("/tmp/charrnn-corpora", (name,))
+        if name not in built:
+            raise SystemExit(f"{name}: this machine cannot build it (scripts/corpora.py says why)")
+        return built[name]
     return Path(name)
 
 
