@@ -118,6 +118,11 @@ class TrainConfig:
     # new text does not pull the parent's weights toward zero.
     weight_decay: float = setting(0.01, "AdamW weight decay on weight matrices.",
                                   show="0.01-0.2, chosen from the passes and steps (0.01 in the library)")
+    # AdamW's second-moment decay: how many steps (~1 / (1 - beta2)) the per-weight scale
+    # of a step averages over. 0.99, as nanoGPT's shakespeare_char (0.999, torch-rnn's,
+    # lost 0.003 at equal steps, 0.012 in 5 minutes; char-rnn's RMSprop used 0.95, level with
+    # 0.9 and 0.99 within noise: docs/benchmarks.md, "The optimizer's second moment").
+    beta2: float = setting(0.99, "AdamW's second-moment decay (char-rnn's RMSprop: 0.95; torch-rnn: 0.999).")
     # Clip the global gradient norm to this (0 = off): the cure for exploding gradients.
     grad_clip: float = setting(1.0, "Clip the global gradient norm (0 = off).")
     # "norm" clips the global gradient norm; "value" clips each element to
@@ -180,6 +185,7 @@ class TrainConfig:
         _check(0 <= self.decay_frac <= 1, "decay_frac", "must be in [0, 1]")
         _check(0 <= self.warmup_steps <= MAX_COUNT, "warmup_steps", f"must be from 0 to {MAX_COUNT}")
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(0 <= self.beta2 < 1, "beta2", "must be from 0 to below 1")
         _check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
         _check(self.clip_mode in ("norm", "value"), "clip_mode", "must be norm or value")
         _check(0 <= self.burn_in < self.seq_len, "burn_in", "must be >= 0 and below seq_len")

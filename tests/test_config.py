@@ -91,7 +91,7 @@ def test_a_duration_in_toml_is_checked_like_the_flag(tmp_path):
 
 
 @pytest.mark.parametrize("cls,key", [(TrainConfig, "learning_rate"), (TrainConfig, "epochs"),
-                                     (TrainConfig, "grad_clip"), (TrainConfig, "ema_decay"),
+                                     (TrainConfig, "grad_clip"), (TrainConfig, "ema_decay"), (TrainConfig, "beta2"),
                                      (ModelConfig, "dropout"), (ModelConfig, "forget_bias")])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_no_float_setting_takes_nan_or_infinity(cls, key, value):
@@ -105,7 +105,8 @@ def test_no_float_setting_takes_nan_or_infinity(cls, key, value):
                                            (TrainConfig, "seq_len", 10**11), (TrainConfig, "steps", 10**23),
                                            (TrainConfig, "eval_every", 2**63), (TrainConfig, "warmup_steps", 2**63),
                                            (TrainConfig, "sample_length", 10**11), (TrainConfig, "learning_rate", 1e300),
-                                           (ModelConfig, "forget_bias", 1e300)])
+                                           (ModelConfig, "forget_bias", 1e300), (TrainConfig, "beta2", 1.0),
+                                           (TrainConfig, "beta2", -0.1)])
 def test_integers_out_of_range_are_usage_errors(cls, key, value):
     with pytest.raises(UsageError, match=f"{key} must be"):
         build(cls, {key: value})

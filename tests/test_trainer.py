@@ -94,6 +94,33 @@ def test_the_trainer_s_optimizer_kernels_step_as_foreach_adamw_does(tmp_path):
         torch.testing.assert_close(p.detach(), twin[name].detach(), rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_beta2_is_the_second_moment_decay_the_optimizer_steps_with(tmp_path):
+    """fp32: a run given --beta2 0.95 steps its weights where a plain AdamW with betas
+    (0.9, 0.95), its rate and its decay groups leaves them, and not where 0.99 does."""
+    model_config, train_config = tiny_configs(train={"weight_decay": 0.2, "beta2": 0.95, "dtype": "fp32"})
+    trainer = trainer_for(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "run")
+    named = dict(trainer.state.model.named_parameters())
+    decayed = {name for name, p in named.items() if p.dim() >= 2 and name != "start_state"}
+
+    def plain(beta2):
+        twin = {name: p.detach().clone().requires_grad_() for name, p in named.items()}
+        groups = [{"params": [twin[n] for n in named if (n in decayed) == d], "weight_decay": 0.2 if d else 0.0}
+                  for d in (True, False)]
+        return twin, torch.optim.AdamW(groups, lr=train_config.learning_rate, betas=(0.9, beta2))
+
+    (same, same_opt), (other, other_opt) = plain(0.95), plain(0.99)
+    generator = torch.Generator().manual_seed(0)
+    for i in range(5):
+        for name, p in named.items():
+            p.grad = torch.randn(p.shape, generator=generator) * (1 + 9 * (i % 2))  # gradients whose scale moves
+            same[name].grad, other[name].grad = p.grad.clone(), p.grad.clone()
+        for optimizer in (trainer.state.optimizer, same_opt, other_opt):
+            optimizer.step()
+    for name, p in named.items():
+        torch.testing.assert_close(p.detach(), same[name].detach(), rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.allclose(p.detach(), other[name].detach(), rtol=1e-4, atol=1e-5) for name, p in named.items())
+
+
 def test_optimizer_kernels_fall_back_to_foreach_where_fused_is_not_built(monkeypatch):
     real = torch.optim.AdamW
 

@@ -104,7 +104,7 @@ class Trainer:
         no_decay = [p for name, p in named if p.dim() < 2 or name == "start_state"]
         groups = [{"params": decay, "weight_decay": self.config.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.config.learning_rate, betas=(0.9, 0.99),
+        return torch.optim.AdamW(groups, lr=self.config.learning_rate, betas=(0.9, self.config.beta2),
                                  **optimizer_kernels(self.device.type))
 
     def _setup_ddp(self, model: CharRNN):
