@@ -41,7 +41,9 @@ def test_run_directory_resolves_to_best(trained_run):
 def _unreadable_files(trained_run, tmp_path) -> dict[str, Path]:
     """One file of each kind torch.load refuses."""
     data = (trained_run / "last.pt").read_bytes()
-    files = {"truncated": data[: len(data) // 2], "random bytes": os.urandom(4096),
+    noise = random.Random(35).randbytes(4096)  # seeded: every run reads the same bytes
+    files = {"truncated": data[: len(data) // 2], "random bytes": noise,
+             "random bytes from 0x80": b"\x80\xf3" + noise,  # a pickle's PROTO opcode, no protocol after it
              "text": b"just some words\n"}
 
     class Payload:
@@ -61,7 +63,7 @@ def _unreadable_files(trained_run, tmp_path) -> dict[str, Path]:
 
 def test_each_kind_of_unreadable_file_gets_its_own_message(trained_run, tmp_path):
     expected = {"truncated": "a PyTorch archive cut short or damaged", "random bytes": "not a PyTorch checkpoint at all",
-                "text": "not a PyTorch checkpoint at all", "code": "holds Python code or objects (posix.system)",
+                "random bytes from 0x80": "not a PyTorch checkpoint at all", "text": "not a PyTorch checkpoint at all", "code": "holds Python code or objects (posix.system)",
                 "bare pickle": "holds Python code or objects"}
     messages = {}
     for kind, path in _unreadable_files(trained_run, tmp_path).items():

@@ -130,7 +130,7 @@ def load(path: str | Path) -> Checkpoint:
 
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive
-PICKLE_MAGIC = b"\x80"  # a bare pickle (torch.save's legacy format), protocol 2 and up
+PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # a bare pickle's PROTO opcode (torch.save's legacy format)
 
 
 def _unreadable(path: Path, err: Exception) -> str:
@@ -141,7 +141,7 @@ def _unreadable(path: Path, err: Exception) -> str:
     with open(path, "rb") as handle:
         head = handle.read(4)
     blocked = re.search(r"GLOBAL ([\w.]+)", text)
-    if blocked or (head.startswith(PICKLE_MAGIC) and isinstance(err, pickle.UnpicklingError)):
+    if blocked or (head.startswith(PICKLE_PROTOCOLS) and isinstance(err, pickle.UnpicklingError)):
         what = f" ({blocked.group(1)})" if blocked else ""
         return (f"{path} holds Python code or objects{what} that a charrnn checkpoint never contains; "
                 "it was not loaded. Use a checkpoint written by charrnn train")
