@@ -25,6 +25,7 @@ import charrnn
 from charrnn.cli import app as cli_app
 from charrnn.infer import rows
 from charrnn.serve.app import create_app
+from charrnn.serve.engine import Engine
 from charrnn.serve.schemas import Limits
 
 openai = pytest.importorskip("openai")
@@ -60,6 +61,21 @@ def server(model):
         yield served
 
 
+@pytest.fixture
+def visible_stream(monkeypatch):
+    """The tiny model writes its 30-50 characters in a few milliseconds, within one of the
+    bridge's 10-ms wakes, so a stream of them may go out as one event (as it should: the
+    bridge bounds the wakes). Each decoding step here takes 2 ms more, as a real model's
+    does, so a stream has characters to send at several wakes."""
+    step = Engine.step
+
+    def slower(self):
+        step(self)
+        time.sleep(0.002)
+
+    monkeypatch.setattr(Engine, "step", slower)
+
+
 def cli(*args):
     result = CliRunner().invoke(cli_app, [str(a) for a in args])
     assert result.exit_code == 0, result.stderr
@@ -73,7 +89,7 @@ def complete(url, **body):
 # -- the openai client, curl, the CLI's own figures --------------------------------------------------
 
 
-def test_the_openai_client_gets_a_completion_and_a_streamed_one(server):
+def test_the_openai_client_gets_a_completion_and_a_streamed_one(server, visible_stream):
     url, _, _ = server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
     assert [m.id for m in client.models.list()] == ["tiny", "twin"]
@@ -105,7 +121,7 @@ def test_the_readme_openai_example_runs_against_a_server(model):
         [["POST", "/v1/chat/completions", "200"]]
 
 
-def test_curl_streams_server_sent_events(server):
+def test_curl_streams_server_sent_events(server, visible_stream):
     url, _, _ = server
     out = subprocess.run(["curl", "-sN", f"{url}/v1/completions", "-H", "Content-Type: application/json", "-d",
                           json.dumps({"prompt": "The", "max_tokens": 30, "stream": True, "seed": 1, "model": "tiny"})],
