@@ -56,7 +56,7 @@ def corpus_path(name: str) -> Path:
 
         built = corpora.build("/tmp/charrnn-corpora", (name,))
         if name not in built:
-            raise SystemExit(f"{name}: this machine cannot build it (scripts/corpora.py says why)")
+            raise SystemExit(f"{name}: not built here: no German manual pages under {corpora.MAN_PAGES}, or no man-db")
         return built[name]
     return Path(name)
 

@@ -130,7 +130,8 @@ def load(path: str | Path) -> Checkpoint:
 
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive
-PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # a bare pickle's PROTO opcode (torch.save's legacy format)
+# A bare pickle (torch.save's legacy format) opens with PROTO and its protocol, 2 to 5.
+PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
 def _unreadable(path: Path, err: Exception) -> str:
