@@ -45,8 +45,6 @@ from charrnn.data.text import embedded_corpus  # noqa: E402
 SKIP_DIRS = {"test", "tests", "idle_test", "idlelib", "lib2to3", "turtledemo", "site-packages", "__pycache__"}
 SOURCE_BYTES = 5_000_000
 MAN_PAGES = Path("/usr/share/man/de")
-BUILT = ("pydocs", "pysource", "prose")  # what build() writes unless given names
-TEXTS = (*BUILT, "german")
 
 
 def stdlib_files() -> list[Path]:
@@ -134,21 +132,26 @@ def _read(path: Path) -> str | None:
         return None
 
 
+# Each text from the standard library's files; german is built only when named.
+MAKERS = {
+    "pydocs": lambda files: embedded_corpus().data.decode("utf-8"),
+    "pysource": source_text,
+    "prose": prose_text,
+    "german": lambda files: manual_text(MAN_PAGES),
+}
+TEXTS = tuple(MAKERS)
+BUILT = TEXTS[:3]  # what build() writes unless given names
+
+
 def build(directory: str | Path, names: tuple[str, ...] = BUILT) -> dict[str, Path]:
     """Write the named texts into directory and return their paths; a text this machine
     cannot build (german.txt without German manual pages) is left out."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     files = stdlib_files()
-    makers = {
-        "pydocs": lambda: embedded_corpus().data.decode("utf-8"),
-        "pysource": lambda: source_text(files),
-        "prose": lambda: prose_text(files),
-        "german": lambda: manual_text(MAN_PAGES),
-    }
     paths = {}
     for name in names:
-        text = makers[name]()
+        text = MAKERS[name](files)
         if not text:
             continue
         path = out / f"{name}.txt"

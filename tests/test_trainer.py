@@ -67,6 +67,28 @@ def test_weight_decay_shrinks_the_weight_matrices_only(tmp_path):
     assert matrices == 2 + 2 * model_config.num_layers  # embedding, head, weight_ih and weight_hh per layer
 
 
+def _twin_adamw(optimizer, named, **kwargs):
+    """Copies of the named weights and an AdamW over them with optimizer's groups (kwargs:
+    its betas, kernels)."""
+    twin = {name: p.detach().clone().requires_grad_() for name, p in named.items()}
+    name_of = {id(p): name for name, p in named.items()}
+    groups = [{"params": [twin[name_of[id(p)]] for p in g["params"]], "weight_decay": g["weight_decay"]}
+              for g in optimizer.param_groups]
+    return twin, torch.optim.AdamW(groups, lr=optimizer.defaults["lr"], **kwargs)
+
+
+def _step_together(named, optimizer, twins, scale=lambda i: 1.0):
+    """Five steps of the same seeded gradients (times scale(i)) for the weights and each twin."""
+    generator = torch.Generator().manual_seed(0)
+    for i in range(5):
+        for name, p in named.items():
+            p.grad = torch.randn(p.shape, generator=generator) * scale(i)
+            for twin, _ in twins:
+                twin[name].grad = p.grad.clone()
+        for opt in (optimizer, *(opt for _, opt in twins)):
+            opt.step()
+
+
 def test_the_trainer_s_optimizer_kernels_step_as_foreach_adamw_does(tmp_path):
     """The trainer's AdamW runs fused kernels where torch builds them (a CPU from torch 2.4:
     ~2.3 ms of a ~48 ms step against ~4.6 for foreach); fp32, five steps of the same
@@ -77,18 +99,8 @@ def test_the_trainer_s_optimizer_kernels_step_as_foreach_adamw_does(tmp_path):
     assert bool(fused.defaults.get("fused")) == (optimizer_kernels("cpu") == {"fused": True})
     named = dict(trainer.state.model.named_parameters())
     before = {name: p.detach().clone() for name, p in named.items()}
-    twin = {name: p.detach().clone().requires_grad_() for name, p in named.items()}
-    name_of = {id(p): name for name, p in named.items()}
-    foreach = torch.optim.AdamW([{"params": [twin[name_of[id(p)]] for p in g["params"]], "weight_decay": g["weight_decay"]}
-                                 for g in fused.param_groups], lr=fused.defaults["lr"], betas=fused.defaults["betas"],
-                                foreach=True)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(5):
-        for name, p in named.items():
-            p.grad = torch.randn(p.shape, generator=generator)
-            twin[name].grad = p.grad.clone()
-        fused.step()
-        foreach.step()
+    twin, foreach = _twin_adamw(fused, named, betas=fused.defaults["betas"], foreach=True)
+    _step_together(named, fused, [(twin, foreach)])
     for name, p in named.items():
         assert not torch.equal(p.detach(), before[name]), name
         torch.testing.assert_close(p.detach(), twin[name].detach(), rtol=1e-5, atol=1e-6, msg=name)
@@ -99,26 +111,13 @@ def test_beta2_is_the_second_moment_decay_the_optimizer_steps_with(tmp_path):
     (0.9, 0.95), its rate and its decay groups leaves them, and not where 0.99 does."""
     model_config, train_config = tiny_configs(train={"weight_decay": 0.2, "beta2": 0.95, "dtype": "fp32"})
     trainer = trainer_for(corpus_of(VERSE * 20), model_config, train_config, tmp_path / "run")
+    optimizer = trainer.state.optimizer
     named = dict(trainer.state.model.named_parameters())
-    decayed = {name for name, p in named.items() if p.dim() >= 2 and name != "start_state"}
-
-    def plain(beta2):
-        twin = {name: p.detach().clone().requires_grad_() for name, p in named.items()}
-        groups = [{"params": [twin[n] for n in named if (n in decayed) == d], "weight_decay": 0.2 if d else 0.0}
-                  for d in (True, False)]
-        return twin, torch.optim.AdamW(groups, lr=train_config.learning_rate, betas=(0.9, beta2))
-
-    (same, same_opt), (other, other_opt) = plain(0.95), plain(0.99)
-    generator = torch.Generator().manual_seed(0)
-    for i in range(5):
-        for name, p in named.items():
-            p.grad = torch.randn(p.shape, generator=generator) * (1 + 9 * (i % 2))  # gradients whose scale moves
-            same[name].grad, other[name].grad = p.grad.clone(), p.grad.clone()
-        for optimizer in (trainer.state.optimizer, same_opt, other_opt):
-            optimizer.step()
+    same, other = _twin_adamw(optimizer, named, betas=(0.9, 0.95)), _twin_adamw(optimizer, named, betas=(0.9, 0.99))
+    _step_together(named, optimizer, [same, other], scale=lambda i: 1 + 9 * (i % 2))  # gradients whose scale moves
     for name, p in named.items():
-        torch.testing.assert_close(p.detach(), same[name].detach(), rtol=1e-5, atol=1e-6, msg=name)
-    assert any(not torch.allclose(p.detach(), other[name].detach(), rtol=1e-4, atol=1e-5) for name, p in named.items())
+        torch.testing.assert_close(p.detach(), same[0][name].detach(), rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.allclose(p.detach(), other[0][name].detach(), rtol=1e-4, atol=1e-5) for name, p in named.items())
 
 
 def test_optimizer_kernels_fall_back_to_foreach_where_fused_is_not_built(monkeypatch):
